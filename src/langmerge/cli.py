@@ -1,0 +1,179 @@
+"""The `langmerge` command: a thin layer over the modules; errors print without a traceback."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from langmerge.errors import ConfigError, LangmergeError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Train one expert per language, merge them, measure what it cost.",
+)
+err = Console(stderr=True)
+
+
+class Interrupted(Exception):
+    """Ctrl-C inside a command (Typer would otherwise turn it into a normal exit)."""
+
+
+out = Console()
+
+
+@app.command()
+def merge(
+    config: Annotated[
+        Path | None, typer.Argument(help="merge config: langmerge's YAML or a mergekit YAML")
+    ] = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="output directory")] = ...,
+    method: Annotated[
+        str | None, typer.Option(help="merge method (see `langmerge methods`)")
+    ] = None,
+    base: Annotated[Path | None, typer.Option(help="base model directory")] = None,
+    experts: Annotated[
+        list[Path] | None,
+        typer.Option(help="expert directories (full models or PEFT LoRA adapters)"),
+    ] = None,
+    weights: Annotated[str | None, typer.Option(help="comma-separated, one per expert")] = None,
+    density: Annotated[float | None, typer.Option(help="fraction kept, in (0, 1]")] = None,
+    lam: Annotated[float | None, typer.Option("--lambda", help="scale of the merged delta")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed of the random methods")] = None,
+    space: Annotated[
+        str | None, typer.Option(help="LoRA merge space: delta (exact ΔW) or factors (PEFT parity)")
+    ] = None,
+    emit: Annotated[
+        str | None,
+        typer.Option(help="full (model), adapter (PEFT LoRA), or both (adapter in OUT/adapter)"),
+    ] = None,
+    adapter_rank: Annotated[int | None, typer.Option(help="rank of an adapter output")] = None,
+    dtype: Annotated[str | None, typer.Option(help="output dtype (default: the base's)")] = None,
+    force: Annotated[bool, typer.Option(help="replace an existing output directory")] = False,
+    allow_pickle: Annotated[
+        bool,
+        typer.Option(
+            help="allow loading pickle .bin checkpoints (can run code: trusted files only)"
+        ),
+    ] = False,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Merge experts into one model: `langmerge merge merge.yaml -o OUT`, or from flags."""
+    from langmerge.merge.config import build_config, load_config
+    from langmerge.merge.run import run_merge
+
+    overrides = {
+        "method": method,
+        "density": density,
+        "lam": lam,
+        "seed": seed,
+        "space": space,
+        "emit": emit,
+        "adapter_rank": adapter_rank,
+        "dtype": dtype,
+        "allow_pickle": allow_pickle or None,
+    }
+    if config is not None:
+        if base is not None or experts or weights:
+            raise ConfigError("give either a config file or --base/--experts/--weights, not both")
+        cfg = load_config(config, **overrides)
+    else:
+        if method is None or base is None or not experts:
+            raise ConfigError("without a config file, --method, --base and --experts are needed")
+        w = _floats(weights, len(experts)) if weights else [1.0] * len(experts)
+        data = {k: v for k, v in overrides.items() if v is not None}
+        data.update(
+            base=str(base),
+            experts=[{"path": str(p), "weight": wi} for p, wi in zip(experts, w, strict=True)],
+        )
+        cfg = build_config(data, "command line")
+    try:
+        summary = run_merge(cfg, output, force=force, progress=not quiet)
+    except KeyboardInterrupt:
+        raise Interrupted from None
+    what = [f"{summary['full']['tensors_merged']} tensors merged"] if "full" in summary else []
+    if "adapter" in summary:
+        a = summary["adapter"]
+        note = (
+            "exact"
+            if a["exact"]
+            else (
+                f"relative reconstruction error {a['rel_error']:.3g}"
+                f" (worst module {a['worst_rel_error']:.3g})"
+            )
+        )
+        what.append(f"adapter rank {a['rank']}, {note}")
+    out.print(
+        f"merged {len(cfg.experts)} experts with {cfg.method} into {output} "
+        f"in {summary['seconds']:.1f} s: {'; '.join(what)}"
+    )
+
+
+@app.command()
+def methods() -> None:
+    """List the merge methods."""
+    from langmerge.merge.methods import METHODS
+
+    table = Table("method", "what it does", "random", "LoRA only")
+    for m in METHODS.values():
+        table.add_row(m.name, m.summary, "yes" if m.random else "", "yes" if m.knots else "")
+    out.print(table)
+
+
+def _floats(text: str, n: int) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--weights must be comma-separated numbers, got {text!r}") from None
+    if len(values) != n:
+        raise ConfigError(f"got {len(values)} weights for {n} experts")
+    return values
+
+
+def _expand_multi(argv: list[str], flag: str = "--experts") -> list[str]:
+    """Let `--experts a b c` mean `--experts a --experts b --experts c`."""
+    result, i = [], 0
+    while i < len(argv):
+        result.append(argv[i])
+        if argv[i] == flag:
+            j = i + 1
+            values = []
+            while j < len(argv) and not argv[j].startswith("-"):
+                values.append(argv[j])
+                j += 1
+            result.extend(values[:1])
+            for v in values[1:]:
+                result.extend([flag, v])
+            i = j
+            continue
+        i += 1
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: user errors become one red line and exit code 1."""
+    import click
+
+    try:
+        app(args=_expand_multi(sys.argv[1:] if argv is None else argv), standalone_mode=False)
+    except LangmergeError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except (Interrupted, KeyboardInterrupt, click.exceptions.Abort):
+        err.print("interrupted; no partial output was left behind")
+        sys.exit(130)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,15 @@
+"""Merging experts into one model: pure methods, LoRA-space merging, streaming full-model merge."""
+
+from langmerge.merge.lora import LoraUpdate, merge_lora, merge_lora_factored, merge_lora_peft
+from langmerge.merge.methods import METHODS, MergeParams, get_method, merge_deltas
+
+__all__ = [
+    "METHODS",
+    "LoraUpdate",
+    "MergeParams",
+    "get_method",
+    "merge_deltas",
+    "merge_lora",
+    "merge_lora_factored",
+    "merge_lora_peft",
+]

@@ -1,0 +1,289 @@
+"""The merge config: langmerge's own YAML, or a mergekit YAML translated to it.
+
+Validated up front with pydantic; relative paths resolve against the config file's folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from langmerge.errors import ConfigError
+from langmerge.merge.methods import METHODS, MergeParams, get_method
+
+
+class ExpertSpec(BaseModel):
+    """One expert: a full model directory or a PEFT LoRA adapter directory."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: Path
+    weight: float = 1.0
+    density: float | None = None
+    name: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name or self.path.name
+
+
+class MergeConfig(BaseModel):
+    """Everything one merge needs. See README, section "Merging"."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    method: str
+    base: Path
+    experts: list[ExpertSpec] = Field(min_length=1)
+    density: float = 1.0
+    lam: float = Field(1.0, alias="lambda")
+    normalize: bool | None = None
+    gamma: float = Field(0.01, ge=0.0, lt=1.0)
+    epsilon: float = Field(0.15, ge=0.0, lt=1.0)
+    t: float = Field(0.5, ge=0.0, le=1.0)
+    rescale: Literal["density", "l1", "none"] = "density"
+    seed: int = 0
+    space: Literal["delta", "factors"] = "delta"
+    emit: Literal["full", "adapter", "both"] = "full"
+    adapter_rank: int | None = Field(None, ge=1)
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    shard_size: int | str = "2GB"
+    allow_pickle: bool = False
+    source: str = "langmerge"  # or "mergekit": where the config came from, for the model card
+
+    @field_validator("density")
+    @classmethod
+    def _density(cls, v: float) -> float:
+        if not 0.0 < v <= 1.0:
+            raise ValueError(f"density must be in (0, 1], got {v}")
+        return v
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        get_method(v)
+        return v
+
+    @field_validator("experts", mode="before")
+    @classmethod
+    def _paths_as_experts(cls, v: Any) -> Any:
+        return (
+            [{"path": e} if isinstance(e, str | Path) else e for e in v]
+            if isinstance(v, list)
+            else v
+        )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MergeConfig:
+        for e in self.experts:
+            if e.density is not None and not 0.0 < e.density <= 1.0:
+                raise ValueError(f"density of expert {e.label} must be in (0, 1], got {e.density}")
+        labels = [e.label for e in self.experts]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"expert names must be unique, got {labels}; set `name:` on each")
+        return self
+
+    def params(self) -> MergeParams:
+        dens = [e.density if e.density is not None else self.density for e in self.experts]
+        density = dens[0] if len(set(dens)) == 1 else tuple(dens)
+        return MergeParams(
+            density,
+            self.lam,
+            self.normalize,
+            self.gamma,
+            self.epsilon,
+            self.t,
+            self.rescale,
+            self.seed,
+        )
+
+    @property
+    def weights(self) -> list[float]:
+        return [e.weight for e in self.experts]
+
+    def resolved(self, root: Path) -> MergeConfig:
+        """A copy whose relative paths are taken relative to `root`."""
+
+        def fix(p: Path) -> Path:
+            return p if p.is_absolute() else (root / p)
+
+        experts = [e.model_copy(update={"path": fix(e.path)}) for e in self.experts]
+        return self.model_copy(update={"base": fix(self.base), "experts": experts})
+
+
+def build_config(data: dict, where: str = "config") -> MergeConfig:
+    """Validate a dict as a MergeConfig; errors name the field and say what is allowed."""
+    try:
+        return MergeConfig.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  {loc}: {msg}")
+        raise ConfigError(f"invalid {where}:\n" + "\n".join(lines)) from None
+
+
+def load_config(path: Path, **overrides: Any) -> MergeConfig:
+    """Read a merge config file (langmerge's own format or mergekit's) and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping (method:, base:, experts: …)")
+    if "merge_method" in data:
+        data = from_mergekit(data)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return build_config(data, str(path)).resolved(path.parent)
+
+
+# ---------------------------------------------------------------------------------------------
+# mergekit YAML.
+
+# mergekit name → (langmerge method, mergekit's default for `normalize`, rescale of kept entries)
+MERGEKIT_METHODS: dict[str, tuple[str, bool, str]] = {
+    "linear": ("linear", True, "density"),
+    "task_arithmetic": ("task_arithmetic", False, "density"),
+    "ties": ("ties", True, "density"),
+    "dare_ties": ("dare_ties", False, "l1"),
+    "dare_linear": ("dare_linear", False, "l1"),
+    "breadcrumbs": ("breadcrumbs", False, "density"),
+    "breadcrumbs_ties": ("breadcrumbs_ties", False, "density"),
+    "della": ("della_ties", True, "density"),
+    "della_linear": ("della", False, "density"),
+    "model_stock": ("model_stock", False, "density"),
+    "slerp": ("slerp", False, "density"),
+}
+MERGEKIT_KEYS = {
+    "models",
+    "base_model",
+    "merge_method",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "tokenizer",
+}
+MERGEKIT_PARAMS = {
+    "weight",
+    "density",
+    "lambda",
+    "normalize",
+    "gamma",
+    "epsilon",
+    "t",
+    "rescale",
+    "int8_mask",
+}
+
+
+def _scalar(value: Any, where: str) -> Any:
+    if isinstance(value, list | dict):
+        raise ConfigError(
+            f"{where}: gradients and per-tensor filters are not supported; give a single value"
+        )
+    return value
+
+
+def from_mergekit(data: dict) -> dict:
+    """Translate a mergekit YAML into langmerge's config, keeping mergekit's semantics.
+
+    mergekit's defaults differ by method (e.g. `normalize` is off for dare_ties and
+    task_arithmetic, and DARE rescales by L1 norm); they are made explicit here.
+    """
+    unknown = set(data) - MERGEKIT_KEYS
+    if unknown:
+        raise ConfigError(
+            f"unsupported mergekit option(s): {', '.join(sorted(unknown))} "
+            f"(supported: {', '.join(sorted(MERGEKIT_KEYS))})"
+        )
+    if data.get("tokenizer_source") not in (None, "base") or data.get("tokenizer"):
+        raise ConfigError(
+            "mergekit tokenizer_source/tokenizer are not supported; the merged "
+            "model keeps the base model's tokenizer"
+        )
+    mk_method = data["merge_method"]
+    if mk_method not in MERGEKIT_METHODS:
+        raise ConfigError(
+            f"mergekit merge_method {mk_method!r} is not supported; supported: "
+            f"{', '.join(sorted(MERGEKIT_METHODS))}"
+        )
+    method, normalize_default, rescale_default = MERGEKIT_METHODS[mk_method]
+    params = {k: _scalar(v, f"parameters.{k}") for k, v in (data.get("parameters") or {}).items()}
+    bad = set(params) - MERGEKIT_PARAMS
+    if bad:
+        raise ConfigError(f"unsupported mergekit parameter(s): {', '.join(sorted(bad))}")
+    models = data.get("models") or []
+    if not models:
+        raise ConfigError("mergekit config has no `models`")
+    base = data.get("base_model")
+    experts = []
+    for i, entry in enumerate(models):
+        entry = {"model": entry} if isinstance(entry, str) else entry
+        path = str(entry.get("model", ""))
+        if "+" in path:
+            raise ConfigError(
+                f"models[{i}]: mergekit's 'model+lora' syntax is not supported; "
+                "list the LoRA adapter directory as an expert instead"
+            )
+        mp = {
+            k: _scalar(v, f"models[{i}].parameters.{k}")
+            for k, v in (entry.get("parameters") or {}).items()
+        }
+        if set(mp) - {"weight", "density"}:
+            raise ConfigError(f"models[{i}]: only weight and density can be set per model")
+        if base is not None and path == str(base) and method != "slerp" and method != "linear":
+            continue  # mergekit drops the base model from the task vectors
+        expert = {"path": path, "weight": float(mp.get("weight", params.get("weight", 1.0)))}
+        if "density" in mp:
+            expert["density"] = float(mp["density"])
+        experts.append(expert)
+    if base is None:
+        if method != "linear":
+            raise ConfigError(f"mergekit {mk_method} needs base_model")
+        base = experts[0]["path"]  # linear needs no base: deltas against the first model
+        if params.get("normalize") is False:
+            raise ConfigError("linear with normalize: false and no base_model is not supported")
+    if method == "slerp" and len(experts) != 2:
+        raise ConfigError("mergekit slerp takes the base model and one other model")
+    if method == "slerp" and experts[0]["path"] != str(base):
+        experts.reverse()  # t = 0 is the base model
+    rescale = rescale_default
+    if "rescale" in params:
+        rescale = rescale_default if params["rescale"] else "none"
+    out: dict[str, Any] = {
+        "method": method,
+        "base": str(base),
+        "experts": experts,
+        "normalize": bool(params.get("normalize", normalize_default)),
+        "rescale": rescale,
+        "source": "mergekit",
+    }
+    for ours, theirs in [
+        ("density", "density"),
+        ("lam", "lambda"),
+        ("gamma", "gamma"),
+        ("epsilon", "epsilon"),
+        ("t", "t"),
+    ]:
+        if theirs in params:
+            out[ours] = float(params[theirs])
+    dtype = data.get("out_dtype") or data.get("dtype")
+    if dtype is not None:
+        out["dtype"] = {
+            "float32": "float32",
+            "fp32": "float32",
+            "float16": "float16",
+            "fp16": "float16",
+            "bfloat16": "bfloat16",
+            "bf16": "bfloat16",
+        }.get(str(dtype), str(dtype))
+    return out
+
+
+__all__ = ["METHODS", "ExpertSpec", "MergeConfig", "build_config", "from_mergekit", "load_config"]

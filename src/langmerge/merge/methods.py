@@ -1,0 +1,394 @@
+"""Merge methods as pure tensor functions (the semantics pinned in DESIGN §4).
+
+Every method maps deltas τ₁…τₙ of one tensor (expert − base) to one merged delta τ; the merged
+weight is θ₀ + τ. A method is a sparsifier applied to each delta (none, trim, dare, breadcrumbs,
+della) followed by a combiner (weighted sum or TIES sign vote), or one of the special methods
+(model_stock, slerp). Maths runs in float32; the functions here never do I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from langmerge.errors import ConfigError
+
+Rescale = Literal["density", "l1", "none"]
+
+
+@dataclass(frozen=True)
+class MergeParams:
+    """Hyper-parameters of one merge. `density` may be one value or one per expert."""
+
+    density: float | tuple[float, ...] = 1.0
+    lam: float = 1.0
+    normalize: bool | None = None  # None: the method's default
+    gamma: float = 0.01
+    epsilon: float = 0.15
+    t: float = 0.5
+    rescale: Rescale = "density"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        densities = self.density if isinstance(self.density, tuple) else (self.density,)
+        for d in densities:
+            if not (0.0 < d <= 1.0) or math.isnan(d):
+                raise ConfigError(f"density must be in (0, 1], got {d}")
+        if not 0.0 <= self.gamma < 1.0:
+            raise ConfigError(f"gamma must be in [0, 1), got {self.gamma}")
+        if not 0.0 <= self.epsilon < 1.0:
+            raise ConfigError(f"epsilon must be in [0, 1), got {self.epsilon}")
+        if not 0.0 <= self.t <= 1.0:
+            raise ConfigError(f"slerp t must be in [0, 1], got {self.t}")
+        if self.rescale not in ("density", "l1", "none"):
+            raise ConfigError(f"rescale must be one of density, l1, none; got {self.rescale!r}")
+        if not math.isfinite(self.lam):
+            raise ConfigError(f"lambda must be a finite number, got {self.lam}")
+
+    def density_of(self, i: int) -> float:
+        return self.density[i] if isinstance(self.density, tuple) else self.density
+
+
+def generator(seed: int, name: str, index: int) -> torch.Generator:
+    """A CPU generator keyed by (seed, tensor name, expert index): order-independent randomness."""
+    digest = hashlib.blake2b(f"{seed}\0{name}\0{index}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparsifiers: one delta in, one delta out. They may overwrite their input.
+
+
+def _kth_largest(a: Tensor, k: int) -> Tensor:
+    """The k-th largest value of the flat tensor `a` (exact), in O(n) vectorised passes."""
+    n = a.numel()
+    if n <= 1 << 20:
+        return torch.kthvalue(a, n - k + 1).values
+    # Bracket the answer with quantiles of a sample, then select exactly inside the bracket.
+    m = 1 << 16
+    sample = a[torch.randint(n, (m,), generator=torch.Generator().manual_seed(0))].sort().values
+    q = (n - k) / n
+    half = 4.0 * math.sqrt(q * (1.0 - q) / m) + 2.0 / m
+    lo_i, hi_i = int((q - half) * m), int(math.ceil((q + half) * m))
+    lo = sample[lo_i] if lo_i >= 0 else None
+    hi = sample[hi_i] if hi_i < m else None
+    above_hi = int(torch.count_nonzero(a > hi)) if hi is not None else 0
+    above_lo = int(torch.count_nonzero(a > lo)) if lo is not None else n
+    if not above_hi < k <= above_lo:  # the sample missed; rare and still exact
+        return torch.kthvalue(a, n - k + 1).values
+    band = a
+    if lo is not None:
+        band = band[band > lo]
+    if hi is not None:
+        band = band[band <= hi]
+    need = k - above_hi
+    return torch.kthvalue(band, band.numel() - need + 1).values
+
+
+def topk_mask(a: Tensor, k: int) -> Tensor:
+    """Boolean mask of exactly k entries of largest value in `a` (ties broken by lowest index)."""
+    flat = a.reshape(-1)
+    if k >= flat.numel():
+        return torch.ones_like(a, dtype=torch.bool)
+    thr = _kth_largest(flat, k)
+    mask = flat >= thr
+    if int(torch.count_nonzero(mask)) != k:
+        mask = flat > thr
+        missing = k - int(torch.count_nonzero(mask))
+        mask[(flat == thr).nonzero().flatten()[:missing]] = True
+    return mask.view(a.shape)
+
+
+def trim(tau: Tensor, density: float) -> Tensor:
+    """Keep exactly max(1, int(d·numel)) entries of largest |τ|; zero the rest."""
+    if density >= 1.0:
+        return tau
+    k = max(1, int(density * tau.numel()))
+    return tau.mul_(topk_mask(tau.abs(), k))
+
+
+def dare(tau: Tensor, density: float, gen: torch.Generator, rescale: Rescale = "density") -> Tensor:
+    """Keep each entry with probability d (Bernoulli from `gen`); rescale the kept entries."""
+    if density >= 1.0:
+        return tau
+    keep = torch.rand(tau.shape, generator=gen) < density
+    if rescale == "l1":
+        before = tau.abs().sum()
+        tau.mul_(keep)
+        after = tau.abs().sum()
+        return tau.mul_(before / after) if after > 0 else tau
+    tau.mul_(keep)
+    return tau.div_(density) if rescale == "density" else tau
+
+
+def breadcrumbs(tau: Tensor, density: float, gamma: float) -> Tensor:
+    """Drop the int(γ·numel) largest |τ| (outliers), keep the next int(d·numel), zero the rest."""
+    n = tau.numel()
+    skip = int(gamma * n)
+    keep = min(max(1, int(density * n)), n - skip)
+    if skip == 0 and keep == n:
+        return tau
+    a = tau.abs()
+    mask = topk_mask(a, skip + keep)
+    if skip:
+        mask &= ~topk_mask(a, skip)
+    return tau.mul_(mask)
+
+
+def della(tau: Tensor, density: float, epsilon: float, gen: torch.Generator) -> Tensor:
+    """Per row, keep entry j with p = (d − ε) + 2ε·r̂ⱼ (r̂: magnitude rank in [0, 1]); divide by p."""
+    rows = tau.reshape(1, -1) if tau.dim() < 2 else tau.reshape(tau.shape[0], -1)
+    cols = rows.shape[1]
+    rank = rows.abs().argsort(dim=1).argsort(dim=1).to(torch.float32)
+    rank_norm = rank / (cols - 1) if cols > 1 else torch.full_like(rank, 0.5)
+    p = ((density - epsilon) + 2.0 * epsilon * rank_norm).clamp_(0.0, 1.0)
+    keep = torch.rand(rows.shape, generator=gen) < p
+    out = torch.where(keep, rows / p.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
+    return out.view(tau.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Combiners: sparsified deltas and weights in, merged delta out (before λ).
+
+
+def weighted_sum(deltas: Sequence[Tensor], weights: Sequence[float], normalize: bool) -> Tensor:
+    """Σ wᵢτᵢ, divided by Σ wᵢ when `normalize`."""
+    out = torch.zeros_like(deltas[0])
+    for w, tau in zip(weights, deltas, strict=True):
+        out.add_(tau, alpha=w)
+    if normalize:
+        total = math.fsum(weights)
+        if total == 0.0:
+            raise ConfigError(
+                f"weights {list(weights)} sum to zero; a normalized merge divides by it"
+            )
+        out.div_(total)
+    return out
+
+
+def ties_vote(deltas: Sequence[Tensor], weights: Sequence[float], normalize: bool) -> Tensor:
+    """TIES: δᵢ = wᵢτ̂ᵢ; elect s = sign(Σδᵢ) (0 → +1); mean (or sum) of the δᵢ that agree with s."""
+    weighted = [tau if w == 1.0 else tau.mul_(w) for w, tau in zip(weights, deltas, strict=True)]
+    total = torch.stack(weighted).sum(0) if len(weighted) > 1 else weighted[0].clone()
+    elected = torch.where(total >= 0, 1.0, -1.0)
+    num = torch.zeros_like(total)
+    div = torch.zeros_like(total) if normalize else None
+    for w, d in zip(weights, weighted, strict=True):
+        agree = (d * elected) > 0
+        num.add_(d * agree)
+        if div is not None:
+            div.add_(agree, alpha=w)
+    if div is None:
+        return num
+    return torch.where(div != 0, num / torch.where(div != 0, div, 1.0), 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Special methods.
+
+
+def model_stock(deltas: Sequence[Tensor]) -> Tensor:
+    """t·mean(τᵢ) with c the mean pairwise cosine and t = N·c / (1 + (N − 1)·c)."""
+    flat = [tau.reshape(-1).double() for tau in deltas]
+    norms = [float(v.norm()) for v in flat]
+    cosines = [
+        float(flat[i] @ flat[j]) / (norms[i] * norms[j]) if norms[i] * norms[j] > 0 else 0.0
+        for i in range(len(flat))
+        for j in range(i + 1, len(flat))
+    ]
+    n = len(deltas)
+    c = min(1.0, max(-1.0, sum(cosines) / len(cosines)))
+    denom = 1.0 + (n - 1) * c
+    t = n * c / denom if abs(denom) > 1e-12 else 0.0
+    return torch.stack(list(deltas)).mean(0).mul_(t)
+
+
+def slerp(a: Tensor, b: Tensor, t: float, threshold: float = 0.9995) -> Tensor:
+    """Spherical interpolation of two weight tensors; linear when they are nearly parallel."""
+    na, nb = float(a.double().norm()), float(b.double().norm())
+    dot = float(a.reshape(-1).double() @ b.reshape(-1).double()) / (na * nb) if na * nb else 1.0
+    dot = min(1.0, max(-1.0, dot))
+    if abs(dot) > threshold:
+        return torch.lerp(a, b, t)
+    theta = math.acos(dot)
+    s = math.sin(theta)
+    return a * (math.sin((1.0 - t) * theta) / s) + b * (math.sin(t * theta) / s)
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry.
+
+Sparsify = Literal["none", "trim", "dare", "breadcrumbs", "della"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One entry of the registry: how a method sparsifies and combines."""
+
+    name: str
+    summary: str
+    sparsify: Sparsify = "none"
+    combine: Literal["sum", "ties", "model_stock", "slerp"] = "sum"
+    normalize: bool = False  # default for `normalize` when the merge does not set it
+    knots: bool = False  # LoRA-only: merge in the KnOTS-aligned basis (see merge/lora.py)
+    min_models: int = 1
+    max_models: int | None = None
+    uses_weights: bool = True
+    aliases: tuple[str, ...] = field(default=())
+
+    @property
+    def random(self) -> bool:
+        return self.sparsify in ("dare", "della")
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in [
+        Method("linear", "Σ wᵢτᵢ / Σ wᵢ", normalize=True),
+        Method("task_arithmetic", "λ · Σ wᵢτᵢ"),
+        Method("magnitude_prune", "λ · Σ wᵢ·trim(τᵢ, d)", sparsify="trim"),
+        Method("ties", "trim, sign vote, disjoint mean", "trim", "ties", normalize=True),
+        Method(
+            "dare_ties", "DARE drop-and-rescale, sign vote, disjoint mean", "dare", "ties", True
+        ),
+        Method("dare_linear", "λ · Σ wᵢ·dare(τᵢ, d)", sparsify="dare"),
+        Method("breadcrumbs", "drop outliers and small entries, sum", sparsify="breadcrumbs"),
+        Method(
+            "breadcrumbs_ties", "breadcrumbs, sign vote, disjoint mean", "breadcrumbs", "ties", True
+        ),
+        Method("della", "magnitude-ranked random drop, sum", sparsify="della"),
+        Method("della_ties", "magnitude-ranked random drop, sign vote", "della", "ties", True),
+        Method(
+            "knots_ties", "TIES in the KnOTS SVD basis (LoRA)", "trim", "ties", True, knots=True
+        ),
+        Method(
+            "knots_dare_ties", "DARE-TIES in the KnOTS basis (LoRA)", "dare", "ties", True, True
+        ),
+        Method(
+            "model_stock",
+            "t · mean(τᵢ), t from the pairwise cosine",
+            combine="model_stock",
+            min_models=2,
+            uses_weights=False,
+        ),
+        Method(
+            "slerp",
+            "spherical interpolation of two models at t",
+            combine="slerp",
+            min_models=2,
+            max_models=2,
+            uses_weights=False,
+        ),
+    ]
+}
+
+
+def get_method(name: str) -> Method:
+    """The registry entry for `name`, or an error that lists the valid names."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown merge method {name!r}; valid methods: {', '.join(sorted(METHODS))}"
+        ) from None
+
+
+def check_inputs(method: Method, n_models: int, weights: Sequence[float] | None) -> None:
+    """Errors for a model count or weights the method cannot use."""
+    if n_models < method.min_models:
+        raise ConfigError(
+            f"{method.name} needs at least {method.min_models} experts, got {n_models}"
+        )
+    if method.max_models is not None and n_models > method.max_models:
+        raise ConfigError(
+            f"{method.name} takes exactly {method.max_models} experts, got {n_models}"
+        )
+    if weights is not None:
+        if len(weights) != n_models:
+            raise ConfigError(f"got {len(weights)} weights for {n_models} experts")
+        if not all(math.isfinite(w) for w in weights):
+            raise ConfigError(f"weights must be finite numbers, got {list(weights)}")
+        if not method.uses_weights and any(w != 1.0 for w in weights):
+            raise ConfigError(f"{method.name} does not use weights; remove them")
+
+
+def sparsify(method: Method, tau: Tensor, i: int, params: MergeParams, name: str) -> Tensor:
+    """Apply the method's sparsifier to delta number `i` of tensor `name` (may overwrite `tau`)."""
+    d = params.density_of(i)
+    if method.sparsify == "trim":
+        return trim(tau, d)
+    if method.sparsify == "dare":
+        return dare(tau, d, generator(params.seed, name, i), params.rescale)
+    if method.sparsify == "breadcrumbs":
+        return breadcrumbs(tau, d, params.gamma)
+    if method.sparsify == "della":
+        return della(tau, d, params.epsilon, generator(params.seed, name, i))
+    return tau
+
+
+def merge_tensor(
+    method: Method,
+    deltas: list[Tensor],
+    weights: Sequence[float],
+    params: MergeParams,
+    name: str = "",
+    base: Tensor | None = None,
+) -> Tensor:
+    """Merge float32 deltas of one tensor. Overwrites `deltas` (callers pass tensors they own)."""
+    if method.combine == "slerp":
+        if base is None:
+            raise ConfigError("slerp interpolates weights: it needs the base tensor")
+        return slerp(base + deltas[0], base + deltas[1], params.t).sub_(base)
+    if method.combine == "model_stock":
+        return model_stock(deltas).mul_(params.lam)
+    sparse = [sparsify(method, tau, i, params, name) for i, tau in enumerate(deltas)]
+    normalize = method.normalize if params.normalize is None else params.normalize
+    combine: Callable[..., Tensor] = ties_vote if method.combine == "ties" else weighted_sum
+    out = combine(sparse, weights, normalize)
+    return out if params.lam == 1.0 else out.mul_(params.lam)
+
+
+def merge_deltas(
+    method: str,
+    deltas: Sequence[Tensor],
+    *,
+    weights: Sequence[float] | None = None,
+    density: float | Sequence[float] = 1.0,
+    lam: float = 1.0,
+    seed: int = 0,
+    normalize: bool | None = None,
+    gamma: float = 0.01,
+    epsilon: float = 0.15,
+    t: float = 0.5,
+    rescale: Rescale = "density",
+    base: Tensor | None = None,
+    name: str = "",
+) -> Tensor:
+    """Merge the deltas of one tensor with `method`; returns the merged delta in float32.
+
+    `name` keys the random methods' generator together with `seed`, so a tensor's result does
+    not depend on which other tensors were merged before it. `base` is needed by slerp only.
+    """
+    m = get_method(method)
+    if m.knots:
+        raise ConfigError(f"{method} merges LoRA factors: call merge_lora with (B, A) pairs")
+    if not deltas:
+        raise ConfigError("no deltas to merge")
+    check_inputs(m, len(deltas), weights)
+    shapes = {tuple(tau.shape) for tau in deltas}
+    if len(shapes) > 1:
+        raise ConfigError(f"deltas have different shapes: {sorted(shapes)}")
+    dens = tuple(density) if isinstance(density, Sequence) else density
+    if isinstance(dens, tuple) and len(dens) != len(deltas):
+        raise ConfigError(f"got {len(dens)} densities for {len(deltas)} deltas")
+    params = MergeParams(dens, lam, normalize, gamma, epsilon, t, rescale, seed)
+    owned = [tau.detach().to(torch.float32, copy=True) for tau in deltas]
+    base32 = base.detach().to(torch.float32) if base is not None else None
+    w = list(weights) if weights is not None else [1.0] * len(deltas)
+    return merge_tensor(m, owned, w, params, name, base32)

@@ -1,0 +1,208 @@
+"""Streaming full-model merge: base tensor by tensor, never a whole model in memory.
+
+For each tensor of the base, a `TensorMerge` returns the merged delta (or None to keep the base
+tensor); the result θ₀ + τ is cast to the output dtype and appended to the output shard on disk.
+Peak memory is about one tensor per input plus the tensor being written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from langmerge.errors import InputError
+from langmerge.merge.io import Adapter, ModelFiles, check_finite
+from langmerge.merge.lora import merge_lora, merge_lora_peft
+from langmerge.merge.methods import MergeParams, Method, merge_tensor
+from langmerge.merge.writer import ShardedWriter
+from langmerge.progress import progress_bar
+
+TensorMerge = Callable[[str, Tensor], Tensor | None]
+
+
+def check_full_experts(base: ModelFiles, experts: Sequence[ModelFiles]) -> None:
+    """Every expert must hold exactly the base's tensors, with the same shapes."""
+    for e in experts:
+        missing = [n for n in base.tensors if n not in e.tensors]
+        extra = [n for n in e.tensors if n not in base.tensors]
+        if missing or extra:
+            what = (
+                f"lacks {len(missing)} base tensor(s), e.g. {missing[:3]}"
+                if missing
+                else f"has {len(extra)} tensor(s) the base lacks, e.g. {extra[:3]}"
+            )
+            raise InputError(
+                f"expert {e.label} ({e.path}) {what}: experts must be fine-tunes of "
+                "the same base architecture"
+            )
+        for name, info in base.tensors.items():
+            if e.tensors[name].shape != info.shape:
+                raise InputError(
+                    f"expert {e.label}: tensor {name} has shape "
+                    f"{e.tensors[name].shape}, the base has {info.shape}"
+                )
+
+
+def full_model_merge(
+    experts: Sequence[ModelFiles], method: Method, weights: Sequence[float], params: MergeParams
+) -> TensorMerge:
+    """Merged delta of each tensor from full fine-tuned experts: τᵢ = θᵢ − θ₀."""
+
+    def merged(name: str, base32: Tensor) -> Tensor:
+        deltas = []
+        for e in experts:
+            t = e.read(name)
+            check_finite(t, name, f"expert {e.label}")
+            t = t.float() if t.dtype != torch.float32 else t
+            deltas.append(t.sub_(base32))
+        return merge_tensor(method, deltas, weights, params, name, base32)
+
+    return merged
+
+
+def check_adapters(base: ModelFiles, adapters: Sequence[Adapter]) -> None:
+    """Adapters must come from one base model and update tensors the base has, shape for shape."""
+    origins = {a.config.get("base_model_name_or_path") for a in adapters} - {None, ""}
+    if len(origins) > 1:
+        raise InputError(
+            "the adapters were trained on different base models: "
+            + ", ".join(f"{a.label}: {a.config.get('base_model_name_or_path')}" for a in adapters)
+        )
+    for a in adapters:
+        for name, mod in a.modules.items():
+            info = base.tensors.get(name)
+            want = (mod.B.shape[0], mod.A.shape[1])
+            if info is None:
+                raise InputError(
+                    f"adapter {a.label} updates {name}, which the base model "
+                    f"{base.path} does not have: is it for another base model?"
+                )
+            if tuple(info.shape) != want:
+                raise InputError(
+                    f"adapter {a.label}: {name} gets a {want[0]}×{want[1]} update, "
+                    f"but the base weight is {tuple(info.shape)}"
+                )
+        for name, t in a.saved.items():
+            info = base.tensors.get(name)
+            if info is None:
+                raise InputError(
+                    f"adapter {a.label} trains {name} (modules_to_save), which the base model "
+                    f"{base.path} does not have; save the base with that module's initial "
+                    "weights so its delta can be formed"
+                )
+            if tuple(info.shape) != tuple(t.shape):
+                raise InputError(
+                    f"adapter {a.label}: {name} has shape {tuple(t.shape)}, the base "
+                    f"has {tuple(info.shape)}"
+                )
+
+
+def adapter_merge(
+    adapters: Sequence[Adapter],
+    method: Method,
+    weights: Sequence[float],
+    params: MergeParams,
+    space: str = "delta",
+) -> TensorMerge:
+    """Merged delta of each tensor from LoRA experts: exact per-module ΔW, or PEFT's factor space.
+
+    An expert that does not adapt a module contributes a zero delta there (its weight is the
+    base's), except in factor space, where PEFT skips it.
+    """
+
+    def merged(name: str, base32: Tensor) -> Tensor | None:
+        if any(name in a.modules for a in adapters):
+            factors, scalings, w = [], [], []
+            for a, wi in zip(adapters, weights, strict=True):
+                mod = a.modules.get(name)
+                if mod is None and space == "factors":
+                    continue
+                if mod is None:
+                    mod_b, mod_a, s = (
+                        base32.new_zeros(base32.shape[0], 1),
+                        base32.new_zeros(1, base32.shape[1]),
+                        1.0,
+                    )
+                else:
+                    mod_b, mod_a, s = mod.B, mod.A, mod.scaling
+                factors.append((mod_b, mod_a))
+                scalings.append(s)
+                w.append(wi)
+            if space == "factors":
+                up = merge_lora_peft(
+                    method.name,
+                    factors,
+                    scalings=scalings,
+                    weights=w,
+                    density=params.density_of(0),
+                    seed=params.seed,
+                    name=name,
+                )
+                return up.B @ up.A
+            dens = params.density
+            return merge_lora(
+                method.name,
+                factors,
+                scalings=scalings,
+                weights=w,
+                density=list(dens) if isinstance(dens, tuple) else dens,
+                lam=params.lam,
+                seed=params.seed,
+                normalize=params.normalize,
+                gamma=params.gamma,
+                epsilon=params.epsilon,
+                t=params.t,
+                rescale=params.rescale,
+                base=base32,
+                name=name,
+            )
+        if any(name in a.saved for a in adapters):
+            deltas = [
+                a.saved[name].float() - base32 if name in a.saved else torch.zeros_like(base32)
+                for a in adapters
+            ]
+            return merge_tensor(method, deltas, weights, params, name, base32)
+        return None
+
+    return merged
+
+
+def stream_merge(
+    base: ModelFiles,
+    merged_delta: TensorMerge,
+    out_dir,
+    *,
+    out_dtype: torch.dtype | None = None,
+    shard_bytes: int = 2 * 10**9,
+    progress: bool = True,
+) -> dict[str, int]:
+    """Write θ₀ + τ for every base tensor to sharded safetensors in `out_dir`."""
+    plan = []
+    for name, info in base.tensors.items():
+        dtype = (
+            out_dtype if (out_dtype is not None and info.dtype.is_floating_point) else info.dtype
+        )
+        plan.append((name, dtype, info.shape))
+    writer = ShardedWriter(out_dir, plan, shard_bytes)
+    merged = copied = 0
+    with progress_bar("merging", len(plan), progress) as step:
+        for name, dtype, _ in plan:
+            step(name)
+            theta = base.read(name)
+            delta = None
+            if theta.is_floating_point():
+                check_finite(theta, name, f"base model {base.label}")
+                base32 = theta if theta.dtype == torch.float32 else theta.float()
+                delta = merged_delta(name, base32)
+            if delta is None:
+                writer.write(name, theta.to(dtype))
+                copied += 1
+            else:
+                out = base32.add_(delta)  # base32 is a fresh tensor owned here
+                check_finite(out, name, "the merged model (overflow?)")
+                writer.write(name, out.to(dtype))
+                merged += 1
+    writer.close()
+    return {"tensors_merged": merged, "tensors_copied": copied, "shards": len(writer.names)}

@@ -1,0 +1,364 @@
+"""Bad input gets a clear message, exit code 1, and leaves nothing behind."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+import langmerge.merge.methods as methods_module
+
+EXPERTS = ["en", "de", "fr"]
+
+
+def full_args(models, out, *extra):
+    return (
+        "merge",
+        "--method",
+        "ties",
+        "--base",
+        models["base"],
+        "--experts",
+        *[models[f"full_{x}"] for x in EXPERTS],
+        "-o",
+        out,
+        *extra,
+    )
+
+
+def assert_nothing_left(out):
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+def edited_copy(src, dst, edit):
+    """A copy of model directory `src` whose tensors pass through `edit(dict)`."""
+    shutil.copytree(src, dst)
+    state = load_file(dst / "model.safetensors")
+    edit(state)
+    save_file(state, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def test_expert_with_another_shape_names_tensor_and_expert(models, tmp_path, cli):
+    def widen(state):
+        state["model.norm.weight"] = torch.ones(33)
+
+    bad = edited_copy(models["full_de"], tmp_path / "wide_de", widen)
+    out = tmp_path / "out"
+    code, text = cli(
+        "merge",
+        "--method",
+        "ties",
+        "--base",
+        models["base"],
+        "--experts",
+        models["full_en"],
+        bad,
+        "-o",
+        out,
+    )
+    assert code == 1
+    assert "wide_de" in text and "model.norm.weight" in text and "(33,)" in text
+    assert "Traceback" not in text
+    assert_nothing_left(out)
+
+
+def test_expert_missing_a_tensor_is_refused(models, tmp_path, cli):
+    bad = edited_copy(models["full_de"], tmp_path / "short", lambda s: s.pop("model.norm.weight"))
+    code, text = cli(
+        "merge",
+        "--method",
+        "ties",
+        "--base",
+        models["base"],
+        "--experts",
+        models["full_en"],
+        bad,
+        "-o",
+        tmp_path / "out",
+    )
+    assert code == 1 and "lacks 1 base tensor" in text and "model.norm.weight" in text
+
+
+def test_nan_in_an_expert_names_tensor_and_expert_and_writes_nothing(models, tmp_path, cli):
+    def poison(state):
+        state["model.layers.1.mlp.up_proj.weight"][3, 4] = float("nan")
+
+    bad = edited_copy(models["full_fr"], tmp_path / "nan_fr", poison)
+    out = tmp_path / "out"
+    code, text = cli(
+        "merge",
+        "--method",
+        "ties",
+        "--base",
+        models["base"],
+        "--experts",
+        models["full_en"],
+        bad,
+        "-o",
+        out,
+    )
+    assert code == 1
+    assert "model.layers.1.mlp.up_proj.weight" in text and "nan_fr" in text and "NaN" in text
+    assert_nothing_left(out)
+
+
+def test_inf_in_a_lora_adapter_is_refused(models, tmp_path, cli):
+    bad = tmp_path / "inf_de"
+    shutil.copytree(models["lora_de"], bad)
+    state = load_file(bad / "adapter_model.safetensors")
+    key = next(k for k in state if "lora_A" in k)
+    state[key][0, 0] = float("inf")
+    save_file(state, bad / "adapter_model.safetensors")
+    code, text = cli(
+        "merge",
+        "--method",
+        "ties",
+        "--base",
+        models["base"],
+        "--experts",
+        models["lora_en"],
+        bad,
+        "-o",
+        tmp_path / "out",
+    )
+    assert code == 1 and "inf_de" in text and "NaN/Inf" in text
+
+
+def test_adapters_of_different_base_models_are_refused(models, tmp_path, cli):
+    other = tmp_path / "other_base"
+    shutil.copytree(models["lora_de"], other)
+    config = json.loads((other / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "meta-llama/Llama-3.1-8B"
+    (other / "adapter_config.json").write_text(json.dumps(config))
+    code, text = cli(
+        "merge",
+        "--method",
+        "ties",
+        "--base",
+        models["base"],
+        "--experts",
+        models["lora_en"],
+        other,
+        "-o",
+        tmp_path / "out",
+    )
+    assert code == 1 and "different base models" in text
+
+
+def test_missing_shard_is_reported(models, tmp_path, cli):
+    base = tmp_path / "sharded_base"
+    shutil.copytree(models["base"], base)
+    (base / "model.safetensors").rename(base / "model-00001-of-00002.safetensors")
+    (base / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {
+                "weight_map": {
+                    "a": "model-00001-of-00002.safetensors",
+                    "b": "model-00002-of-00002.safetensors",
+                }
+            }
+        )
+    )
+    out = tmp_path / "out"
+    code, text = cli(
+        "merge", "--method", "ties", "--base", base, "--experts", models["full_en"], "-o", out
+    )
+    assert code == 1 and "model-00002-of-00002.safetensors" in text and "missing" in text
+    assert_nothing_left(out)
+
+
+def test_truncated_shard_is_reported(models, tmp_path, cli):
+    bad = tmp_path / "truncated_de"
+    shutil.copytree(models["full_de"], bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    code, text = cli(
+        "merge",
+        "--method",
+        "ties",
+        "--base",
+        models["base"],
+        "--experts",
+        models["full_en"],
+        bad,
+        "-o",
+        tmp_path / "out",
+    )
+    assert code == 1 and "truncated" in text and "truncated_de" in text
+
+
+def test_garbage_shard_is_reported(models, tmp_path, cli):
+    bad = tmp_path / "garbage_de"
+    shutil.copytree(models["full_de"], bad)
+    (bad / "model.safetensors").write_bytes(b"\x00" * 3 + b"not a safetensors file")
+    code, text = cli(
+        "merge",
+        "--method",
+        "ties",
+        "--base",
+        models["base"],
+        "--experts",
+        models["full_en"],
+        bad,
+        "-o",
+        tmp_path / "out",
+    )
+    assert code == 1 and "corrupt safetensors file" in text
+
+
+@pytest.mark.parametrize("density", ["0", "1.5", "-0.2"])
+def test_density_outside_unit_interval(models, tmp_path, cli, density):
+    out = tmp_path / "out"
+    code, text = cli(*full_args(models, out, "--density", density))
+    assert code == 1 and "density" in text and "(0, 1]" in text or "greater than 0" in text
+    assert_nothing_left(out)
+
+
+def test_weights_summing_to_zero_for_a_normalized_merge(models, tmp_path, cli):
+    code, text = cli(
+        "merge",
+        "--method",
+        "linear",
+        "--weights",
+        "1,-1",
+        "--base",
+        models["base"],
+        "--experts",
+        models["full_en"],
+        models["full_de"],
+        "-o",
+        tmp_path / "out",
+    )
+    assert code == 1 and "sum to zero" in text
+
+
+def test_existing_output_is_refused_unless_forced(models, tmp_path, cli):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    code, text = cli(*full_args(models, out))
+    assert code == 1 and "already exists" in text and "--force" in text
+    assert (out / "keep.txt").read_text() == "precious"
+    code, text = cli(*full_args(models, out, "--force"))
+    assert code == 0 and not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+
+
+def test_pickle_checkpoints_are_refused_unless_allowed(models, tmp_path, cli):
+    pickled = tmp_path / "pickled_de"
+    shutil.copytree(models["full_de"], pickled)
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    args = (
+        "merge",
+        "--method",
+        "ties",
+        "--base",
+        models["base"],
+        "--experts",
+        models["full_en"],
+        pickled,
+        "-o",
+        tmp_path / "out",
+    )
+    code, text = cli(*args)
+    assert code == 1 and "pickle" in text and "--allow-pickle" in text
+    code, text = cli(*args, "--allow-pickle")
+    assert code == 0, text
+
+
+def test_unknown_method_lists_the_valid_ones(models, tmp_path, cli):
+    code, text = cli(
+        "merge",
+        "--method",
+        "tie",
+        "--base",
+        models["base"],
+        "--experts",
+        models["full_en"],
+        "-o",
+        tmp_path / "out",
+    )
+    assert code == 1 and "unknown merge method 'tie'" in text and "dare_ties" in text
+
+
+def test_knots_on_full_models_and_mixed_experts_are_refused(models, tmp_path, cli):
+    code, text = cli(
+        "merge",
+        "--method",
+        "knots_ties",
+        "--base",
+        models["base"],
+        "--experts",
+        models["full_en"],
+        "-o",
+        tmp_path / "a",
+    )
+    assert code == 1 and "LoRA" in text
+    code, text = cli(
+        "merge",
+        "--method",
+        "ties",
+        "--base",
+        models["base"],
+        "--experts",
+        models["full_en"],
+        models["lora_de"],
+        "-o",
+        tmp_path / "b",
+    )
+    assert code == 1 and "mix" in text
+
+
+def test_config_errors_name_the_field(tmp_path, models, cli):
+    config = tmp_path / "merge.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "method": "ties",
+                "base": str(models["base"]),
+                "experts": [str(models["full_en"])],
+                "densty": 0.5,
+            }
+        )
+    )
+    code, text = cli("merge", config, "-o", tmp_path / "out")
+    assert code == 1 and "densty" in text and "Extra inputs" in text
+    code, text = cli("merge", tmp_path / "nope.yaml", "-o", tmp_path / "out")
+    assert code == 1 and "does not exist" in text
+
+
+def test_unsupported_mergekit_options_are_named(tmp_path, models, cli):
+    config = tmp_path / "mk.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "ties",
+                "base_model": str(models["base"]),
+                "slices": [],
+                "models": [str(models["full_en"])],
+            }
+        )
+    )
+    code, text = cli("merge", config, "-o", tmp_path / "out")
+    assert code == 1 and "slices" in text
+
+
+def test_interrupt_mid_merge_leaves_nothing(models, tmp_path, cli, monkeypatch):
+    calls = {"n": 0}
+    real = methods_module.ties_vote
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(methods_module, "ties_vote", interrupted)
+    out = tmp_path / "out"
+    code, text = cli(*full_args(models, out))
+    assert code == 130 and "interrupted" in text
+    assert_nothing_left(out)
