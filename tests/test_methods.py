@@ -250,3 +250,26 @@ def test_every_method_runs_on_every_small_shape():
         ts = [torch.randn(shape) for _ in range(2)]
         out = merge_deltas(name, ts, density=0.5, base=torch.zeros(shape))
         assert out.shape == shape and torch.isfinite(out).all()
+
+
+def test_ties_on_large_tensors_matches_a_sort_based_reference():
+    """Tensors above 2^20 entries go through the sliced, selection-based path."""
+    g = torch.Generator().manual_seed(8)
+    ts = [torch.randn(1200, 1100, generator=g) for _ in range(3)]
+    ts.append(torch.randint(-50, 50, (1200, 1100), generator=g).float())  # many equal |τ|
+    weights, density = [1.0, 0.5, 2.0, 1.5], 0.3
+    k = int(density * ts[0].numel())
+    trimmed = []
+    for t in ts:  # keep the k largest |τ|, ties to the lower index: a stable descending sort
+        order = torch.sort(t.abs().reshape(-1), descending=True, stable=True).indices
+        mask = torch.zeros(t.numel(), dtype=torch.bool)
+        mask[order[:k]] = True
+        trimmed.append(t * mask.view(t.shape))
+    d = torch.stack([w * t for w, t in zip(weights, trimmed)])
+    elected = torch.where(d.sum(0) >= 0, 1.0, -1.0)
+    agree = (d != 0) & (torch.sign(d) == elected)
+    num = (d * agree).sum(0)
+    div = (torch.tensor(weights).view(-1, 1, 1) * agree).sum(0)
+    expected = torch.where(div != 0, num / div, 0.0)
+    tau = merge_deltas("ties", ts, weights=weights, density=density)
+    assert torch.allclose(tau, expected, atol=1e-6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -45,6 +46,16 @@ def merge(
     density: Annotated[float | None, typer.Option(help="fraction kept, in (0, 1]")] = None,
     lam: Annotated[float | None, typer.Option("--lambda", help="scale of the merged delta")] = None,
     seed: Annotated[int | None, typer.Option(help="seed of the random methods")] = None,
+    normalize: Annotated[
+        bool | None,
+        typer.Option(
+            "--normalize/--no-normalize", help="divide by the weights (default: per method)"
+        ),
+    ] = None,
+    gamma: Annotated[float | None, typer.Option(help="breadcrumbs: outlier fraction")] = None,
+    epsilon: Annotated[float | None, typer.Option(help="della: keep-probability spread")] = None,
+    t: Annotated[float | None, typer.Option("--t", help="slerp: position in [0, 1]")] = None,
+    rescale: Annotated[str | None, typer.Option(help="DARE: density, l1 or none")] = None,
     space: Annotated[
         str | None, typer.Option(help="LoRA merge space: delta (exact ΔW) or factors (PEFT parity)")
     ] = None,
@@ -54,6 +65,7 @@ def merge(
     ] = None,
     adapter_rank: Annotated[int | None, typer.Option(help="rank of an adapter output")] = None,
     dtype: Annotated[str | None, typer.Option(help="output dtype (default: the base's)")] = None,
+    shard_size: Annotated[str | None, typer.Option(help="largest output shard, e.g. 2GB")] = None,
     force: Annotated[bool, typer.Option(help="replace an existing output directory")] = False,
     allow_pickle: Annotated[
         bool,
@@ -73,6 +85,12 @@ def merge(
         "lam": lam,
         "seed": seed,
         "space": space,
+        "normalize": normalize,
+        "gamma": gamma,
+        "epsilon": epsilon,
+        "t": t,
+        "rescale": rescale,
+        "shard_size": shard_size,
         "emit": emit,
         "adapter_rank": adapter_rank,
         "dtype": dtype,
@@ -155,10 +173,22 @@ def _expand_multi(argv: list[str], flag: str = "--experts") -> list[str]:
     return result
 
 
+def _tune_allocator() -> None:
+    """Keep large freed blocks in glibc's heap: a merge allocates and frees same-sized tensors
+    over and over, and each fresh memory mapping costs a page fault per 4 KiB."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc: nothing to tune
+    libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
+    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one red line and exit code 1."""
     import click
 
+    _tune_allocator()
     try:
         app(args=_expand_multi(sys.argv[1:] if argv is None else argv), standalone_mode=False)
     except LangmergeError as e:

@@ -7,11 +7,12 @@ checkpoint is reported before any output is written.
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 from safetensors.torch import load_file
@@ -19,6 +20,7 @@ from torch import Tensor
 
 from langmerge.errors import InputError
 
+_READER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="langmerge-read")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -101,7 +103,8 @@ class ModelFiles:
             raise InputError(f"model directory {self.path} does not exist")
         self.tensors: dict[str, TensorInfo] = {}
         self._pickled: dict[str, Tensor] | None = None
-        self._handles: dict[Path, BinaryIO] = {}
+        self._fds: dict[Path, int] = {}
+        self._pending: dict[str, Future[Tensor]] = {}
         index = self.path / "model.safetensors.index.json"
         files = sorted(self.path.glob("*.safetensors"))
         if index.exists():
@@ -131,36 +134,47 @@ class ModelFiles:
     def read(self, name: str) -> Tensor:
         """One tensor, read into fresh memory the caller owns and may modify.
 
-        Plain reads, not a memory map: mapped pages of every input would stay resident (and
-        count as the process's memory) until the file is closed.
+        Plain positional reads, not a memory map: mapped pages of every input would stay
+        resident (and count as the process's memory) until the file is closed.
         """
+        pending = self._pending.pop(name, None)
+        return pending.result() if pending is not None else self._read(name)
+
+    def prefetch(self, name: str) -> None:
+        """Start reading `name` in the background; the next `read(name)` returns it."""
+        if self._pickled is None and name not in self._pending:
+            self._pending[name] = _READER.submit(self._read, name)
+
+    def _read(self, name: str) -> Tensor:
         if self._pickled is not None:
             return self._pickled[name].clone()
         info = self.tensors[name]
-        handle = self._handles.get(info.file)
-        if handle is None:
-            handle = self._handles[info.file] = info.file.open("rb", buffering=0)
+        fd = self._fds.get(info.file)
+        if fd is None:
+            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
         out = torch.empty(info.shape, dtype=info.dtype)
-        if info.nbytes:
-            handle.seek(info.offset)
-            view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-            got = 0
-            while got < info.nbytes:
-                n = handle.readinto(view[got:])
-                if not n:
-                    raise InputError(f"{info.file} ended while reading {name}: truncated file")
-                got += n
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if info.nbytes else b""
+        got = 0
+        while got < info.nbytes:
+            n = os.preadv(fd, [view[got:]], info.offset + got)
+            if not n:
+                raise InputError(f"{info.file} ended while reading {name}: truncated file")
+            got += n
         return out
 
     def close(self) -> None:
-        for handle in self._handles.values():
-            handle.close()
-        self._handles.clear()
+        for pending in self._pending.values():
+            pending.cancel()
+        self._pending.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 def check_finite(t: Tensor, name: str, owner: str) -> None:
-    """Raise if `t` holds NaN or Inf. A sum is finite for finite inputs, so it is the fast path."""
-    if t.is_floating_point() and t.numel() and not torch.isfinite(t.sum(dtype=torch.float64)):
+    """Raise if `t` holds NaN or Inf. A sum is finite for finite inputs (unless it overflows,
+    which the exact check below then clears), so it is the fast path."""
+    if t.is_floating_point() and t.numel() and not torch.isfinite(t.sum()):
         bad = int((~torch.isfinite(t)).sum())
         if bad:
             raise InputError(f"tensor {name} of {owner} has {bad} NaN/Inf values; fix that model")

@@ -65,30 +65,48 @@ def generator(seed: int, name: str, index: int) -> torch.Generator:
 # Sparsifiers: one delta in, one delta out. They may overwrite their input.
 
 
-def _kth_largest(a: Tensor, k: int) -> Tensor:
-    """The k-th largest value of the flat tensor `a` (exact), in O(n) vectorised passes."""
-    n = a.numel()
-    if n <= 1 << 20:
-        return torch.kthvalue(a, n - k + 1).values
-    # Bracket the answer with quantiles of a sample, then select exactly inside the bracket.
-    m = 1 << 16
-    sample = a[torch.randint(n, (m,), generator=torch.Generator().manual_seed(0))].sort().values
-    q = (n - k) / n
-    half = 4.0 * math.sqrt(q * (1.0 - q) / m) + 2.0 / m
-    lo_i, hi_i = int((q - half) * m), int(math.ceil((q + half) * m))
-    lo = sample[lo_i] if lo_i >= 0 else None
-    hi = sample[hi_i] if hi_i < m else None
-    above_hi = int(torch.count_nonzero(a > hi)) if hi is not None else 0
-    above_lo = int(torch.count_nonzero(a > lo)) if lo is not None else n
-    if not above_hi < k <= above_lo:  # the sample missed; rare and still exact
-        return torch.kthvalue(a, n - k + 1).values
-    band = a
-    if lo is not None:
-        band = band[band > lo]
-    if hi is not None:
-        band = band[band <= hi]
-    need = k - above_hi
-    return torch.kthvalue(band, band.numel() - need + 1).values
+CHUNK = 1 << 18  # elements per slice in the elementwise passes: a few slices fit in cache
+
+
+def _kth_largest(x: Tensor, k: int, absolute: bool = False) -> tuple[Tensor, int, int]:
+    """The k-th largest value v of flat `x` (of |x| if `absolute`), and the counts of entries
+    above v and at or above v (they differ when several entries equal v).
+
+    Exact, in linear time: quantiles of a sample bracket v, one pass over `x` in cache-sized
+    slices counts the entries above the bracket and collects those inside it, and a selection
+    inside the (small) bracket finishes the job. A sort would be O(n log n).
+    """
+    n = x.numel()
+    key = torch.abs if absolute else (lambda t: t)
+    if n > 1 << 17:
+        m = min(1 << 16, n >> 5)  # sample size: the bracket holds ~8/√m of the entries
+        idx = torch.randint(n, (m,), generator=torch.Generator().manual_seed(0))
+        sample = key(x[idx]).sort().values
+        q = (n - k) / n
+        half = 4.0 * math.sqrt(q * (1.0 - q) / m) + 2.0 / m
+        lo_i, hi_i = int((q - half) * m), math.ceil((q + half) * m)
+        lo = sample[lo_i] if lo_i >= 0 else torch.tensor(-math.inf)
+        hi = sample[hi_i] if hi_i < m else torch.tensor(math.inf)
+        above_lo = above_hi = 0
+        parts = []
+        for s in range(0, n, CHUNK):
+            a = key(x[s : s + CHUNK])
+            gt_lo, le_hi = a > lo, a <= hi
+            above_lo += int(torch.count_nonzero(gt_lo))
+            above_hi += a.numel() - int(torch.count_nonzero(le_hi))
+            parts.append(a[gt_lo.logical_and_(le_hi)])
+        if above_hi < k <= above_lo:
+            band = torch.cat(parts)
+            v = torch.kthvalue(band, band.numel() - (k - above_hi) + 1).values
+            return (
+                v,
+                above_hi + int(torch.count_nonzero(band > v)),
+                above_hi + int(torch.count_nonzero(band >= v)),
+            )
+    # small tensors, or the sample missed the answer (rare): select directly
+    a = key(x)
+    v = torch.kthvalue(a, n - k + 1).values
+    return v, int(torch.count_nonzero(a > v)), int(torch.count_nonzero(a >= v))
 
 
 def topk_mask(a: Tensor, k: int) -> Tensor:
@@ -96,12 +114,11 @@ def topk_mask(a: Tensor, k: int) -> Tensor:
     flat = a.reshape(-1)
     if k >= flat.numel():
         return torch.ones_like(a, dtype=torch.bool)
-    thr = _kth_largest(flat, k)
-    mask = flat >= thr
-    if int(torch.count_nonzero(mask)) != k:
-        mask = flat > thr
-        missing = k - int(torch.count_nonzero(mask))
-        mask[(flat == thr).nonzero().flatten()[:missing]] = True
+    v, above, reached = _kth_largest(flat, k)
+    if reached == k:
+        return (flat >= v).view(a.shape)
+    mask = flat > v
+    mask[(flat == v).nonzero().flatten()[: k - above]] = True
     return mask.view(a.shape)
 
 
@@ -173,20 +190,72 @@ def weighted_sum(deltas: Sequence[Tensor], weights: Sequence[float], normalize: 
 
 
 def ties_vote(deltas: Sequence[Tensor], weights: Sequence[float], normalize: bool) -> Tensor:
-    """TIES: δᵢ = wᵢτ̂ᵢ; elect s = sign(Σδᵢ) (0 → +1); mean (or sum) of the δᵢ that agree with s."""
+    """TIES: δᵢ = wᵢτ̂ᵢ; elect s = sign(Σδᵢ) (0 → +1); mean (or sum) of the δᵢ that agree with s.
+
+    The mean divides by the agreeing weights Σ mᵢwᵢ; an entry where that is 0 gets 0.
+    """
     weighted = [tau if w == 1.0 else tau.mul_(w) for w, tau in zip(weights, deltas, strict=True)]
-    total = torch.stack(weighted).sum(0) if len(weighted) > 1 else weighted[0].clone()
+    total = weighted[0].clone()
+    for d in weighted[1:]:
+        total.add_(d)
     elected = torch.where(total >= 0, 1.0, -1.0)
     num = torch.zeros_like(total)
     div = torch.zeros_like(total) if normalize else None
     for w, d in zip(weights, weighted, strict=True):
-        agree = (d * elected) > 0
-        num.add_(d * agree)
+        aligned = d * elected  # > 0 exactly where δᵢ is non-zero and agrees with the vote
         if div is not None:
-            div.add_(agree, alpha=w)
+            div.add_(aligned > 0, alpha=w)
+        num.add_(aligned.clamp_(min=0.0))
+    num.mul_(elected)
     if div is None:
         return num
+    if all(w > 0 for w in weights):  # then div == 0 only where num == 0
+        return num.div_(div.clamp_(min=torch.finfo(torch.float32).tiny))
     return torch.where(div != 0, num / torch.where(div != 0, div, 1.0), 0.0)
+
+
+class _SlicedTrim:
+    """trim(τ, d) applied slice by slice: keep |τ| ≥ v, and of the entries equal to v only as
+    many (the first ones) as exactly k kept entries allow."""
+
+    def __init__(self, flat: Tensor, k: int):
+        self.v, above, reached = _kth_largest(flat, k, absolute=True)
+        self.ties_left = None if reached == k else k - above
+
+    def __call__(self, part: Tensor) -> Tensor:
+        a = part.abs()
+        if self.ties_left is None:
+            return part.mul_(a >= self.v)
+        keep = a > self.v
+        if self.ties_left:
+            equal = (a == self.v).nonzero().flatten()[: self.ties_left]
+            keep[equal] = True
+            self.ties_left -= equal.numel()
+        return part.mul_(keep)
+
+
+def _merge_elementwise(
+    method: Method, deltas: list[Tensor], weights: Sequence[float], params: MergeParams
+) -> Tensor:
+    """trim (or nothing) then ties/sum, slice by slice so the work stays in cache.
+
+    Gives exactly what sparsifying whole tensors and then combining them gives: the threshold of
+    each trim is found first, and the slices are visited in order.
+    """
+    normalize = method.normalize if params.normalize is None else params.normalize
+    combine = ties_vote if method.combine == "ties" else weighted_sum
+    flat = [d.reshape(-1) for d in deltas]
+    n = flat[0].numel()
+    trims: list[_SlicedTrim | None] = []
+    for i, f in enumerate(flat):
+        k = max(1, int(params.density_of(i) * n))
+        trims.append(_SlicedTrim(f, k) if method.sparsify == "trim" and k < n else None)
+    out = torch.empty_like(flat[0])
+    for s in range(0, n, CHUNK):
+        part = [f[s : s + CHUNK] for f in flat]
+        part = [p if t is None else t(p) for p, t in zip(part, trims, strict=True)]
+        out[s : s + CHUNK] = combine(part, weights, normalize)
+    return out.view(deltas[0].shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,10 +416,13 @@ def merge_tensor(
         return slerp(base + deltas[0], base + deltas[1], params.t).sub_(base)
     if method.combine == "model_stock":
         return model_stock(deltas).mul_(params.lam)
-    sparse = [sparsify(method, tau, i, params, name) for i, tau in enumerate(deltas)]
-    normalize = method.normalize if params.normalize is None else params.normalize
-    combine: Callable[..., Tensor] = ties_vote if method.combine == "ties" else weighted_sum
-    out = combine(sparse, weights, normalize)
+    if method.sparsify in ("none", "trim"):
+        out = _merge_elementwise(method, deltas, weights, params)
+    else:
+        sparse = [sparsify(method, tau, i, params, name) for i, tau in enumerate(deltas)]
+        normalize = method.normalize if params.normalize is None else params.normalize
+        combine: Callable[..., Tensor] = ties_vote if method.combine == "ties" else weighted_sum
+        out = combine(sparse, weights, normalize)
     return out if params.lam == 1.0 else out.mul_(params.lam)
 
 

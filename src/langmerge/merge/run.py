@@ -36,13 +36,15 @@ def run_merge(cfg: MergeConfig, out: Path, *, force: bool = False, progress: boo
     check_inputs(method, len(cfg.experts), cfg.weights)
     params = cfg.params()
     base = ModelFiles(cfg.base, allow_pickle=cfg.allow_pickle, label="base")
+    experts: list[ModelFiles] = []
     try:
-        return _run(cfg, method, params, base, out, force, progress, start)
+        return _run(cfg, method, params, base, experts, out, force, progress, start)
     finally:
-        base.close()
+        for files in (base, *experts):
+            files.close()
 
 
-def _run(cfg, method, params, base, out, force, progress, start) -> dict:
+def _run(cfg, method, params, base, experts, out, force, progress, start) -> dict:
     lora = [is_adapter_dir(e.path) for e in cfg.experts]
     if any(lora) and not all(lora):
         raise ConfigError("experts mix LoRA adapters and full models; merge one kind at a time")
@@ -62,9 +64,9 @@ def _run(cfg, method, params, base, out, force, progress, start) -> dict:
         if cfg.emit != "full" or cfg.space != "delta":
             raise ConfigError("adapter output and space 'factors' need LoRA experts")
         adapters = []
-        experts = [
+        experts.extend(
             ModelFiles(e.path, allow_pickle=cfg.allow_pickle, label=e.label) for e in cfg.experts
-        ]
+        )
         check_full_experts(base, experts)
         merged = full_model_merge(experts, method, cfg.weights, params)
 
@@ -84,6 +86,7 @@ def _run(cfg, method, params, base, out, force, progress, start) -> dict:
                 out_dtype=dtype,
                 shard_bytes=parse_size(cfg.shard_size),
                 progress=progress,
+                inputs=experts,
             )
             copy_model_files(cfg.base, tmp)
             (tmp / "README.md").write_text(model_card(cfg, summary))

@@ -8,6 +8,7 @@ Peak memory is about one tensor per input plus the tensor being written.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
@@ -177,19 +178,31 @@ def stream_merge(
     out_dtype: torch.dtype | None = None,
     shard_bytes: int = 2 * 10**9,
     progress: bool = True,
+    inputs: Sequence[ModelFiles] = (),
 ) -> dict[str, int]:
-    """Write θ₀ + τ for every base tensor to sharded safetensors in `out_dir`."""
+    """Write θ₀ + τ for every base tensor to sharded safetensors in `out_dir`.
+
+    While one tensor is merged, the next one is read from the base and from `inputs` (the
+    experts that `merged_delta` reads) and the previous one is written, in background threads.
+    """
     plan = []
     for name, info in base.tensors.items():
-        dtype = (
-            out_dtype if (out_dtype is not None and info.dtype.is_floating_point) else info.dtype
+        floating = info.dtype.is_floating_point
+        plan.append(
+            (name, out_dtype if out_dtype is not None and floating else info.dtype, info.shape)
         )
-        plan.append((name, dtype, info.shape))
     writer = ShardedWriter(out_dir, plan, shard_bytes)
     merged = copied = 0
-    with progress_bar("merging", len(plan), progress) as step:
-        for name, dtype, _ in plan:
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="langmerge-write") as write_pool,
+        progress_bar("merging", len(plan), progress) as step,
+    ):
+        written = None
+        for i, (name, dtype, _) in enumerate(plan):
             step(name)
+            if i + 1 < len(plan):
+                for files in (base, *inputs):
+                    files.prefetch(plan[i + 1][0])
             theta = base.read(name)
             delta = None
             if theta.is_floating_point():
@@ -197,12 +210,16 @@ def stream_merge(
                 base32 = theta if theta.dtype == torch.float32 else theta.float()
                 delta = merged_delta(name, base32)
             if delta is None:
-                writer.write(name, theta.to(dtype))
+                out = theta.to(dtype)
                 copied += 1
             else:
-                out = base32.add_(delta)  # base32 is a fresh tensor owned here
+                out = base32.add_(delta).to(dtype)  # base32 is a fresh tensor owned here
                 check_finite(out, name, "the merged model (overflow?)")
-                writer.write(name, out.to(dtype))
                 merged += 1
+            if written is not None:
+                written.result()  # one write in flight at a time, in plan order
+            written = write_pool.submit(writer.write, name, out)
+        if written is not None:
+            written.result()
     writer.close()
     return {"tensors_merged": merged, "tensors_copied": copied, "shards": len(writer.names)}
