@@ -47,6 +47,7 @@ class MergeConfig(BaseModel):
     space: Literal["delta", "factors"] = "delta"
     emit: Literal["full", "adapter", "both"] = "full"
     adapter_rank: int | None = Field(None, ge=1)
+    adapter_power_iters: int = Field(1, ge=0, le=10)
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     shard_size: int | str = "2GB"
     allow_pickle: bool = False

@@ -65,7 +65,7 @@ def generator(seed: int, name: str, index: int) -> torch.Generator:
 # Sparsifiers: one delta in, one delta out. They may overwrite their input.
 
 
-CHUNK = 1 << 18  # elements per slice in the elementwise passes: a few slices fit in cache
+CHUNK = 1 << 19  # elements per slice in the elementwise passes: a few slices fit in cache
 
 
 def _kth_largest(x: Tensor, k: int, absolute: bool = False) -> tuple[Tensor, int, int]:
@@ -81,12 +81,13 @@ def _kth_largest(x: Tensor, k: int, absolute: bool = False) -> tuple[Tensor, int
     if n > 1 << 17:
         m = min(1 << 16, n >> 5)  # sample size: the bracket holds ~8/√m of the entries
         idx = torch.randint(n, (m,), generator=torch.Generator().manual_seed(0))
-        sample = key(x[idx]).sort().values
+        sample = key(x[idx])
         q = (n - k) / n
         half = 4.0 * math.sqrt(q * (1.0 - q) / m) + 2.0 / m
         lo_i, hi_i = int((q - half) * m), math.ceil((q + half) * m)
-        lo = sample[lo_i] if lo_i >= 0 else torch.tensor(-math.inf)
-        hi = sample[hi_i] if hi_i < m else torch.tensor(math.inf)
+        inf = torch.tensor(math.inf)
+        lo = torch.kthvalue(sample, lo_i + 1).values if lo_i >= 0 else -inf
+        hi = torch.kthvalue(sample, hi_i + 1).values if hi_i < m else inf
         above_lo = above_hi = 0
         parts = []
         for s in range(0, n, CHUNK):
@@ -189,6 +190,9 @@ def weighted_sum(deltas: Sequence[Tensor], weights: Sequence[float], normalize: 
     return out
 
 
+_ONE = torch.tensor(1.0)
+
+
 def ties_vote(deltas: Sequence[Tensor], weights: Sequence[float], normalize: bool) -> Tensor:
     """TIES: δᵢ = wᵢτ̂ᵢ; elect s = sign(Σδᵢ) (0 → +1); mean (or sum) of the δᵢ that agree with s.
 
@@ -198,7 +202,9 @@ def ties_vote(deltas: Sequence[Tensor], weights: Sequence[float], normalize: boo
     total = weighted[0].clone()
     for d in weighted[1:]:
         total.add_(d)
-    elected = torch.where(total >= 0, 1.0, -1.0)
+    elected = torch.copysign(
+        _ONE, total
+    )  # ±1; only all-zero entries can be −0, and they vote for nothing
     num = torch.zeros_like(total)
     div = torch.zeros_like(total) if normalize else None
     for w, d in zip(weights, weighted, strict=True):

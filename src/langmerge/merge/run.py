@@ -151,6 +151,7 @@ def write_adapter(
                     rescale=params.rescale,
                     name=name,
                     rank=rank,
+                    power_iters=cfg.adapter_power_iters,
                 )
             norm_sq += up.norm**2
             err_sq += (up.rel_error * up.norm) ** 2
