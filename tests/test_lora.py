@@ -134,3 +134,19 @@ def test_factor_space_equals_peft_add_weighted_adapter(peft_model, combination, 
         assert torch.allclose(up.B, module.lora_B[name].weight.data, atol=1e-6), module_name
         checked += 1
     assert checked == 6  # q, v, down in 2 layers
+
+
+def test_alpha_pattern_with_alternatives_scales_the_matching_modules(models, tmp_path):
+    import json
+    import shutil
+
+    from langmerge.merge.io import load_adapter
+
+    path = tmp_path / "patterned"
+    shutil.copytree(models["plain_en"], path)
+    config = json.loads((path / "adapter_config.json").read_text())
+    config["alpha_pattern"] = {"q_proj|v_proj": 16}  # r = 4, lora_alpha = 8 elsewhere
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    adapter = load_adapter(path)
+    assert adapter.modules["model.layers.0.self_attn.v_proj.weight"].scaling == 4.0
+    assert adapter.modules["model.layers.0.mlp.down_proj.weight"].scaling == 2.0

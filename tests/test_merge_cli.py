@@ -342,3 +342,51 @@ def test_random_merges_are_reproducible(models, tmp_path, cli):
         assert code == 0
         outs.append(weights_of(tmp_path / run))
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+
+
+def test_factor_space_matches_peft_on_embedding_loras_with_negative_weights(models, tmp_path, cli):
+    from conftest import make_lora_expert
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    experts = [
+        make_lora_expert(models["base"], tmp_path / f"emb_{x}", 400 + i,
+                         target_modules=["embed_tokens", "q_proj"], modules_to_save=None)
+        for i, x in enumerate(EXPERTS)
+    ]  # fmt: skip
+    weights = [1.0, -0.5, 2.0]
+    out = tmp_path / "factors_emb"
+    code, text = cli(
+        "merge",
+        "--method",
+        "linear",
+        "--space",
+        "factors",
+        "--weights",
+        "1,-0.5,2",
+        "--base",
+        models["base"],
+        "--experts",
+        *experts,
+        "-o",
+        out,
+        "--emit",
+        "adapter",
+    )
+    assert code == 0, text
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(models["base"]), experts[0], adapter_name="en"
+    )
+    for name, path in zip(EXPERTS[1:], experts[1:]):
+        model.load_adapter(path, adapter_name=name)
+    model.add_weighted_adapter(EXPERTS, weights, "merged", combination_type="linear")
+    ours = load_file(out / "adapter_model.safetensors")
+    peft_state = {
+        k.replace(".merged", ""): v
+        for k, v in model.state_dict().items()
+        if ".merged" in k and "lora_" in k
+    }
+    assert any("lora_embedding_A" in k for k in peft_state)
+    assert peft_state.keys() == ours.keys()
+    for key, value in peft_state.items():
+        assert torch.allclose(ours[key], value, atol=1e-6), key

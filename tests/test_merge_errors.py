@@ -362,3 +362,79 @@ def test_interrupt_mid_merge_leaves_nothing(models, tmp_path, cli, monkeypatch):
     code, text = cli(*full_args(models, out))
     assert code == 130 and "interrupted" in text
     assert_nothing_left(out)
+
+
+def test_force_never_replaces_an_input(models, tmp_path, cli):
+    expert = tmp_path / "expert_copy"
+    shutil.copytree(models["full_de"], expert)
+    code, text = cli(
+        "merge",
+        "--method",
+        "ties",
+        "--base",
+        models["base"],
+        "--experts",
+        models["full_en"],
+        expert,
+        "-o",
+        expert,
+        "--force",
+    )
+    assert code == 1 and "would replace the input" in text
+    assert (expert / "model.safetensors").exists()
+
+
+def test_factor_space_refuses_what_peft_cannot_express(models, tmp_path, cli):
+    code, text = cli(
+        "merge",
+        "--method",
+        "ties",
+        "--space",
+        "factors",
+        "--lambda",
+        "0.5",
+        "--base",
+        models["base"],
+        "--experts",
+        models["plain_en"],
+        models["plain_de"],
+        "-o",
+        tmp_path / "out",
+    )
+    assert code == 1 and "add_weighted_adapter" in text and "lambda" in text
+    code, text = cli(
+        "merge",
+        "--method",
+        "knots_ties",
+        "--space",
+        "factors",
+        "--base",
+        models["base"],
+        "--experts",
+        models["plain_en"],
+        "-o",
+        tmp_path / "out",
+    )
+    assert code == 1 and "space 'factors' supports" in text
+
+
+def test_slerp_adapter_output_and_bad_shard_size_are_refused_up_front(models, tmp_path, cli):
+    out = tmp_path / "out"
+    code, text = cli(
+        "merge",
+        "--method",
+        "slerp",
+        "--base",
+        models["base"],
+        "--experts",
+        models["lora_en"],
+        models["lora_de"],
+        "-o",
+        out,
+        "--emit",
+        "adapter",
+    )
+    assert code == 1 and "cannot be written as an adapter" in text
+    assert_nothing_left(out)
+    code, text = cli(*full_args(models, out, "--shard-size", "2 gigs"))
+    assert code == 1 and "shard_size" in text

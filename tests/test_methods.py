@@ -273,3 +273,16 @@ def test_ties_on_large_tensors_matches_a_sort_based_reference():
     expected = torch.where(div != 0, num / div, 0.0)
     tau = merge_deltas("ties", ts, weights=weights, density=density)
     assert torch.allclose(tau, expected, atol=1e-6)
+
+
+def test_breadcrumbs_and_della_keep_everything_at_density_one():
+    t = torch.randn(10, 20, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(merge_deltas("breadcrumbs", [t], density=1.0, gamma=0.1), t)
+    assert torch.equal(merge_deltas("della", [t], density=1.0), t)
+
+
+def test_della_l1_rescale_preserves_the_l1_norm():
+    t = torch.randn(50, 80, generator=torch.Generator().manual_seed(10))
+    out = merge_deltas("della", [t], density=0.5, rescale="l1")
+    assert (out != 0).float().mean() < 0.7
+    assert math.isclose(out.abs().sum().item(), t.abs().sum().item(), rel_tol=1e-5)

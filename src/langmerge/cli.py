@@ -194,6 +194,9 @@ def main(argv: list[str] | None = None) -> None:
     except LangmergeError as e:
         err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(1)
+    except OSError as e:  # disk full, permissions, a path that vanished
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(1)
     except (Interrupted, KeyboardInterrupt, click.exceptions.Abort):
         err.print("interrupted; no partial output was left behind")
         sys.exit(130)

@@ -60,6 +60,19 @@ class MergeConfig(BaseModel):
             raise ValueError(f"density must be in (0, 1], got {v}")
         return v
 
+    @field_validator("shard_size")
+    @classmethod
+    def _shard_size(cls, v: int | str) -> int | str:
+        from langmerge.merge.writer import parse_size
+
+        try:
+            ok = parse_size(v) > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"shard_size must be a size such as 2GB, 500MB or 1000000; got {v!r}")
+        return v
+
     @field_validator("method")
     @classmethod
     def _known_method(cls, v: str) -> str:
@@ -155,8 +168,8 @@ MERGEKIT_METHODS: dict[str, tuple[str, bool, str]] = {
     "dare_linear": ("dare_linear", False, "l1"),
     "breadcrumbs": ("breadcrumbs", False, "density"),
     "breadcrumbs_ties": ("breadcrumbs_ties", False, "density"),
-    "della": ("della_ties", True, "density"),
-    "della_linear": ("della", False, "density"),
+    "della": ("della_ties", True, "l1"),
+    "della_linear": ("della", False, "l1"),
     "model_stock": ("model_stock", False, "density"),
     "slerp": ("slerp", False, "density"),
 }
@@ -226,6 +239,8 @@ def from_mergekit(data: dict) -> dict:
     experts = []
     for i, entry in enumerate(models):
         entry = {"model": entry} if isinstance(entry, str) else entry
+        if not isinstance(entry, dict) or "model" not in entry:
+            raise ConfigError(f"models[{i}] must be a path or a mapping with `model:`")
         path = str(entry.get("model", ""))
         if "+" in path:
             raise ConfigError(
@@ -248,8 +263,12 @@ def from_mergekit(data: dict) -> dict:
         if method != "linear":
             raise ConfigError(f"mergekit {mk_method} needs base_model")
         base = experts[0]["path"]  # linear needs no base: deltas against the first model
-        if params.get("normalize") is False:
-            raise ConfigError("linear with normalize: false and no base_model is not supported")
+
+    if method == "linear" and params.get("normalize") is False:
+        raise ConfigError(
+            "mergekit linear with normalize: false (Σ wᵢθᵢ) is not supported; use "
+            "task_arithmetic for an unnormalized sum of deltas"
+        )
     if method == "slerp" and len(experts) != 2:
         raise ConfigError("mergekit slerp takes the base model and one other model")
     if method == "slerp" and experts[0]["path"] != str(base):

@@ -54,6 +54,8 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             if n > size - 8 or n > 100_000_000:
                 raise ValueError(f"header length {n} does not fit a file of {size} bytes")
             header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise InputError(f"corrupt safetensors file {path}: {e}") from None
     header.pop("__metadata__", None)
@@ -120,14 +122,21 @@ class ModelFiles:
             for f in files:
                 infos = read_header(f)
                 self.tensors.update(sorted(infos.items(), key=lambda kv: kv[1].offset))
+            try:  # opened here, before any background read can race to open them
+                self._fds = {f: os.open(f, os.O_RDONLY) for f in files}
+            except OSError as e:
+                raise InputError(f"cannot read {e.filename}: {e.strerror}") from None
             return
-        pickles = sorted(p for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        pickles = sorted(self.path.glob("pytorch_model*.bin"))
         if not pickles:
             raise InputError(f"no weights in {self.path}: expected *.safetensors files")
         _refuse_pickle(self.path, pickles, allow_pickle)
         self._pickled = {}
         for p in pickles:
-            self._pickled.update(torch.load(p, map_location="cpu", weights_only=True, mmap=True))
+            try:
+                self._pickled.update(torch.load(p, map_location="cpu", weights_only=True))
+            except Exception as e:  # torch raises several kinds for unreadable pickles
+                raise InputError(f"cannot load {p} as plain tensors: {e}") from None
         for name, t in self._pickled.items():
             self.tensors[name] = TensorInfo(p, t.dtype, tuple(t.shape), 0)
 
@@ -149,9 +158,7 @@ class ModelFiles:
         if self._pickled is not None:
             return self._pickled[name].clone()
         info = self.tensors[name]
-        fd = self._fds.get(info.file)
-        if fd is None:
-            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        fd = self._fds[info.file]
         out = torch.empty(info.shape, dtype=info.dtype)
         view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if info.nbytes else b""
         got = 0
@@ -164,7 +171,8 @@ class ModelFiles:
 
     def close(self) -> None:
         for pending in self._pending.values():
-            pending.cancel()
+            if not pending.cancel():
+                pending.exception()  # a read in progress: wait for it before closing its file
         self._pending.clear()
         for fd in self._fds.values():
             os.close(fd)
@@ -198,6 +206,10 @@ class LoraModule:
     scaling: float
     layout: str = "linear"  # "embedding" / "fan_in_fan_out": stored as (BA)ᵀ by PEFT
 
+    def peft_factors(self) -> tuple[Tensor, Tensor]:
+        """(B, A) oriented as PEFT stores them (its weighting puts a negative sign on this A)."""
+        return (self.B, self.A) if self.layout == "linear" else (self.A.T, self.B.T)
+
 
 @dataclass
 class Adapter:
@@ -214,8 +226,10 @@ def is_adapter_dir(path: Path) -> bool:
 
 def _alpha_for(module: str, config: dict) -> float:
     for pattern, alpha in (config.get("alpha_pattern") or {}).items():
-        if re.fullmatch(rf"(.*\.)?{pattern}", module):
+        if re.fullmatch(rf"(.*\.)?({pattern})", module):
             return float(alpha)
+    if "lora_alpha" not in config:
+        raise InputError("adapter_config.json has no lora_alpha: is it a PEFT LoRA config?")
     return float(config["lora_alpha"])
 
 
@@ -249,7 +263,10 @@ def load_adapter(path: Path, *, allow_pickle: bool = False, label: str | None = 
         if not pickles:
             raise InputError(f"no adapter weights in {path}: expected adapter_model.safetensors")
         _refuse_pickle(path, pickles, allow_pickle)
-        state = torch.load(pickles[0], map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(pickles[0], map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise InputError(f"cannot load {pickles[0]} as plain tensors: {e}") from None
 
     adapter = Adapter(path, label, config)
     factors: dict[str, dict[str, Tensor]] = {}

@@ -146,11 +146,13 @@ def dare(tau: Tensor, density: float, gen: torch.Generator, rescale: Rescale = "
 
 
 def breadcrumbs(tau: Tensor, density: float, gamma: float) -> Tensor:
-    """Drop the int(γ·numel) largest |τ| (outliers), keep the next int(d·numel), zero the rest."""
+    """Drop the int(γ·numel) largest |τ| (outliers), keep the next int(d·numel), zero the rest.
+
+    At d ≥ 1 nothing is dropped (as for trim and DARE, and as mergekit does)."""
     n = tau.numel()
     skip = int(gamma * n)
     keep = min(max(1, int(density * n)), n - skip)
-    if skip == 0 and keep == n:
+    if density >= 1.0 or (skip == 0 and keep == n):
         return tau
     a = tau.abs()
     mask = topk_mask(a, skip + keep)
@@ -159,15 +161,25 @@ def breadcrumbs(tau: Tensor, density: float, gamma: float) -> Tensor:
     return tau.mul_(mask)
 
 
-def della(tau: Tensor, density: float, epsilon: float, gen: torch.Generator) -> Tensor:
-    """Per row, keep entry j with p = (d − ε) + 2ε·r̂ⱼ (r̂: magnitude rank in [0, 1]); divide by p."""
+def della(
+    tau: Tensor, density: float, epsilon: float, gen: torch.Generator, rescale: Rescale = "density"
+) -> Tensor:
+    """Per row, keep entry j with p = (d − ε) + 2ε·r̂ⱼ (r̂: magnitude rank in [0, 1]); divide the
+    kept entries by p (`rescale="l1"`: match the L1 norm instead, as mergekit). No-op at d ≥ 1."""
+    if density >= 1.0 or tau.numel() == 0:
+        return tau
     rows = tau.reshape(1, -1) if tau.dim() < 2 else tau.reshape(tau.shape[0], -1)
     cols = rows.shape[1]
     rank = rows.abs().argsort(dim=1).argsort(dim=1).to(torch.float32)
     rank_norm = rank / (cols - 1) if cols > 1 else torch.full_like(rank, 0.5)
     p = ((density - epsilon) + 2.0 * epsilon * rank_norm).clamp_(0.0, 1.0)
     keep = torch.rand(rows.shape, generator=gen) < p
-    out = torch.where(keep, rows / p.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
+    if rescale == "density":
+        out = torch.where(keep, rows / p.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
+    else:
+        out = rows * keep
+        if rescale == "l1" and out.abs().sum() > 0:
+            out.mul_(rows.abs().sum() / out.abs().sum())
     return out.view(tau.shape)
 
 
@@ -403,7 +415,7 @@ def sparsify(method: Method, tau: Tensor, i: int, params: MergeParams, name: str
     if method.sparsify == "breadcrumbs":
         return breadcrumbs(tau, d, params.gamma)
     if method.sparsify == "della":
-        return della(tau, d, params.epsilon, generator(params.seed, name, i))
+        return della(tau, d, params.epsilon, generator(params.seed, name, i), params.rescale)
     return tau
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from datetime import UTC, datetime
@@ -14,7 +15,7 @@ from langmerge import __version__
 from langmerge.errors import ConfigError
 from langmerge.merge.config import MergeConfig
 from langmerge.merge.io import Adapter, ModelFiles, is_adapter_dir, load_adapter
-from langmerge.merge.lora import PEFT_METHODS, merge_lora_factored, merge_lora_peft
+from langmerge.merge.lora import PEFT_METHODS, LoraUpdate, merge_lora_factored, merge_lora_peft
 from langmerge.merge.methods import check_inputs, get_method, merge_tensor
 from langmerge.merge.stream import (
     adapter_merge,
@@ -45,6 +46,7 @@ def run_merge(cfg: MergeConfig, out: Path, *, force: bool = False, progress: boo
 
 
 def _run(cfg, method, params, base, experts, out, force, progress, start) -> dict:
+    check_before_writing(cfg, method, out)
     lora = [is_adapter_dir(e.path) for e in cfg.experts]
     if any(lora) and not all(lora):
         raise ConfigError("experts mix LoRA adapters and full models; merge one kind at a time")
@@ -53,10 +55,10 @@ def _run(cfg, method, params, base, experts, out, force, progress, start) -> dic
             load_adapter(e.path, allow_pickle=cfg.allow_pickle, label=e.label) for e in cfg.experts
         ]
         check_adapters(base, adapters)
-        if cfg.space == "factors" and method.name not in PEFT_METHODS:
-            raise ConfigError(
-                f"space 'factors' supports {', '.join(PEFT_METHODS)}; got {method.name}"
-            )
+        if cfg.space == "factors":
+            check_factor_space(cfg, method, adapters)
+        if cfg.emit != "full" and not any(a.modules for a in adapters):
+            raise ConfigError("the adapters hold no LoRA modules: there is no adapter to write")
         merged = adapter_merge(adapters, method, cfg.weights, params, cfg.space)
     else:
         if method.knots:
@@ -89,6 +91,8 @@ def _run(cfg, method, params, base, experts, out, force, progress, start) -> dic
                 inputs=experts,
             )
             copy_model_files(cfg.base, tmp)
+            if cfg.dtype:
+                set_config_dtype(tmp / "config.json", cfg.dtype)
             (tmp / "README.md").write_text(model_card(cfg, summary))
         if cfg.emit in ("adapter", "both"):
             adapter_dir = tmp if cfg.emit == "adapter" else tmp / "adapter"
@@ -99,18 +103,65 @@ def _run(cfg, method, params, base, experts, out, force, progress, start) -> dic
     return summary
 
 
+def set_config_dtype(path: Path, dtype: str) -> None:
+    """Record the output dtype in the copied config.json (transformers reads it on load)."""
+    if path.exists():
+        config = json.loads(path.read_text())
+        for key in ("torch_dtype", "dtype"):
+            if key in config:
+                config[key] = dtype
+        write_json(path, config)
+
+
+def check_before_writing(cfg: MergeConfig, method, out: Path) -> None:
+    """Config errors that would otherwise surface half-way through a merge."""
+    out = Path(out).resolve()
+    for path in [cfg.base, *(e.path for e in cfg.experts)]:
+        path = Path(path).resolve()
+        if path == out or path.is_relative_to(out):
+            raise ConfigError(f"the output {out} would replace the input {path}; choose another")
+    if method.combine == "slerp" and cfg.emit != "full":
+        raise ConfigError("slerp interpolates full weights: it cannot be written as an adapter")
+    normalize = method.normalize if cfg.normalize is None else cfg.normalize
+    if method.combine == "sum" and normalize and math.fsum(cfg.weights) == 0.0:
+        raise ConfigError(f"weights {cfg.weights} sum to zero; a normalized merge divides by it")
+
+
+def check_factor_space(cfg: MergeConfig, method, adapters: list[Adapter]) -> None:
+    """`space: factors` is PEFT's add_weighted_adapter: only what that call can express."""
+    if method.name not in PEFT_METHODS:
+        raise ConfigError(f"space 'factors' supports {', '.join(PEFT_METHODS)}; got {method.name}")
+    unsupported = [
+        name
+        for name, is_set in [
+            ("lambda", cfg.lam != 1.0),
+            ("normalize", cfg.normalize is not None),
+            ("rescale", cfg.rescale != "density"),
+            ("adapter_rank", cfg.adapter_rank is not None),
+            ("per-expert density", any(e.density is not None for e in cfg.experts)),
+        ]
+        if is_set
+    ]
+    if unsupported:
+        raise ConfigError(
+            f"space 'factors' reproduces PEFT's add_weighted_adapter, which has no "
+            f"{', '.join(unsupported)}; remove them or use space 'delta'"
+        )
+    ranks = {m.A.shape[0] for a in adapters for m in a.modules.values()}
+    if len(ranks) > 1:
+        raise ConfigError(
+            f"space 'factors' needs LoRA experts of one rank (as PEFT); got {sorted(ranks)}"
+        )
+
+
 def write_adapter(
     cfg: MergeConfig, adapters: list[Adapter], base: ModelFiles, out_dir: Path, progress: bool
 ) -> dict:
     """Write the merge as one PEFT LoRA adapter; report how well it reproduces the merge."""
     method, params, weights = get_method(cfg.method), cfg.params(), cfg.weights
     names = [n for n in base.tensors if any(n in a.modules for a in adapters)]
-    if cfg.space == "factors":
-        rank = adapters[0].modules[next(iter(adapters[0].modules))].A.shape[0]
-    else:
-        rank = cfg.adapter_rank or sum(
-            max(m.A.shape[0] for m in a.modules.values()) for a in adapters
-        )
+    ranks = [max((m.A.shape[0] for m in a.modules.values()), default=0) for a in adapters]
+    rank = max(ranks) if cfg.space == "factors" else cfg.adapter_rank or sum(ranks)
     state: dict[str, torch.Tensor] = {}
     err_sq = norm_sq = 0.0
     worst = (0.0, "")
@@ -124,13 +175,15 @@ def write_adapter(
             if cfg.space == "factors":
                 up = merge_lora_peft(
                     method.name,
-                    [(m.B, m.A) for m, _ in present],
+                    [m.peft_factors() for m, _ in present],
                     scalings=[m.scaling for m, _ in present],
                     weights=[w for _, w in present],
                     density=params.density_of(0),
                     seed=cfg.seed,
                     name=name,
                 )
+                if layout != "linear":  # back to the weight's orientation, as in delta space
+                    up = LoraUpdate(up.A.T, up.B.T, up.rel_error, up.norm)
             else:
                 factors = [
                     (m.B, m.A) if m else (torch.zeros(shape[0], 1), torch.zeros(1, shape[1]))

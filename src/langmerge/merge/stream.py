@@ -80,6 +80,11 @@ def check_adapters(base: ModelFiles, adapters: Sequence[Adapter]) -> None:
                     f"adapter {a.label} updates {name}, which the base model "
                     f"{base.path} does not have: is it for another base model?"
                 )
+            if not info.dtype.is_floating_point:
+                raise InputError(
+                    f"adapter {a.label} updates {name}, stored as {info.dtype} in the base "
+                    "(quantized?): merge onto a floating-point base"
+                )
             if tuple(info.shape) != want:
                 raise InputError(
                     f"adapter {a.label}: {name} gets a {want[0]}×{want[1]} update, "
@@ -115,33 +120,33 @@ def adapter_merge(
 
     def merged(name: str, base32: Tensor) -> Tensor | None:
         if any(name in a.modules for a in adapters):
-            factors, scalings, w = [], [], []
-            for a, wi in zip(adapters, weights, strict=True):
-                mod = a.modules.get(name)
-                if mod is None and space == "factors":
-                    continue
-                if mod is None:
-                    mod_b, mod_a, s = (
-                        base32.new_zeros(base32.shape[0], 1),
-                        base32.new_zeros(1, base32.shape[1]),
-                        1.0,
-                    )
-                else:
-                    mod_b, mod_a, s = mod.B, mod.A, mod.scaling
-                factors.append((mod_b, mod_a))
-                scalings.append(s)
-                w.append(wi)
-            if space == "factors":
+            if space == "factors":  # PEFT skips the adapters that do not adapt this module
+                mods = [
+                    (a.modules[name], wi) for a, wi in zip(adapters, weights) if name in a.modules
+                ]
                 up = merge_lora_peft(
                     method.name,
-                    factors,
-                    scalings=scalings,
-                    weights=w,
+                    [m.peft_factors() for m, _ in mods],
+                    scalings=[m.scaling for m, _ in mods],
+                    weights=[wi for _, wi in mods],
                     density=params.density_of(0),
                     seed=params.seed,
                     name=name,
                 )
-                return up.B @ up.A
+                delta = up.B @ up.A
+                return delta if mods[0][0].layout == "linear" else delta.T
+            factors, scalings = [], []
+            for a in adapters:
+                mod = a.modules.get(name)
+                if mod is None:  # this expert leaves the weight as it is: a zero delta
+                    factors.append(
+                        (base32.new_zeros(base32.shape[0], 1), base32.new_zeros(1, base32.shape[1]))
+                    )
+                    scalings.append(1.0)
+                else:
+                    factors.append((mod.B, mod.A))
+                    scalings.append(mod.scaling)
+            w = list(weights)
             dens = params.density
             return merge_lora(
                 method.name,
@@ -192,6 +197,16 @@ def stream_merge(
             (name, out_dtype if out_dtype is not None and floating else info.dtype, info.shape)
         )
     writer = ShardedWriter(out_dir, plan, shard_bytes)
+    try:
+        merged, copied = _stream(base, merged_delta, plan, writer, progress, inputs)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    return {"tensors_merged": merged, "tensors_copied": copied, "shards": len(writer.names)}
+
+
+def _stream(base, merged_delta, plan, writer, progress, inputs) -> tuple[int, int]:
     merged = copied = 0
     with (
         ThreadPoolExecutor(1, thread_name_prefix="langmerge-write") as write_pool,
@@ -201,8 +216,11 @@ def stream_merge(
         for i, (name, dtype, _) in enumerate(plan):
             step(name)
             if i + 1 < len(plan):
-                for files in (base, *inputs):
-                    files.prefetch(plan[i + 1][0])
+                following = plan[i + 1][0]
+                base.prefetch(following)
+                if base.tensors[following].dtype.is_floating_point:  # experts are read too
+                    for files in inputs:
+                        files.prefetch(following)
             theta = base.read(name)
             delta = None
             if theta.is_floating_point():
@@ -221,5 +239,4 @@ def stream_merge(
             written = write_pool.submit(writer.write, name, out)
         if written is not None:
             written.result()
-    writer.close()
-    return {"tensors_merged": merged, "tensors_copied": copied, "shards": len(writer.names)}
+    return merged, copied

@@ -135,6 +135,11 @@ class ShardedWriter:
         self._pos += 1
         self._left_in_shard -= 1
 
+    def abort(self) -> None:
+        """Close the open shard after an error (the caller removes the directory)."""
+        if self._file:
+            self._file.close()
+
     def close(self) -> None:
         """Finish the last shard and write the index of a sharded model."""
         if self._pos != len(self._order):
