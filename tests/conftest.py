@@ -95,3 +95,20 @@ def cli(capsys):
         return code, captured.out + captured.err
 
     return run
+
+
+def peft_weighted_merge(base_dir, adapter_dirs, weights, combination, density=None):
+    """PEFT's own add_weighted_adapter over `adapter_dirs` (named en, de, …): the reference."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    names = LANGS[: len(adapter_dirs)]
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base_dir), adapter_dirs[0], adapter_name=names[0]
+    )
+    for name, path in zip(names[1:], adapter_dirs[1:]):
+        model.load_adapter(path, adapter_name=name)
+    model.add_weighted_adapter(
+        names, list(weights), "merged", combination_type=combination, density=density
+    )
+    return model

@@ -224,8 +224,7 @@ def test_ties_adapter_output_reports_its_reconstruction_error(models, tmp_path, 
 
 
 def test_factor_space_adapter_matches_peft(models, tmp_path, cli):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from conftest import peft_weighted_merge
 
     out = tmp_path / "factors"
     plain = [models[f"plain_{x}"] for x in EXPERTS]
@@ -247,14 +246,7 @@ def test_factor_space_adapter_matches_peft(models, tmp_path, cli):
         "adapter",
     )
     assert code == 0, text
-    model = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(models["base"]), plain[0], adapter_name="en"
-    )
-    for name, path in zip(EXPERTS[1:], plain[1:]):
-        model.load_adapter(path, adapter_name=name)
-    model.add_weighted_adapter(
-        EXPERTS, [1.0, 1.0, 1.0], "merged", combination_type="ties", density=0.5
-    )
+    model = peft_weighted_merge(models["base"], plain, [1.0, 1.0, 1.0], "ties", 0.5)
     ours = load_file(out / "adapter_model.safetensors")
     peft_state = {k: v for k, v in model.state_dict().items() if ".merged." in k}
     assert len(peft_state) == len(ours) == 12
@@ -345,9 +337,7 @@ def test_random_merges_are_reproducible(models, tmp_path, cli):
 
 
 def test_factor_space_matches_peft_on_embedding_loras_with_negative_weights(models, tmp_path, cli):
-    from conftest import make_lora_expert
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from conftest import make_lora_expert, peft_weighted_merge
 
     experts = [
         make_lora_expert(models["base"], tmp_path / f"emb_{x}", 400 + i,
@@ -374,12 +364,7 @@ def test_factor_space_matches_peft_on_embedding_loras_with_negative_weights(mode
         "adapter",
     )
     assert code == 0, text
-    model = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(models["base"]), experts[0], adapter_name="en"
-    )
-    for name, path in zip(EXPERTS[1:], experts[1:]):
-        model.load_adapter(path, adapter_name=name)
-    model.add_weighted_adapter(EXPERTS, weights, "merged", combination_type="linear")
+    model = peft_weighted_merge(models["base"], experts, weights, "linear")
     ours = load_file(out / "adapter_model.safetensors")
     peft_state = {
         k.replace(".merged", ""): v
