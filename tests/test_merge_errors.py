@@ -438,3 +438,12 @@ def test_slerp_adapter_output_and_bad_shard_size_are_refused_up_front(models, tm
     assert_nothing_left(out)
     code, text = cli(*full_args(models, out, "--shard-size", "2 gigs"))
     assert code == 1 and "shard_size" in text
+
+
+def test_a_killed_merge_leaves_no_partial_output_behind_the_next_one(models, tmp_path, cli):
+    out = tmp_path / "out"
+    stale = tmp_path / ".out.partial-999999999"  # a pid that cannot be alive
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    code, _ = cli(*full_args(models, out))
+    assert code == 0 and not stale.exists() and (out / "model.safetensors").exists()

@@ -286,3 +286,17 @@ def test_della_l1_rescale_preserves_the_l1_norm():
     out = merge_deltas("della", [t], density=0.5, rescale="l1")
     assert (out != 0).float().mean() < 0.7
     assert math.isclose(out.abs().sum().item(), t.abs().sum().item(), rel_tol=1e-5)
+
+
+def test_model_stock_on_a_tensor_larger_than_a_slice():
+    g = torch.Generator().manual_seed(11)
+    common = torch.randn(1_200_000, generator=g)
+    ts = [common + torch.randn(1_200_000, generator=g) for _ in range(3)]
+    flat = [t.double() for t in ts]
+    cos = [
+        float(a @ b / (a.norm() * b.norm()))
+        for a, b in [(flat[0], flat[1]), (flat[0], flat[2]), (flat[1], flat[2])]
+    ]
+    c = sum(cos) / 3
+    expected = (3 * c / (1 + 2 * c)) * torch.stack(ts).mean(0)
+    assert torch.allclose(merge_deltas("model_stock", ts), expected, atol=1e-5)

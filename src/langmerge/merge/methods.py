@@ -165,21 +165,27 @@ def della(
     tau: Tensor, density: float, epsilon: float, gen: torch.Generator, rescale: Rescale = "density"
 ) -> Tensor:
     """Per row, keep entry j with p = (d − ε) + 2ε·r̂ⱼ (r̂: magnitude rank in [0, 1]); divide the
-    kept entries by p (`rescale="l1"`: match the L1 norm instead, as mergekit). No-op at d ≥ 1."""
+    kept entries by p (`rescale="l1"`: match the L1 norm instead, as mergekit). No-op at d ≥ 1.
+
+    Rows are processed a block at a time (the ranking needs two argsorts of int64 indices)."""
     if density >= 1.0 or tau.numel() == 0:
         return tau
     rows = tau.reshape(1, -1) if tau.dim() < 2 else tau.reshape(tau.shape[0], -1)
     cols = rows.shape[1]
-    rank = rows.abs().argsort(dim=1).argsort(dim=1).to(torch.float32)
-    rank_norm = rank / (cols - 1) if cols > 1 else torch.full_like(rank, 0.5)
-    p = ((density - epsilon) + 2.0 * epsilon * rank_norm).clamp_(0.0, 1.0)
-    keep = torch.rand(rows.shape, generator=gen) < p
-    if rescale == "density":
-        out = torch.where(keep, rows / p.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
-    else:
-        out = rows * keep
-        if rescale == "l1" and out.abs().sum() > 0:
-            out.mul_(rows.abs().sum() / out.abs().sum())
+    out = torch.empty_like(rows)
+    step = max(1, CHUNK // cols)
+    for r in range(0, rows.shape[0], step):
+        block = rows[r : r + step]
+        rank = block.abs().argsort(dim=1).argsort(dim=1).to(torch.float32)
+        rank_norm = rank / (cols - 1) if cols > 1 else torch.full_like(rank, 0.5)
+        p = ((density - epsilon) + 2.0 * epsilon * rank_norm).clamp_(0.0, 1.0)
+        keep = torch.rand(block.shape, generator=gen) < p
+        if rescale == "density":
+            out[r : r + step] = torch.where(keep, block / p.clamp(min=1e-30), 0.0)
+        else:
+            out[r : r + step] = block * keep
+    if rescale == "l1" and out.abs().sum() > 0:
+        out.mul_(rows.abs().sum() / out.abs().sum())
     return out.view(tau.shape)
 
 
@@ -281,19 +287,29 @@ def _merge_elementwise(
 
 
 def model_stock(deltas: Sequence[Tensor]) -> Tensor:
-    """t·mean(τᵢ) with c the mean pairwise cosine and t = N·c / (1 + (N − 1)·c)."""
-    flat = [tau.reshape(-1).double() for tau in deltas]
-    norms = [float(v.norm()) for v in flat]
-    cosines = [
-        float(flat[i] @ flat[j]) / (norms[i] * norms[j]) if norms[i] * norms[j] > 0 else 0.0
-        for i in range(len(flat))
-        for j in range(i + 1, len(flat))
-    ]
+    """t·mean(τᵢ) with c the mean pairwise cosine and t = N·c / (1 + (N − 1)·c).
+
+    The Gram matrix of the deltas is accumulated slice by slice in float64, so memory stays at
+    the inputs plus one output tensor."""
     n = len(deltas)
+    flat = [tau.reshape(-1) for tau in deltas]
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    for s in range(0, flat[0].numel(), CHUNK):
+        block = torch.stack([f[s : s + CHUNK] for f in flat]).double()
+        gram += block @ block.T
+    norms = gram.diagonal().sqrt().tolist()
+    cosines = [
+        float(gram[i, j]) / (norms[i] * norms[j]) if norms[i] * norms[j] > 0 else 0.0
+        for i in range(n)
+        for j in range(i + 1, n)
+    ]
     c = min(1.0, max(-1.0, sum(cosines) / len(cosines)))
     denom = 1.0 + (n - 1) * c
     t = n * c / denom if abs(denom) > 1e-12 else 0.0
-    return torch.stack(list(deltas)).mean(0).mul_(t)
+    out = deltas[0].clone()
+    for tau in deltas[1:]:
+        out.add_(tau)
+    return out.mul_(t / n)
 
 
 def slerp(a: Tensor, b: Tensor, t: float, threshold: float = 0.9995) -> Tensor:

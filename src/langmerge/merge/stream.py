@@ -65,7 +65,11 @@ def full_model_merge(
 
 def check_adapters(base: ModelFiles, adapters: Sequence[Adapter]) -> None:
     """Adapters must come from one base model and update tensors the base has, shape for shape."""
-    origins = {a.config.get("base_model_name_or_path") for a in adapters} - {None, ""}
+    # a hub id and a local copy of the same model share their last path component
+    origins = {
+        str(a.config.get("base_model_name_or_path") or "").rstrip("/").rsplit("/", 1)[-1]
+        for a in adapters
+    } - {""}
     if len(origins) > 1:
         raise InputError(
             "the adapters were trained on different base models: "
