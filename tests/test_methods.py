@@ -300,3 +300,19 @@ def test_model_stock_on_a_tensor_larger_than_a_slice():
     c = sum(cos) / 3
     expected = (3 * c / (1 + 2 * c)) * torch.stack(ts).mean(0)
     assert torch.allclose(merge_deltas("model_stock", ts), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("rescale", ["density", "l1"])
+def test_dare_ties_on_a_tensor_larger_than_a_slice_equals_whole_tensor_dare(rescale):
+    from langmerge.merge.methods import dare, generator, ties_vote
+
+    g = torch.Generator().manual_seed(12)
+    ts = [torch.randn(1200, 1000, generator=g) for _ in range(2)]
+    masked = [dare(t.clone(), 0.3, generator(4, "big", i), rescale) for i, t in enumerate(ts)]
+    expected = ties_vote(masked, [1.0, 2.0], True)
+    tau = merge_deltas(
+        "dare_ties", ts, weights=[1.0, 2.0], density=0.3, seed=4, name="big", rescale=rescale
+    )
+    assert torch.equal(tau, expected)
+    kept = masked[0] != 0
+    assert abs(kept.float().mean().item() - 0.3) < 0.005

@@ -132,17 +132,41 @@ def trim(tau: Tensor, density: float) -> Tensor:
 
 
 def dare(tau: Tensor, density: float, gen: torch.Generator, rescale: Rescale = "density") -> Tensor:
-    """Keep each entry with probability d (Bernoulli from `gen`); rescale the kept entries."""
+    """Keep each entry with probability d (Bernoulli from `gen`); rescale the kept entries:
+    divide them by d (`density`), or scale them to the original L1 norm (`l1`), or not (`none`).
+    """
     if density >= 1.0:
         return tau
-    keep = torch.rand(tau.shape, generator=gen) < density
-    if rescale == "l1":
-        before = tau.abs().sum()
-        tau.mul_(keep)
-        after = tau.abs().sum()
-        return tau.mul_(before / after) if after > 0 else tau
-    tau.mul_(keep)
-    return tau.div_(density) if rescale == "density" else tau
+    flat = tau.reshape(-1)
+    sliced = _SlicedDare(flat, density, gen, rescale)
+    for s in range(0, flat.numel(), CHUNK):
+        sliced(flat[s : s + CHUNK])
+    return tau
+
+
+class _SlicedDare:
+    """dare(τ, d) slice by slice, the mask drawn from `gen` one slice at a time (so the whole
+    tensor and its slices get the same draws). The L1 rescale needs the kept norm first: one
+    pass draws the masks to measure it, then the generator is rewound."""
+
+    def __init__(self, flat: Tensor, density: float, gen: torch.Generator, rescale: Rescale):
+        self.density, self.gen, self.rescale, self.scale = density, gen, rescale, 1.0
+        if rescale == "l1":
+            state = gen.get_state()
+            kept = 0.0
+            for s in range(0, flat.numel(), CHUNK):
+                part = flat[s : s + CHUNK]
+                keep = torch.rand(part.shape, generator=gen) < density
+                kept += float(part.abs().mul_(keep).sum(dtype=torch.float64))
+            gen.set_state(state)
+            total = float(flat.abs().sum(dtype=torch.float64))
+            self.scale = total / kept if kept > 0 else 1.0
+
+    def __call__(self, part: Tensor) -> Tensor:
+        part.mul_(torch.rand(part.shape, generator=self.gen) < self.density)
+        if self.rescale == "density":
+            return part.div_(self.density)
+        return part.mul_(self.scale) if self.rescale == "l1" else part
 
 
 def breadcrumbs(tau: Tensor, density: float, gamma: float) -> Tensor:
@@ -259,25 +283,32 @@ class _SlicedTrim:
 
 
 def _merge_elementwise(
-    method: Method, deltas: list[Tensor], weights: Sequence[float], params: MergeParams
+    method: Method, deltas: list[Tensor], weights: Sequence[float], params: MergeParams, name: str
 ) -> Tensor:
-    """trim (or nothing) then ties/sum, slice by slice so the work stays in cache.
+    """trim, DARE or nothing, then ties/sum, slice by slice so the work stays in cache.
 
     Gives exactly what sparsifying whole tensors and then combining them gives: the threshold of
-    each trim is found first, and the slices are visited in order.
+    each trim is found first, DARE masks are drawn in the same order, and the slices are visited
+    in order.
     """
     normalize = method.normalize if params.normalize is None else params.normalize
     combine = ties_vote if method.combine == "ties" else weighted_sum
     flat = [d.reshape(-1) for d in deltas]
     n = flat[0].numel()
-    trims: list[_SlicedTrim | None] = []
+    sparsifiers: list[Callable[[Tensor], Tensor] | None] = []
     for i, f in enumerate(flat):
-        k = max(1, int(params.density_of(i) * n))
-        trims.append(_SlicedTrim(f, k) if method.sparsify == "trim" and k < n else None)
+        d = params.density_of(i)
+        k = max(1, int(d * n))
+        if method.sparsify == "trim" and k < n:
+            sparsifiers.append(_SlicedTrim(f, k))
+        elif method.sparsify == "dare" and d < 1.0:
+            sparsifiers.append(_SlicedDare(f, d, generator(params.seed, name, i), params.rescale))
+        else:
+            sparsifiers.append(None)
     out = torch.empty_like(flat[0])
     for s in range(0, n, CHUNK):
         part = [f[s : s + CHUNK] for f in flat]
-        part = [p if t is None else t(p) for p, t in zip(part, trims, strict=True)]
+        part = [p if t is None else t(p) for p, t in zip(part, sparsifiers, strict=True)]
         out[s : s + CHUNK] = combine(part, weights, normalize)
     return out.view(deltas[0].shape)
 
@@ -450,8 +481,8 @@ def merge_tensor(
         return slerp(base + deltas[0], base + deltas[1], params.t).sub_(base)
     if method.combine == "model_stock":
         return model_stock(deltas).mul_(params.lam)
-    if method.sparsify in ("none", "trim"):
-        out = _merge_elementwise(method, deltas, weights, params)
+    if method.sparsify in ("none", "trim", "dare"):
+        out = _merge_elementwise(method, deltas, weights, params, name)
     else:
         sparse = [sparsify(method, tau, i, params, name) for i, tau in enumerate(deltas)]
         normalize = method.normalize if params.normalize is None else params.normalize
