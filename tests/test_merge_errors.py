@@ -447,3 +447,25 @@ def test_a_killed_merge_leaves_no_partial_output_behind_the_next_one(models, tmp
     (stale / "model.safetensors").write_bytes(b"half")
     code, _ = cli(*full_args(models, out))
     assert code == 0 and not stale.exists() and (out / "model.safetensors").exists()
+
+
+def test_a_head_trained_on_a_tied_base_gets_a_specific_message(models, tmp_path, cli):
+    from conftest import tiny_config
+    from transformers import LlamaForCausalLM
+
+    config = tiny_config()
+    config.tie_word_embeddings = True
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "tied")
+    code, text = cli(
+        "merge",
+        "--method",
+        "ties",
+        "--base",
+        tmp_path / "tied",
+        "--experts",
+        models["lora_en"],
+        models["lora_de"],
+        "-o",
+        tmp_path / "out",
+    )
+    assert code == 1 and "tie_word_embeddings" in text

@@ -7,6 +7,7 @@ Peak memory is about one tensor per input plus the tensor being written.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -63,6 +64,20 @@ def full_model_merge(
     return merged
 
 
+TIED = (
+    "the base ties its output head to the input embeddings (tie_word_embeddings), so the head "
+    "has no weight of its own to merge; adapt the embeddings instead, or untie the base"
+)
+
+
+def _tied(base: ModelFiles) -> bool:
+    config = base.path / "config.json"
+    try:
+        return bool(json.loads(config.read_text()).get("tie_word_embeddings"))
+    except (OSError, ValueError):
+        return False
+
+
 def check_adapters(base: ModelFiles, adapters: Sequence[Adapter]) -> None:
     """Adapters must come from one base model and update tensors the base has, shape for shape."""
     # a hub id and a local copy of the same model share their last path component
@@ -82,7 +97,8 @@ def check_adapters(base: ModelFiles, adapters: Sequence[Adapter]) -> None:
             if info is None:
                 raise InputError(
                     f"adapter {a.label} updates {name}, which the base model "
-                    f"{base.path} does not have: is it for another base model?"
+                    f"{base.path} does not store: "
+                    + (TIED if _tied(base) else "is it for another base model?")
                 )
             if not info.dtype.is_floating_point:
                 raise InputError(
@@ -99,8 +115,13 @@ def check_adapters(base: ModelFiles, adapters: Sequence[Adapter]) -> None:
             if info is None:
                 raise InputError(
                     f"adapter {a.label} trains {name} (modules_to_save), which the base model "
-                    f"{base.path} does not have; save the base with that module's initial "
-                    "weights so its delta can be formed"
+                    f"{base.path} does not store; "
+                    + (
+                        TIED
+                        if _tied(base)
+                        else "save the base with that module's initial "
+                        "weights so its delta can be formed"
+                    )
                 )
             if tuple(info.shape) != tuple(t.shape):
                 raise InputError(
