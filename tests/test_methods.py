@@ -316,3 +316,16 @@ def test_dare_ties_on_a_tensor_larger_than_a_slice_equals_whole_tensor_dare(resc
     assert torch.equal(tau, expected)
     kept = masked[0] != 0
     assert abs(kept.float().mean().item() - 0.3) < 0.005
+
+
+@pytest.mark.parametrize("name", ["ties", "dare_ties", "magnitude_prune", "dare_linear"])
+def test_sliced_merge_equals_sparsify_then_combine_on_whole_tensors(name):
+    from langmerge.merge.methods import MergeParams, get_method, sparsify, ties_vote, weighted_sum
+
+    g = torch.Generator().manual_seed(13)
+    ts = [torch.randn(1100, 1000, generator=g) for _ in range(3)]
+    method, params = get_method(name), MergeParams(density=0.4, seed=2)
+    sparse = [sparsify(method, t.clone(), i, params, "w") for i, t in enumerate(ts)]
+    combine = ties_vote if method.combine == "ties" else weighted_sum
+    expected = combine(sparse, W, method.normalize)
+    assert torch.equal(merge_deltas(name, ts, weights=W, density=0.4, seed=2, name="w"), expected)

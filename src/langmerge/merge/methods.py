@@ -453,7 +453,10 @@ def check_inputs(method: Method, n_models: int, weights: Sequence[float] | None)
 
 
 def sparsify(method: Method, tau: Tensor, i: int, params: MergeParams, name: str) -> Tensor:
-    """Apply the method's sparsifier to delta number `i` of tensor `name` (may overwrite `tau`)."""
+    """Apply the method's sparsifier to delta number `i` of tensor `name` (may overwrite `tau`).
+
+    The whole-tensor definition; `merge_tensor` applies trim and DARE slice by slice instead,
+    with the same result (tests hold the two together)."""
     d = params.density_of(i)
     if method.sparsify == "trim":
         return trim(tau, d)
