@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from langmerge.errors import InputError, OutputExistsError
+from langmerge.errors import OutputExistsError
 from langmerge.merge.io import DTYPE_CODES
+from langmerge.processes import alive
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
 NOT_COPIED = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "README.md"}
@@ -51,18 +52,8 @@ def remove_stale_partials(out: Path) -> None:
     """Delete temporary outputs of merges into `out` whose process is gone (killed, crashed)."""
     for stale in out.parent.glob(f".{out.name}.partial-*"):
         pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def parse_size(size: int | str) -> int:
@@ -193,8 +184,3 @@ def copy_model_files(src: Path, dst: Path) -> list[str]:
 
 def write_json(path: Path, data: object) -> None:
     Path(path).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-
-def require_writable_dtype(dtype: torch.dtype) -> None:
-    if dtype not in DTYPE_CODES:
-        raise InputError(f"cannot write tensors of dtype {dtype} to safetensors")

@@ -1,0 +1,90 @@
+"""The registry: versioned schema, transactional job rows, the cost ledger, concurrent writers."""
+
+import multiprocessing
+import sqlite3
+
+import pytest
+
+from langmerge.registry import SCHEMA_VERSION, Cost, Registry, RegistryError
+
+
+def test_a_job_goes_from_running_to_a_ledger_row(tmp_path):
+    reg = Registry(tmp_path)
+    job = reg.start_job("expert", ["de"], "r1", "d1")
+    assert reg.ledger()[0]["status"] == "running"
+    reg.finish_job(job, Cost(cpu_s=1.5, tokens=1234, examples=10, device_count=2))
+    (row,) = reg.ledger()
+    assert row["status"] == "done" and row["languages"] == ["de"]
+    assert row["tokens"] == 1234 and row["examples"] == 10 and row["cpu_s"] == 1.5
+    assert row["wall_s"] > 0 and row["device_s"] == pytest.approx(2 * row["wall_s"])
+
+
+def test_expert_versions_and_the_cache_lookup(tmp_path):
+    reg = Registry(tmp_path)
+    for data_hash in ("d1", "d2"):
+        job = reg.start_job("expert", ["de"], "r1", data_hash)
+        reg.add_expert("de", "base", "r1", data_hash, f"experts/de/{data_hash}", job, {"f1": 0.5})
+        reg.finish_job(job, Cost())
+    latest = reg.latest_expert("de")
+    assert latest["version"] == 2 and latest["scores"] == {"f1": 0.5}
+    assert reg.find_expert("de", "r1", "d2")["id"] == latest["id"]
+    assert reg.find_expert("de", "r1", "d1") is None  # the current version has other data
+    assert reg.latest_expert("fr") is None
+
+
+def test_an_unfinished_expert_is_not_current_and_a_dead_job_is_marked_failed(tmp_path):
+    reg = Registry(tmp_path)
+    job = reg.start_job("expert", ["fr"], "r", "d")
+    reg.add_expert("fr", "base", "r", "d", "experts/fr/1", job)
+    assert reg.latest_expert("fr") is None  # its job is still running
+    reg.db.execute("UPDATE jobs SET pid=999999999 WHERE id=?", (job,))  # as if it was killed
+    assert reg.mark_abandoned() == 1
+    row = reg.ledger()[0]
+    assert row["status"] == "failed" and "process ended" in row["error"]
+
+
+def test_a_failed_write_leaves_no_half_row(tmp_path):
+    reg = Registry(tmp_path)
+    with pytest.raises(RuntimeError, match="crash"), reg.transaction() as db:
+        db.execute(
+            "INSERT INTO jobs (kind, languages, recipe_hash, data_hash, status, pid, "
+            "started) VALUES ('merge', '[]', 'r', 'd', 'running', 1, 0)"
+        )
+        raise RuntimeError("crash in the middle of a write")
+    assert reg.ledger() == []
+
+
+def test_a_newer_schema_is_refused(tmp_path):
+    Registry(tmp_path).close()
+    db = sqlite3.connect(tmp_path / "registry.sqlite")
+    db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(RegistryError, match="newer langmerge"):
+        Registry(tmp_path)
+
+
+def test_a_busy_registry_gives_a_clear_error(tmp_path):
+    holder = Registry(tmp_path)
+    holder.db.execute("BEGIN IMMEDIATE")  # another process in the middle of a write
+    with pytest.raises(RegistryError, match="another langmerge process"):
+        Registry(tmp_path, timeout=0.2).start_job("merge", [], "r", "d")
+    holder.db.execute("ROLLBACK")
+
+
+def _write_jobs(run_dir, n):
+    reg = Registry(run_dir)
+    for _ in range(n):
+        reg.finish_job(reg.start_job("evaluate", ["en"], "r", "d"), Cost(examples=1))
+
+
+def test_concurrent_writers_lose_nothing(tmp_path):
+    Registry(tmp_path).close()
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_write_jobs, args=(tmp_path, 25)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    rows = Registry(tmp_path).ledger()
+    assert len(rows) == 50 and all(r["status"] == "done" for r in rows)
