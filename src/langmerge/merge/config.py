@@ -76,7 +76,10 @@ class MergeConfig(BaseModel):
     @field_validator("method")
     @classmethod
     def _known_method(cls, v: str) -> str:
-        get_method(v)
+        try:
+            get_method(v)
+        except ConfigError as e:  # a ValueError, so that pydantic names the field
+            raise ValueError(str(e)) from None
         return v
 
     @field_validator("experts", mode="before")
