@@ -13,11 +13,11 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from langmerge.errors import ConfigError
 from langmerge.merge.methods import get_method
+from langmerge.yamlfile import read_mapping, validate
 
 LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})*$")  # BCP 47: en, pt-BR, zh-Hant
 
@@ -155,19 +155,8 @@ class Recipe(_Strict):
 def load_recipe(path: Path) -> Recipe:
     """Read and validate a recipe; relative paths are taken from the recipe's folder."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping (base:, task:, languages: …)")
-    try:
-        recipe = Recipe.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(f"invalid recipe {path}:\n{_describe(e)}") from None
-    recipe = _resolve(recipe, path.parent)
+    data = read_mapping(path, "recipe", "base:, task:, languages: …")
+    recipe = _resolve(validate(Recipe, data, f"recipe {path}"), path.parent)
     for code, lang in recipe.languages.items():
         for f in lang.files():
             if not f.exists():
@@ -175,14 +164,6 @@ def load_recipe(path: Path) -> Recipe:
                     f"invalid recipe {path}: the data of language {code!r}, {f}, does not exist"
                 )
     return recipe
-
-
-def _describe(e: ValidationError) -> str:
-    lines = []
-    for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        lines.append(f"  {loc}: {err['msg'].removeprefix('Value error, ')}")
-    return "\n".join(lines)
 
 
 def _resolve(recipe: Recipe, root: Path) -> Recipe:

@@ -8,11 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from langmerge.errors import ConfigError
 from langmerge.merge.methods import METHODS, MergeParams, get_method
+from langmerge.yamlfile import read_mapping, validate
 
 
 class ExpertSpec(BaseModel):
@@ -131,32 +131,16 @@ class MergeConfig(BaseModel):
 
 def build_config(data: dict, where: str = "config") -> MergeConfig:
     """Validate a dict as a MergeConfig; errors name the field and say what is allowed."""
-    try:
-        return MergeConfig.model_validate(data)
-    except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-            msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"  {loc}: {msg}")
-        raise ConfigError(f"invalid {where}:\n" + "\n".join(lines)) from None
+    return validate(MergeConfig, data, where)
 
 
 def load_config(path: Path, **overrides: Any) -> MergeConfig:
     """Read a merge config file (langmerge's own format or mergekit's) and validate it."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping (method:, base:, experts: …)")
+    data = read_mapping(path, "config file", "method:, base:, experts: …")
     if "merge_method" in data:
         data = from_mergekit(data)
     data.update({k: v for k, v in overrides.items() if v is not None})
-    return build_config(data, str(path)).resolved(path.parent)
+    return build_config(data, str(path)).resolved(Path(path).parent)
 
 
 # ---------------------------------------------------------------------------------------------
