@@ -112,3 +112,8 @@ def peft_weighted_merge(base_dir, adapter_dirs, weights, combination, density=No
         names, list(weights), "merged", combination_type=combination, density=density
     )
     return model
+
+
+def merge_args(method, base, experts, out, *extra):
+    """The arguments of `langmerge merge --method M --base B --experts E… -o OUT …`."""
+    return ("merge", "--method", method, "--base", base, "--experts", *experts, "-o", out, *extra)

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 import yaml
+from conftest import merge_args
 from safetensors.torch import load_file
 
 from langmerge.merge import merge_deltas, merge_lora
@@ -176,17 +177,14 @@ def test_knots_adapter_output_is_exact_and_loads_with_peft(models, tmp_path, cli
 
     out = tmp_path / "knots"
     code, text = cli(
-        "merge",
-        "--method",
-        "knots_ties",
-        "--base",
-        models["base"],
-        "--experts",
-        *[models[f"lora_{x}"] for x in EXPERTS],
-        "-o",
-        out,
-        "--emit",
-        "both",
+        *merge_args(
+            "knots_ties",
+            models["base"],
+            [models[f"lora_{x}"] for x in EXPERTS],
+            out,
+            "--emit",
+            "both",
+        )
     )
     assert code == 0, text
     assert "adapter rank 12, exact" in " ".join(text.split())
@@ -202,19 +200,16 @@ def test_knots_adapter_output_is_exact_and_loads_with_peft(models, tmp_path, cli
 def test_ties_adapter_output_reports_its_reconstruction_error(models, tmp_path, cli):
     out = tmp_path / "ties_adapter"
     code, text = cli(
-        "merge",
-        "--method",
-        "ties",
-        "--base",
-        models["base"],
-        "--experts",
-        *[models[f"lora_{x}"] for x in EXPERTS],
-        "-o",
-        out,
-        "--emit",
-        "adapter",
-        "--adapter-rank",
-        "4",
+        *merge_args(
+            "ties",
+            models["base"],
+            [models[f"lora_{x}"] for x in EXPERTS],
+            out,
+            "--emit",
+            "adapter",
+            "--adapter-rank",
+            "4",
+        )
     )
     assert code == 0, text
     assert "relative reconstruction error" in text

@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 import yaml
+from conftest import merge_args
 from safetensors.torch import load_file, save_file
 
 import langmerge.merge.methods as methods_module
@@ -14,18 +15,8 @@ EXPERTS = ["en", "de", "fr"]
 
 
 def full_args(models, out, *extra):
-    return (
-        "merge",
-        "--method",
-        "ties",
-        "--base",
-        models["base"],
-        "--experts",
-        *[models[f"full_{x}"] for x in EXPERTS],
-        "-o",
-        out,
-        *extra,
-    )
+    """A ties merge of the three full experts into `out`."""
+    return merge_args("ties", models["base"], [models[f"full_{x}"] for x in EXPERTS], out, *extra)
 
 
 def assert_nothing_left(out):
@@ -48,18 +39,7 @@ def test_expert_with_another_shape_names_tensor_and_expert(models, tmp_path, cli
 
     bad = edited_copy(models["full_de"], tmp_path / "wide_de", widen)
     out = tmp_path / "out"
-    code, text = cli(
-        "merge",
-        "--method",
-        "ties",
-        "--base",
-        models["base"],
-        "--experts",
-        models["full_en"],
-        bad,
-        "-o",
-        out,
-    )
+    code, text = cli(*merge_args("ties", models["base"], [models["full_en"], bad], out))
     assert code == 1
     assert "wide_de" in text and "model.norm.weight" in text and "(33,)" in text
     assert "Traceback" not in text
@@ -69,16 +49,7 @@ def test_expert_with_another_shape_names_tensor_and_expert(models, tmp_path, cli
 def test_expert_missing_a_tensor_is_refused(models, tmp_path, cli):
     bad = edited_copy(models["full_de"], tmp_path / "short", lambda s: s.pop("model.norm.weight"))
     code, text = cli(
-        "merge",
-        "--method",
-        "ties",
-        "--base",
-        models["base"],
-        "--experts",
-        models["full_en"],
-        bad,
-        "-o",
-        tmp_path / "out",
+        *merge_args("ties", models["base"], [models["full_en"], bad], tmp_path / "out")
     )
     assert code == 1 and "lacks 1 base tensor" in text and "model.norm.weight" in text
 
@@ -89,18 +60,7 @@ def test_nan_in_an_expert_names_tensor_and_expert_and_writes_nothing(models, tmp
 
     bad = edited_copy(models["full_fr"], tmp_path / "nan_fr", poison)
     out = tmp_path / "out"
-    code, text = cli(
-        "merge",
-        "--method",
-        "ties",
-        "--base",
-        models["base"],
-        "--experts",
-        models["full_en"],
-        bad,
-        "-o",
-        out,
-    )
+    code, text = cli(*merge_args("ties", models["base"], [models["full_en"], bad], out))
     assert code == 1
     assert "model.layers.1.mlp.up_proj.weight" in text and "nan_fr" in text and "NaN" in text
     assert_nothing_left(out)
@@ -114,16 +74,7 @@ def test_inf_in_a_lora_adapter_is_refused(models, tmp_path, cli):
     state[key][0, 0] = float("inf")
     save_file(state, bad / "adapter_model.safetensors")
     code, text = cli(
-        "merge",
-        "--method",
-        "ties",
-        "--base",
-        models["base"],
-        "--experts",
-        models["lora_en"],
-        bad,
-        "-o",
-        tmp_path / "out",
+        *merge_args("ties", models["base"], [models["lora_en"], bad], tmp_path / "out")
     )
     assert code == 1 and "inf_de" in text and "NaN/Inf" in text
 
@@ -135,16 +86,7 @@ def test_adapters_of_different_base_models_are_refused(models, tmp_path, cli):
     config["base_model_name_or_path"] = "meta-llama/Llama-3.1-8B"
     (other / "adapter_config.json").write_text(json.dumps(config))
     code, text = cli(
-        "merge",
-        "--method",
-        "ties",
-        "--base",
-        models["base"],
-        "--experts",
-        models["lora_en"],
-        other,
-        "-o",
-        tmp_path / "out",
+        *merge_args("ties", models["base"], [models["lora_en"], other], tmp_path / "out")
     )
     assert code == 1 and "different base models" in text
 
@@ -177,16 +119,7 @@ def test_truncated_shard_is_reported(models, tmp_path, cli):
     data = (bad / "model.safetensors").read_bytes()
     (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
     code, text = cli(
-        "merge",
-        "--method",
-        "ties",
-        "--base",
-        models["base"],
-        "--experts",
-        models["full_en"],
-        bad,
-        "-o",
-        tmp_path / "out",
+        *merge_args("ties", models["base"], [models["full_en"], bad], tmp_path / "out")
     )
     assert code == 1 and "truncated" in text and "truncated_de" in text
 
@@ -196,16 +129,7 @@ def test_garbage_shard_is_reported(models, tmp_path, cli):
     shutil.copytree(models["full_de"], bad)
     (bad / "model.safetensors").write_bytes(b"\x00" * 3 + b"not a safetensors file")
     code, text = cli(
-        "merge",
-        "--method",
-        "ties",
-        "--base",
-        models["base"],
-        "--experts",
-        models["full_en"],
-        bad,
-        "-o",
-        tmp_path / "out",
+        *merge_args("ties", models["base"], [models["full_en"], bad], tmp_path / "out")
     )
     assert code == 1 and "corrupt safetensors file" in text
 
@@ -271,44 +195,15 @@ def test_pickle_checkpoints_are_refused_unless_allowed(models, tmp_path, cli):
 
 
 def test_unknown_method_lists_the_valid_ones(models, tmp_path, cli):
-    code, text = cli(
-        "merge",
-        "--method",
-        "tie",
-        "--base",
-        models["base"],
-        "--experts",
-        models["full_en"],
-        "-o",
-        tmp_path / "out",
-    )
+    code, text = cli(*merge_args("tie", models["base"], [models["full_en"]], tmp_path / "out"))
     assert code == 1 and "unknown merge method 'tie'" in text and "dare_ties" in text
 
 
 def test_knots_on_full_models_and_mixed_experts_are_refused(models, tmp_path, cli):
-    code, text = cli(
-        "merge",
-        "--method",
-        "knots_ties",
-        "--base",
-        models["base"],
-        "--experts",
-        models["full_en"],
-        "-o",
-        tmp_path / "a",
-    )
+    code, text = cli(*merge_args("knots_ties", models["base"], [models["full_en"]], tmp_path / "a"))
     assert code == 1 and "LoRA" in text
     code, text = cli(
-        "merge",
-        "--method",
-        "ties",
-        "--base",
-        models["base"],
-        "--experts",
-        models["full_en"],
-        models["lora_de"],
-        "-o",
-        tmp_path / "b",
+        *merge_args("ties", models["base"], [models["full_en"], models["lora_de"]], tmp_path / "b")
     )
     assert code == 1 and "mix" in text
 
@@ -368,17 +263,7 @@ def test_force_never_replaces_an_input(models, tmp_path, cli):
     expert = tmp_path / "expert_copy"
     shutil.copytree(models["full_de"], expert)
     code, text = cli(
-        "merge",
-        "--method",
-        "ties",
-        "--base",
-        models["base"],
-        "--experts",
-        models["full_en"],
-        expert,
-        "-o",
-        expert,
-        "--force",
+        *merge_args("ties", models["base"], [models["full_en"], expert], expert, "--force")
     )
     assert code == 1 and "would replace the input" in text
     assert (expert / "model.safetensors").exists()
@@ -421,18 +306,14 @@ def test_factor_space_refuses_what_peft_cannot_express(models, tmp_path, cli):
 def test_slerp_adapter_output_and_bad_shard_size_are_refused_up_front(models, tmp_path, cli):
     out = tmp_path / "out"
     code, text = cli(
-        "merge",
-        "--method",
-        "slerp",
-        "--base",
-        models["base"],
-        "--experts",
-        models["lora_en"],
-        models["lora_de"],
-        "-o",
-        out,
-        "--emit",
-        "adapter",
+        *merge_args(
+            "slerp",
+            models["base"],
+            [models["lora_en"], models["lora_de"]],
+            out,
+            "--emit",
+            "adapter",
+        )
     )
     assert code == 1 and "cannot be written as an adapter" in text
     assert_nothing_left(out)
@@ -457,15 +338,8 @@ def test_a_head_trained_on_a_tied_base_gets_a_specific_message(models, tmp_path,
     config.tie_word_embeddings = True
     LlamaForCausalLM(config).save_pretrained(tmp_path / "tied")
     code, text = cli(
-        "merge",
-        "--method",
-        "ties",
-        "--base",
-        tmp_path / "tied",
-        "--experts",
-        models["lora_en"],
-        models["lora_de"],
-        "-o",
-        tmp_path / "out",
+        *merge_args(
+            "ties", tmp_path / "tied", [models["lora_en"], models["lora_de"]], tmp_path / "out"
+        )
     )
     assert code == 1 and "tie_word_embeddings" in text

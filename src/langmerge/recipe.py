@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from langmerge.errors import ConfigError
-from langmerge.merge.methods import get_method
+from langmerge.merge.config import MethodName
 from langmerge.yamlfile import read_mapping, validate
 
 LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})*$")  # BCP 47: en, pt-BR, zh-Hant
@@ -101,22 +101,13 @@ class Training(_Strict):
 class MergeSettings(_Strict):
     """How the experts are merged (see `langmerge methods`)."""
 
-    method: str = "ties"
+    method: MethodName = "ties"
     density: float = Field(1.0, gt=0.0, le=1.0)
     lam: float = Field(1.0, alias="lambda")
     weights: dict[str, float] | None = None  # per language; default 1
     seed: int = 0
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-    @field_validator("method")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        try:
-            get_method(v)
-        except ConfigError as e:  # a ValueError, so that pydantic names the field
-            raise ValueError(str(e)) from None
-        return v
 
 
 class Recipe(_Strict):

@@ -6,13 +6,25 @@ Validated up front with pydantic; relative paths resolve against the config file
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from langmerge.errors import ConfigError
 from langmerge.merge.methods import METHODS, MergeParams, get_method
 from langmerge.yamlfile import read_mapping, validate
+
+
+def _known_method(name: str) -> str:
+    try:
+        get_method(name)
+    except ConfigError as e:  # a ValueError, so that pydantic names the field
+        raise ValueError(str(e)) from None
+    return name
+
+
+MethodName = Annotated[str, AfterValidator(_known_method)]
+"""A merge method's name, checked against the registry when a config is validated."""
 
 
 class ExpertSpec(BaseModel):
@@ -33,7 +45,7 @@ class MergeConfig(BaseModel):
     """Everything one merge needs. See README, section "Merging"."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    method: str
+    method: MethodName
     base: Path
     experts: list[ExpertSpec] = Field(min_length=1)
     density: float = 1.0
@@ -71,15 +83,6 @@ class MergeConfig(BaseModel):
             ok = False
         if not ok:
             raise ValueError(f"shard_size must be a size such as 2GB, 500MB or 1000000; got {v!r}")
-        return v
-
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, v: str) -> str:
-        try:
-            get_method(v)
-        except ConfigError as e:  # a ValueError, so that pydantic names the field
-            raise ValueError(str(e)) from None
         return v
 
     @field_validator("experts", mode="before")
