@@ -55,7 +55,7 @@ def test_the_recipe_hash_follows_training_settings_not_merge_settings(tmp_path):
         ({"trainig": {}}, "trainig: Extra inputs are not permitted"),
         ({"lora": {"r": 0}}, "lora.r: Input should be greater than or equal to 1"),
         ({"languages": {"english": {"data": "data/en.jsonl"}}}, "BCP 47"),
-        ({"languages": {"en": {}}}, "either `data:`"),
+        ({"languages": {"en": {}}}, "have no data"),
         ({"merge": {"method": "tie"}}, "unknown merge method 'tie'"),
         ({"merge": {"weights": {"fr": 1.0}}}, "lacks: ['fr']"),
         ({"task": {"kind": "generation", "prompt": "Summarize"}}, "prompt must use"),

@@ -5,7 +5,14 @@ import sqlite3
 
 import pytest
 
-from langmerge.registry import SCHEMA_VERSION, Cost, Registry, RegistryError
+from langmerge.registry import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    Cost,
+    Registry,
+    RegistryError,
+    TrainedModel,
+)
 
 
 def test_a_job_goes_from_running_to_a_ledger_row(tmp_path):
@@ -19,28 +26,72 @@ def test_a_job_goes_from_running_to_a_ledger_row(tmp_path):
     assert row["wall_s"] > 0 and row["device_s"] == pytest.approx(2 * row["wall_s"])
 
 
+def expert(language, version, data_hash, kind="expert"):
+    return TrainedModel(kind, language, [language] if language else ["en", "de"], version,
+                        "base", "r1", data_hash, f"{kind}/{version}", {"f1": 0.5})  # fmt: skip
+
+
 def test_expert_versions_and_the_cache_lookup(tmp_path):
     reg = Registry(tmp_path)
     for data_hash in ("d1", "d2"):
         job = reg.start_job("expert", ["de"], "r1", data_hash)
-        reg.add_expert("de", "base", "r1", data_hash, f"experts/de/{data_hash}", job, {"f1": 0.5})
-        reg.finish_job(job, Cost())
-    latest = reg.latest_expert("de")
+        reg.finish_training(job, Cost(), expert("de", reg.next_version("expert", "de"), data_hash))
+    latest = reg.latest("expert", "de")
     assert latest["version"] == 2 and latest["scores"] == {"f1": 0.5}
-    assert reg.find_expert("de", "r1", "d2")["id"] == latest["id"]
-    assert reg.find_expert("de", "r1", "d1") is None  # the current version has other data
-    assert reg.latest_expert("fr") is None
+    assert reg.find_trained("expert", "de", "r1", "d2")["id"] == latest["id"]
+    assert reg.find_trained("expert", "de", "r1", "d1") is None  # current version: other data
+    assert reg.latest("expert", "fr") is None
+    assert reg.next_version("expert", "fr") == 1
 
 
-def test_an_unfinished_expert_is_not_current_and_a_dead_job_is_marked_failed(tmp_path):
+def test_joint_models_have_their_own_versions(tmp_path):
+    reg = Registry(tmp_path)
+    job = reg.start_job("joint", ["en", "de"], "r1", "d1")
+    reg.finish_training(job, Cost(tokens=7), expert(None, 1, "d1", kind="joint"))
+    (joint,) = reg.trained("joint")
+    assert joint["languages"] == ["en", "de"] and joint["tokens"] == 7
+    assert reg.next_version("joint") == 2 and reg.next_version("expert", "en") == 1
+
+
+def test_a_model_is_recorded_only_with_its_finished_job(tmp_path):
     reg = Registry(tmp_path)
     job = reg.start_job("expert", ["fr"], "r", "d")
-    reg.add_expert("fr", "base", "r", "d", "experts/fr/1", job)
-    assert reg.latest_expert("fr") is None  # its job is still running
+    with pytest.raises(RegistryError, match="meanwhile"):  # version 1 is the next one, not 2
+        reg.finish_training(job, Cost(), expert("fr", 2, "d"))
+    assert reg.latest("expert", "fr") is None and reg.ledger()[0]["status"] == "running"
+
+
+def test_a_dead_job_is_marked_failed(tmp_path):
+    reg = Registry(tmp_path)
+    job = reg.start_job("expert", ["fr"], "r", "d")
     reg.db.execute("UPDATE jobs SET pid=999999999 WHERE id=?", (job,))  # as if it was killed
     assert reg.mark_abandoned() == 1
     row = reg.ledger()[0]
     assert row["status"] == "failed" and "process ended" in row["error"]
+
+
+def test_merges_are_recorded_and_the_newest_is_current(tmp_path):
+    reg = Registry(tmp_path)
+    for method in ("ties", "dare_ties"):
+        job = reg.start_job("merge", ["en", "de"], "r", "d")
+        reg.finish_merge(job, Cost(), method, {"density": 0.5}, [1, 2], f"merges/{method}")
+    first, second = reg.merges()
+    assert (first["current"], second["current"]) == (0, 1)
+    assert second["method"] == "dare_ties" and second["expert_ids"] == [1, 2]
+
+
+def test_a_version_1_registry_is_migrated(tmp_path):
+    db = sqlite3.connect(tmp_path / "registry.sqlite")
+    for statement in MIGRATIONS[1].split(";"):
+        db.execute(statement)
+    db.execute("INSERT INTO jobs (kind, languages, recipe_hash, data_hash, status, pid, started) "
+               "VALUES ('merge', '[]', 'r', 'd', 'done', 1, 0)")  # fmt: skip
+    db.execute("PRAGMA user_version=1")
+    db.commit()
+    db.close()
+    reg = Registry(tmp_path)
+    assert reg.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert len(reg.ledger()) == 1 and reg.trained("joint") == []
 
 
 def test_a_failed_write_leaves_no_half_row(tmp_path):

@@ -24,6 +24,9 @@ err = Console(stderr=True)
 class Interrupted(Exception):
     """Ctrl-C inside a command (Typer would otherwise turn it into a normal exit)."""
 
+    def __init__(self, message: str = "interrupted; no partial output was left behind"):
+        super().__init__(message)
+
 
 out = Console()
 
@@ -31,9 +34,15 @@ out = Console()
 @app.command()
 def merge(
     config: Annotated[
-        Path | None, typer.Argument(help="merge config: langmerge's YAML or a mergekit YAML")
+        Path | None,
+        typer.Argument(help="a recipe, or a merge config (langmerge's YAML or a mergekit YAML)"),
     ] = None,
-    output: Annotated[Path, typer.Option("-o", "--output", help="output directory")] = ...,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "-o", "--output", help="output directory (a recipe's default: RUN_DIR/merges/…)"
+        ),
+    ] = None,
     method: Annotated[
         str | None, typer.Option(help="merge method (see `langmerge methods`)")
     ] = None,
@@ -75,7 +84,8 @@ def merge(
     ] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
-    """Merge experts into one model: `langmerge merge merge.yaml -o OUT`, or from flags."""
+    """Merge experts into one model: `langmerge merge merge.yaml -o OUT`, from flags, or the
+    current experts of a recipe: `langmerge merge recipe.yaml` (recorded in its registry)."""
     from langmerge.merge.config import build_config, load_config
     from langmerge.merge.run import run_merge
 
@@ -96,6 +106,23 @@ def merge(
         "dtype": dtype,
         "allow_pickle": allow_pickle or None,
     }
+    if config is not None and _is_recipe(config):
+        if base is not None or experts or weights:
+            raise ConfigError("a recipe names its experts: drop --base/--experts/--weights")
+        from langmerge.merge.recipe_merge import merge_recipe
+        from langmerge.recipe import load_recipe
+
+        try:
+            summary, where = merge_recipe(
+                load_recipe(config), output, overrides, force=force, progress=not quiet
+            )
+        except KeyboardInterrupt:
+            raise Interrupted from None
+        out.print(f"merged the recipe's experts with {summary['config']['method']} into {where} "
+                  f"in {summary['seconds']:.1f} s (recorded in the registry)")  # fmt: skip
+        return
+    if output is None:
+        raise ConfigError("give the output directory: -o OUT")
     if config is not None:
         if base is not None or experts or weights:
             raise ConfigError("give either a config file or --base/--experts/--weights, not both")
@@ -133,6 +160,73 @@ def merge(
 
 
 @app.command()
+def check(recipe: Annotated[Path, typer.Argument(help="the recipe (YAML)")]) -> None:
+    """Validate a recipe and its data, print per-language counts; trains nothing."""
+    from langmerge.checks import check_recipe
+
+    report = check_recipe(recipe)
+    table = Table(*report.table[0].keys()) if report.table else None
+    for row in report.table:
+        table.add_row(*(str(v) for v in row.values()))
+    if table is not None:
+        out.print(table)
+    for line in report.notes:
+        out.print(line, highlight=False)
+    for w in report.warnings:
+        out.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
+    if report.problems:
+        raise ConfigError(
+            f"{recipe} has {len(report.problems)} problem(s):\n"
+            + "\n".join(f"  {p}" for p in report.problems)
+        )
+    out.print(f"{recipe}: ok")
+
+
+@app.command()
+def train(
+    recipe: Annotated[Path, typer.Argument(help="the recipe (YAML)")],
+    lang: Annotated[
+        list[str] | None, typer.Option("--lang", help="train this language's expert (repeatable)")
+    ] = None,
+    all_: Annotated[bool, typer.Option("--all", help="every language's expert, in turn")] = False,
+    joint: Annotated[
+        bool, typer.Option("--joint", help="the joint baseline, on all languages' data")
+    ] = False,
+    force: Annotated[
+        bool, typer.Option(help="retrain even if recipe and data are unchanged")
+    ] = False,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Train experts (one after another) or the joint model; unchanged ones are skipped."""
+    from langmerge.recipe import load_recipe
+    from langmerge.train.jobs import train as run_training
+
+    if sum([bool(lang), all_, joint]) != 1:
+        raise ConfigError("say what to train: --lang CODE (repeatable), --all, or --joint")
+    r = load_recipe(recipe)
+    languages = list(r.languages) if all_ else lang
+    try:
+        run_training(r, languages, joint=joint, force=force, progress=not quiet,
+                     say=lambda m: out.print(m, highlight=False))  # fmt: skip
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted; run the same command again to resume") from None
+
+
+@app.command()
+def ls(recipe: Annotated[Path, typer.Argument(help="the recipe (YAML)")]) -> None:
+    """The experts, joint models and merges of a recipe's run directory, with their costs."""
+    from langmerge.status import listing
+
+    for title, rows in listing(recipe).items():
+        if not rows:
+            continue
+        table = Table(*rows[0].keys(), title=title, title_justify="left")
+        for row in rows:
+            table.add_row(*(str(v) for v in row.values()))
+        out.print(table)
+
+
+@app.command()
 def methods() -> None:
     """List the merge methods."""
     from langmerge.merge.methods import METHODS
@@ -141,6 +235,13 @@ def methods() -> None:
     for m in METHODS.values():
         table.add_row(m.name, m.summary, "yes" if m.random else "", "yes" if m.knots else "")
     out.print(table)
+
+
+def _is_recipe(path: Path) -> bool:
+    """Whether a YAML file is a recipe (it has `languages:`) rather than a merge config."""
+    from langmerge.yamlfile import read_mapping
+
+    return "languages" in read_mapping(path, "config file", "a recipe or a merge config")
 
 
 def _floats(text: str, n: int) -> list[float]:
@@ -197,8 +298,11 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as e:  # disk full, permissions, a path that vanished
         err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(1)
-    except (Interrupted, KeyboardInterrupt, click.exceptions.Abort):
-        err.print("interrupted; no partial output was left behind")
+    except Interrupted as e:
+        err.print(str(e))
+        sys.exit(130)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        err.print(str(Interrupted()))
         sys.exit(130)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)

@@ -46,22 +46,46 @@ class Task(_Strict):
         return self
 
 
+class HubData(_Strict):
+    """A data set on the Hugging Face hub, read with `datasets.load_dataset` at training time."""
+
+    id: str
+    config: str | None = None
+    splits: dict[Literal["train", "validation", "test"], str] = {"train": "train"}
+
+    @field_validator("splits")
+    @classmethod
+    def _has_train(cls, v: dict[str, str]) -> dict[str, str]:
+        if "train" not in v:
+            raise ValueError("splits must name the hub split used for training, e.g. train: train")
+        return v
+
+
 class LanguageData(_Strict):
-    """One language's data: one file to split, or the splits as given."""
+    """One language's data: one file to split, the splits as given, or a hub data set.
+
+    Files are JSONL, CSV/TSV, Parquet, or a directory written by `datasets.save_to_disk`.
+    Splits not given are carved from the training data by the recipe's `split:`.
+    """
 
     data: Path | None = None
     train: Path | None = None
     validation: Path | None = None
     test: Path | None = None
+    hub: HubData | None = None
 
     @model_validator(mode="after")
     def _one_layout(self) -> LanguageData:
-        if (self.data is None) == (self.train is None):
+        given = sum(x is not None for x in (self.data, self.train, self.hub))
+        if given > 1 or (given == 0 and (self.validation or self.test)):
             raise ValueError(
-                "give either `data:` (split by the recipe's `split:`) or `train:` "
-                "(with optional validation:/test:)"
+                "give one of `data:` (split by the recipe's `split:`), `train:` "
+                "(with optional validation:/test:) or `hub:`"
             )
         return self
+
+    def given(self) -> bool:
+        return any(x is not None for x in (self.data, self.train, self.hub))
 
     def files(self) -> list[Path]:
         return [p for p in (self.data, self.train, self.validation, self.test) if p is not None]
@@ -96,6 +120,11 @@ class Training(_Strict):
     max_length: int = Field(128, ge=8)
     seed: int = 0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    group_by_length: bool = True  # batches of similar length: little padding, same loss
+    checkpoint_steps: int = Field(200, ge=1)  # an interrupted job resumes from the last one
+    threads: int | None = Field(None, ge=1)  # CPU threads (default: the cores this process may use)
 
 
 class MergeSettings(_Strict):
@@ -116,19 +145,41 @@ class Recipe(_Strict):
     base: str  # a local model directory or a hub id
     task: Task
     languages: dict[str, LanguageData] = Field(min_length=1)
+    data: LanguageData | None = None  # one source for all languages, with a language column
+    language_field: str = "language"
     split: Split = Split()
+    min_examples: int = Field(10, ge=1)  # fewer training examples in a language is an error
     lora: Lora = Lora()
     training: Training = Training()
     merge: MergeSettings = MergeSettings()
     run_dir: Path = Path("runs")
 
-    @field_validator("languages")
+    @field_validator("languages", mode="before")
     @classmethod
-    def _codes(cls, v: dict[str, LanguageData]) -> dict[str, LanguageData]:
-        bad = [code for code in v if not LANGUAGE_CODE.match(code)]
-        if bad:
-            raise ValueError(f"language codes must be BCP 47 tags such as en, de, pt-BR; got {bad}")
+    def _codes(cls, v: Any) -> Any:
+        if isinstance(v, list):  # `languages: [en, de]` with a shared `data:`
+            v = {code: {} for code in v}
+        if isinstance(v, dict):
+            bad = [code for code in v if not LANGUAGE_CODE.match(str(code))]
+            if bad:
+                raise ValueError(
+                    f"language codes must be BCP 47 tags such as en, de, pt-BR; got {bad}"
+                )
+            v = {code: {} if spec is None else spec for code, spec in v.items()}
         return v
+
+    @model_validator(mode="after")
+    def _every_language_has_data(self) -> Recipe:
+        if self.data is None:
+            missing = [code for code, lang in self.languages.items() if not lang.given()]
+            if missing:
+                raise ValueError(
+                    f"languages {missing} have no data: give each one `data:`, `train:` or "
+                    "`hub:`, or give the recipe one `data:` with a language column"
+                )
+        elif not self.data.given():
+            raise ValueError("data: give `data:`, `train:` or `hub:`")
+        return self
 
     @model_validator(mode="after")
     def _merge_weights_name_languages(self) -> Recipe:
@@ -138,21 +189,35 @@ class Recipe(_Strict):
         return self
 
     def digest(self) -> str:
-        """The recipe hash: what a trained expert depends on besides its data."""
-        settings = self.model_dump(mode="json", include={"base", "task", "lora", "training"})
+        """The recipe hash: what a trained expert depends on besides its data.
+
+        Settings that change only how fast training runs (threads, checkpoint steps) are left
+        out, so changing them does not retrain anything."""
+        settings = self.model_dump(
+            mode="json",
+            include={"base", "task", "lora", "training"},
+            exclude={"training": {"threads", "checkpoint_steps"}},
+        )
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+    def source(self, language: str) -> LanguageData:
+        """Where `language`'s data comes from (its own entry, or the shared `data:`)."""
+        own = self.languages[language]
+        return own if own.given() or self.data is None else self.data
 
 
 def load_recipe(path: Path) -> Recipe:
     """Read and validate a recipe; relative paths are taken from the recipe's folder."""
-    path = Path(path)
+    path = Path(path).absolute()
     data = read_mapping(path, "recipe", "base:, task:, languages: …")
     recipe = _resolve(validate(Recipe, data, f"recipe {path}"), path.parent)
-    for code, lang in recipe.languages.items():
+    sources = {code: recipe.source(code) for code in recipe.languages}
+    for code, lang in sources.items():
         for f in lang.files():
             if not f.exists():
+                whose = f"language {code!r}" if lang is not recipe.data else "all languages"
                 raise ConfigError(
-                    f"invalid recipe {path}: the data of language {code!r}, {f}, does not exist"
+                    f"invalid recipe {path}: the data of {whose}, {f}, does not exist"
                 )
     return recipe
 
@@ -161,14 +226,19 @@ def _resolve(recipe: Recipe, root: Path) -> Recipe:
     def fix(p: Any) -> Any:
         return p if p is None or Path(p).is_absolute() else root / p
 
-    languages = {
-        code: lang.model_copy(update={k: fix(getattr(lang, k))
-                                      for k in ("data", "train", "validation", "test")})
-        for code, lang in recipe.languages.items()
-    }  # fmt: skip
+    def fix_data(lang: LanguageData) -> LanguageData:
+        keys = ("data", "train", "validation", "test")
+        return lang.model_copy(update={k: fix(getattr(lang, k)) for k in keys})
+
+    languages = {code: fix_data(lang) for code, lang in recipe.languages.items()}
     base = recipe.base
     if base.startswith((".", "/")) or (root / base).exists():
         base = str(fix(base))
     return recipe.model_copy(
-        update={"languages": languages, "run_dir": fix(recipe.run_dir), "base": base}
+        update={
+            "languages": languages,
+            "data": recipe.data and fix_data(recipe.data),
+            "run_dir": fix(recipe.run_dir),
+            "base": base,
+        }
     )

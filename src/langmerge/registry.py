@@ -14,7 +14,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +22,7 @@ from pathlib import Path
 from langmerge.errors import LangmergeError
 from langmerge.processes import alive
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DB_NAME = "registry.sqlite"
 
 MIGRATIONS: dict[int, str] = {
@@ -76,6 +76,19 @@ MIGRATIONS: dict[int, str] = {
         split TEXT NOT NULL,
         metrics TEXT NOT NULL,                -- JSON
         job_id INTEGER NOT NULL REFERENCES jobs(id)
+    );
+    """,
+    2: """
+    CREATE TABLE joints (
+        id INTEGER PRIMARY KEY,
+        languages TEXT NOT NULL,              -- JSON list
+        version INTEGER NOT NULL UNIQUE,
+        base TEXT NOT NULL,
+        recipe_hash TEXT NOT NULL,
+        data_hash TEXT NOT NULL,
+        path TEXT NOT NULL,
+        job_id INTEGER NOT NULL REFERENCES jobs(id),
+        scores TEXT NOT NULL DEFAULT '{}'
     );
     """,
 }
@@ -158,8 +171,11 @@ class Registry:
             )
             return int(cur.lastrowid)
 
-    def finish_job(self, job_id: int, cost: Cost) -> None:
-        """Close a running job with its measured cost (one ledger row)."""
+    def finish_job(
+        self, job_id: int, cost: Cost, then: Callable[[sqlite3.Connection], None] | None = None
+    ) -> None:
+        """Close a running job with its measured cost (one ledger row); `then` records what the
+        job made in the same transaction."""
         with self.transaction() as db:
             (started,) = self._running(db, job_id)
             ended = time.time()
@@ -172,6 +188,8 @@ class Registry:
                  wall * cost.device_count, cost.tokens, cost.examples, cost.peak_memory_bytes,
                  cost.flops, job_id),
             )  # fmt: skip
+            if then is not None:
+                then(db)
 
     def fail_job(self, job_id: int, error: str) -> None:
         with self.transaction() as db:
@@ -210,42 +228,149 @@ class Registry:
             raise RegistryError(f"job {job_id} is not running")
         return row
 
-    # ---- experts ---------------------------------------------------------------------------
+    # ---- trained models: experts and joint models --------------------------------------------
 
-    def add_expert(
-        self, language: str, base: str, recipe_hash: str, data_hash: str, path: str, job_id: int,
-        scores: dict | None = None,
-    ) -> int:  # fmt: skip
-        """Record a new version of `language`'s expert; returns its id."""
-        with self.transaction() as db:
-            (latest,) = db.execute(
-                "SELECT COALESCE(MAX(version), 0) FROM experts WHERE language=?", (language,)
-            ).fetchone()
+    def next_version(self, kind: str, language: str | None = None) -> int:
+        """The version number the next `kind` model (of `language`, for experts) will get."""
+        table, where, args = _model_query(kind, language)
+        (latest,) = self.db.execute(
+            f"SELECT COALESCE(MAX(version), 0) FROM {table} {where}", args
+        ).fetchone()
+        return latest + 1
+
+    def finish_training(self, job_id: int, cost: Cost, model: TrainedModel) -> int:
+        """Close a training job and record the model it made, in one transaction; returns the
+        model's id."""
+        self.finish_job(job_id, cost, then=lambda db: self._insert_model(db, job_id, model))
+        return self._last_model_id
+
+    def _insert_model(self, db: sqlite3.Connection, job_id: int, m: TrainedModel) -> None:
+        if m.version != self.next_version(m.kind, m.language):
+            raise RegistryError(
+                f"another process recorded {m.kind} {m.language or ''} version {m.version} "
+                "meanwhile: run one training of a language at a time"
+            )
+        common = (
+            m.version,
+            m.base,
+            m.recipe_hash,
+            m.data_hash,
+            m.path,
+            job_id,
+            json.dumps(m.scores),
+        )
+        if m.kind == "expert":
             cur = db.execute(
                 "INSERT INTO experts (language, version, base, recipe_hash, data_hash, path, "
                 "job_id, scores) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (language, latest + 1, base, recipe_hash, data_hash, path, job_id,
-                 json.dumps(scores or {})),
-            )  # fmt: skip
-            return int(cur.lastrowid)
+                (m.language, *common),
+            )
+        else:
+            cur = db.execute(
+                "INSERT INTO joints (languages, version, base, recipe_hash, data_hash, path, "
+                "job_id, scores) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (json.dumps(m.languages), *common),
+            )
+        self._last_model_id = int(cur.lastrowid)
 
-    def latest_expert(self, language: str) -> dict | None:
-        """The newest expert of `language` whose job finished, or None."""
+    def trained(self, kind: str, language: str | None = None) -> list[dict]:
+        """Every finished `kind` model (of `language`), oldest first, with its job's cost."""
+        table, where, args = _model_query(kind, language, alias="m")
         cur = self.db.execute(
-            "SELECT e.* FROM experts e JOIN jobs j ON j.id = e.job_id "
-            "WHERE e.language=? AND j.status='done' ORDER BY e.version DESC LIMIT 1",
-            (language,),
+            f"SELECT m.*, j.wall_s, j.cpu_s, j.device_kind, j.device_s, j.tokens, j.examples, "
+            f"j.peak_memory_bytes, j.flops FROM {table} m JOIN jobs j ON j.id = m.job_id "
+            f"{where}{' AND' if where else ' WHERE'} j.status='done' ORDER BY m.id",
+            args,
         )
-        row = cur.fetchone()
-        if row is None:
-            return None
-        out = dict(zip([c[0] for c in cur.description], row))
-        out["scores"] = json.loads(out["scores"])
-        return out
+        names = [c[0] for c in cur.description]
+        rows = [dict(zip(names, row)) for row in cur.fetchall()]
+        for row in rows:
+            row["scores"] = json.loads(row["scores"])
+            if "languages" in row:
+                row["languages"] = json.loads(row["languages"])
+        return rows
 
-    def find_expert(self, language: str, recipe_hash: str, data_hash: str) -> dict | None:
-        """The finished expert trained from exactly this recipe and data (for caching), or None."""
-        expert = self.latest_expert(language)
-        if expert and expert["recipe_hash"] == recipe_hash and expert["data_hash"] == data_hash:
-            return expert
+    def latest(self, kind: str, language: str | None = None) -> dict | None:
+        """The newest finished `kind` model (of `language`), or None."""
+        rows = self.trained(kind, language)
+        return max(rows, key=lambda r: r["version"]) if rows else None
+
+    def find_trained(
+        self, kind: str, language: str | None, recipe_hash: str, data_hash: str
+    ) -> dict | None:
+        """The current model if it was trained from exactly this recipe and data (the cache)."""
+        model = self.latest(kind, language)
+        if model and model["recipe_hash"] == recipe_hash and model["data_hash"] == data_hash:
+            return model
         return None
+
+    # ---- merges ----------------------------------------------------------------------------
+
+    def finish_merge(
+        self, job_id: int, cost: Cost, method: str, params: dict, expert_ids: list[int], path: str
+    ) -> int:
+        """Close a merge job and record the merge as the current one, in one transaction."""
+
+        def insert(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE merges SET current=0")
+            cur = db.execute(
+                "INSERT INTO merges (method, params, expert_ids, path, job_id, current) "
+                "VALUES (?, ?, ?, ?, ?, 1)",
+                (method, json.dumps(params), json.dumps(expert_ids), path, job_id),
+            )
+            self._last_model_id = int(cur.lastrowid)
+
+        self.finish_job(job_id, cost, then=insert)
+        return self._last_model_id
+
+    def merges(self) -> list[dict]:
+        cur = self.db.execute(
+            "SELECT m.*, j.wall_s FROM merges m JOIN jobs j ON j.id = m.job_id ORDER BY m.id"
+        )
+        names = [c[0] for c in cur.description]
+        rows = [dict(zip(names, row)) for row in cur.fetchall()]
+        for row in rows:
+            row["params"] = json.loads(row["params"])
+            row["expert_ids"] = json.loads(row["expert_ids"])
+        return rows
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """An expert (one language) or a joint model (all of them), as the registry records it."""
+
+    kind: str  # expert | joint
+    language: str | None
+    languages: list[str]
+    version: int
+    base: str
+    recipe_hash: str
+    data_hash: str
+    path: str
+    scores: dict
+
+
+def _model_query(kind: str, language: str | None, alias: str = "") -> tuple[str, str, tuple]:
+    col = f"{alias}." if alias else ""
+    if kind == "expert":
+        if language is None:
+            return "experts", "", ()
+        return "experts", f"WHERE {col}language=?", (language,)
+    if kind == "joint":
+        return "joints", "", ()
+    raise ValueError(f"unknown model kind {kind!r}")
+
+
+def schema_version(run_dir: Path) -> int | None:
+    """The schema version of `run_dir`'s registry, read without changing it (None: no registry)."""
+    path = Path(run_dir) / DB_NAME
+    if not path.is_file():
+        return None
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return int(db.execute("PRAGMA user_version").fetchone()[0])
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as e:
+        raise RegistryError(f"cannot read the registry {path}: {e}") from None

@@ -1,0 +1,84 @@
+"""`langmerge merge recipe.yaml`: merge the current expert of every language of a recipe with the
+recipe's merge settings, and record the merge and its cost in the run directory's registry."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from langmerge.cost import Meter
+from langmerge.errors import ConfigError, InputError
+from langmerge.merge.config import MergeConfig, build_config
+from langmerge.merge.run import run_merge
+from langmerge.recipe import Recipe
+from langmerge.registry import DB_NAME, Registry
+
+
+def recipe_merge_config(recipe: Recipe, experts: dict[str, dict], overrides: dict) -> MergeConfig:
+    """The merge of `experts` (language → registry row) that the recipe's `merge:` describes;
+    `overrides` (non-None values) take precedence, as command-line flags do."""
+    bases = {e["base"] for e in experts.values()}
+    if len(bases) > 1:
+        raise InputError(
+            "the current experts were trained from different base models "
+            f"({', '.join(sorted(bases))}): retrain the odd ones with `langmerge train --force`"
+        )
+    m = recipe.merge
+    weights = m.weights or {}
+    data = {
+        "method": m.method,
+        "density": m.density,
+        "lam": m.lam,
+        "seed": m.seed,
+        "base": bases.pop(),
+        "experts": [
+            {"path": e["path"], "name": code, "weight": weights.get(code, 1.0)}
+            for code, e in experts.items()
+        ],
+    }
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return build_config(data, "merge settings of the recipe")
+
+
+def merge_recipe(
+    recipe: Recipe,
+    output: Path | None = None,
+    overrides: dict | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> tuple[dict, Path]:
+    """Merge the recipe's current experts; returns the merge summary and the output path."""
+    if not (Path(recipe.run_dir) / DB_NAME).is_file():
+        raise ConfigError(
+            f"no experts trained yet in {recipe.run_dir}: run `langmerge train RECIPE --all` first"
+        )
+    registry = Registry(recipe.run_dir)
+    try:
+        experts = {code: registry.latest("expert", code) for code in recipe.languages}
+        missing = [code for code, e in experts.items() if e is None]
+        if missing:
+            raise ConfigError(
+                f"no trained expert for {', '.join(missing)}: run "
+                f"`langmerge train RECIPE --lang {missing[0]}` (or --all) first"
+            )
+        cfg = recipe_merge_config(recipe, experts, overrides or {})
+        ids = [e["id"] for e in experts.values()]
+        inputs = hashlib.sha256(
+            "".join(f"{e['id']}:{e['data_hash']};" for e in experts.values()).encode()
+        ).hexdigest()[:16]
+        job = registry.start_job("merge", list(experts), recipe.digest(), inputs)
+        out = (
+            Path(output) if output else Path(recipe.run_dir) / "merges" / f"{job:04d}-{cfg.method}"
+        )
+        meter = Meter()
+        try:
+            summary = run_merge(cfg, out, force=force, progress=progress)
+        except BaseException as e:
+            registry.fail_job(job, "interrupted" if isinstance(e, KeyboardInterrupt) else str(e))
+            raise
+        params = cfg.model_dump(mode="json", exclude={"base", "experts", "method"})
+        params["weights"] = dict(zip(experts, cfg.weights))
+        registry.finish_merge(job, meter.cost(), cfg.method, params, ids, str(out))
+        return summary, out
+    finally:
+        registry.close()

@@ -1,0 +1,95 @@
+"""`langmerge ls`: what a recipe's run directory holds — experts, joint models, merges — with the
+scores and costs the registry recorded, and whether each model is current for the recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from langmerge.data.prepare import load_data
+from langmerge.errors import ConfigError, LangmergeError
+from langmerge.recipe import load_recipe
+from langmerge.registry import DB_NAME, Registry
+
+
+def listing(path: Path) -> dict[str, list[dict]]:
+    """Rows to print, by table title."""
+    recipe = load_recipe(path)
+    if not (Path(recipe.run_dir) / DB_NAME).is_file():
+        raise ConfigError(f"nothing trained yet in {recipe.run_dir}: run `langmerge train` first")
+    try:
+        data = load_data(recipe, hub=False)
+        hashes = {code: d.digest for code, d in data.languages.items()}
+        hashes["joint"] = data.joint_digest() if not data.not_read else None
+    except LangmergeError:
+        hashes = {}  # the data cannot be read now: freshness unknown
+    recipe_hash = recipe.digest()
+    registry = Registry(recipe.run_dir)
+    try:
+        experts = registry.trained("expert")
+        joints = registry.trained("joint")
+        merges = registry.merges()
+    finally:
+        registry.close()
+    latest: dict[str, int] = {}
+    for e in experts:
+        latest[e["language"]] = max(latest.get(e["language"], 0), e["version"])
+    by_id = {e["id"]: f"{e['language']} v{e['version']}" for e in experts}
+
+    def fresh(row: dict, key: str) -> str:
+        if key not in hashes or hashes[key] is None:
+            return "?"
+        same = row["recipe_hash"] == recipe_hash and row["data_hash"] == hashes[key]
+        return (
+            "yes"
+            if same
+            else ("data changed" if row["recipe_hash"] == recipe_hash else "recipe changed")
+        )
+
+    def model_row(row: dict, key: str, current: bool) -> dict:
+        return {
+            "version": f"v{row['version']}" + (" *" if current else ""),
+            "up to date": fresh(row, key) if current else "",
+            "validation": _scores(row["scores"]),
+            "data hash": row["data_hash"][:8],
+            "wall s": f"{row['wall_s']:.1f}",
+            "tokens": row["tokens"],
+            "peak MB": round((row["peak_memory_bytes"] or 0) / 2**20),
+            "path": row["path"],
+        }
+
+    return {
+        "experts (* = current version)": [
+            {
+                "language": e["language"],
+                **model_row(e, e["language"], e["version"] == latest[e["language"]]),
+            }
+            for e in experts
+        ],
+        "joint models": [
+            {"languages": ",".join(j["languages"]), **model_row(j, "joint", j is joints[-1])}
+            for j in joints
+        ],
+        "merges": [
+            {
+                "id": m["id"],
+                "method": m["method"] + (" *" if m["current"] else ""),
+                "density": m["params"].get("density"),
+                "lambda": m["params"].get("lam"),
+                "experts": ", ".join(by_id.get(i, f"#{i}") for i in m["expert_ids"]),
+                "wall s": f"{m['wall_s']:.1f}",
+                "path": m["path"],
+            }
+            for m in merges
+        ],
+    }
+
+
+def _scores(scores: dict) -> str:
+    """Validation scores in one short cell: the mean over languages of each metric."""
+    per_language = [s for s in scores.values() if s]
+    if not per_language:
+        return "-"
+    names = [n for n in ("accuracy", "macro_f1", "loss") if n in per_language[0]]
+    mean = {n: sum(s[n] for s in per_language) / len(per_language) for n in names}
+    short = {"accuracy": "acc", "macro_f1": "F1", "loss": "loss"}
+    return " ".join(f"{short[n]} {mean[n]:.3f}" for n in names)

@@ -1,0 +1,151 @@
+"""Training jobs: one expert per language, or the joint model on every language's data.
+
+Everything a user can get wrong (recipe, data, base model, target modules) is checked before
+the registry is opened. A model whose recipe and data hashes match the current one is not
+retrained. A job trains in a work folder that keeps its checkpoints: interrupted, the same
+command resumes there. The finished adapter is moved into place and recorded, with its cost,
+in one registry transaction.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from langmerge.backbones import (
+    check_target_modules,
+    load_config,
+    load_tokenizer,
+    prepare_base,
+    resolve_base,
+)
+from langmerge.cost import Meter
+from langmerge.data.encode import encode
+from langmerge.data.prepare import ProjectData, load_data
+from langmerge.merge.writer import write_json
+from langmerge.recipe import Recipe
+from langmerge.registry import Registry, TrainedModel
+
+METADATA = "langmerge.json"
+
+
+@dataclass
+class Trained:
+    """What one `train` request did for one model."""
+
+    kind: str  # expert | joint
+    language: str | None
+    version: int
+    path: Path
+    cached: bool  # already trained from this recipe and data: nothing done
+    scores: dict
+    resumed_from: int | None = None
+    wall_s: float = 0.0
+    tokens: int = 0
+
+
+def train(
+    recipe: Recipe,
+    languages: list[str] | None = None,
+    joint: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    say: Callable[[str], None] = lambda _: None,
+) -> list[Trained]:
+    """Train the experts of `languages` (one after another), or the joint model."""
+    if not joint and not languages:
+        raise ValueError("name the languages to train, or ask for the joint model")
+    needed = None if joint or recipe.task.labels is None else languages
+    data = load_data(recipe, needed).require_valid()
+    for w in data.warnings:
+        say(f"warning: {w}")
+    source = resolve_base(recipe.base)
+    check_target_modules(load_config(source), recipe, len(data.labels) if data.labels else None)
+    torch.set_num_threads(recipe.training.threads or len(os.sched_getaffinity(0)))
+    registry = Registry(recipe.run_dir)
+    try:
+        registry.mark_abandoned()
+        targets = [None] if joint else languages
+        return [_train_one(recipe, registry, data, t, force, progress, say) for t in targets]
+    finally:
+        registry.close()
+
+
+def _train_one(
+    recipe: Recipe,
+    registry: Registry,
+    data: ProjectData,
+    language: str | None,
+    force: bool,
+    progress: bool,
+    say: Callable[[str], None],
+) -> Trained:
+    from langmerge.evaluate.predict import validation_scores
+    from langmerge.train.trainer import fit
+
+    kind = "joint" if language is None else "expert"
+    languages = list(data.languages) if language is None else [language]
+    name = "the joint model" if language is None else f"expert {language}"
+    recipe_hash = recipe.digest()
+    data_hash = data.joint_digest() if language is None else data.languages[language].digest
+    if not force:
+        hit = registry.find_trained(kind, language, recipe_hash, data_hash)
+        if hit is not None:
+            say(f"{name}: up to date (v{hit['version']}, {hit['path']}); --force retrains")
+            return Trained(kind, language, hit["version"], Path(hit["path"]), True, hit["scores"])
+    folder = Path(recipe.run_dir) / ("joint" if language is None else f"experts/{language}")
+    work = folder / f".train-{recipe_hash}-{data_hash}"
+    job = registry.start_job(kind, languages, recipe_hash, data_hash)
+    meter = Meter()
+    try:
+        base_dir = prepare_base(recipe, data.labels)
+        tokenizer = load_tokenizer(base_dir)
+
+        def encoded(split: str, code: str) -> list[dict]:
+            examples = data.languages[code].split(split)
+            return encode(examples, tokenizer, recipe.task, data.labels, recipe.training.max_length)
+
+        train_set = [x for code in languages for x in encoded("train", code)]
+        say(f"{name}: training on {len(train_set)} examples")
+        result = fit(base_dir, recipe, train_set, tokenizer.pad_token_id, work / "checkpoints",
+                     progress)  # fmt: skip
+        if result.resumed_from is not None:
+            say(f"{name}: resumed from the checkpoint at step {result.resumed_from}")
+        scores = {
+            code: validation_scores(result.model, encoded("validation", code), recipe.task.kind,
+                                    tokenizer.pad_token_id, recipe.training.batch_size)
+            for code in languages
+        }  # fmt: skip
+        staged = work / "adapter"
+        result.model.save_pretrained(staged)
+        version = registry.next_version(kind, language)
+        write_json(staged / METADATA, {
+            "kind": kind, "languages": languages, "version": version, "base": recipe.base,
+            "base_dir": str(base_dir), "task": recipe.task.model_dump(), "labels": data.labels,
+            "recipe_hash": recipe_hash, "data_hash": data_hash, "steps": result.steps,
+            "train_loss": result.loss, "validation": scores,
+        })  # fmt: skip
+        final = folder / f"v{version}"
+        if final.exists():  # left by a crash after the move and before the registry write
+            shutil.rmtree(final)
+        staged.rename(final)
+        cost = meter.cost(tokens=result.tokens, examples=result.examples, flops=result.flops)
+        record = TrainedModel(kind, language, languages, version, str(base_dir), recipe_hash,
+                              data_hash, str(final), scores)  # fmt: skip
+        registry.finish_training(job, cost, record)
+    except BaseException as e:
+        what = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
+        registry.fail_job(job, what)
+        if isinstance(e, KeyboardInterrupt):
+            say(f"{name}: interrupted; the same command resumes from the last checkpoint")
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    (row,) = [r for r in registry.ledger() if r["id"] == job]
+    say(f"{name}: v{version} in {final} ({row['wall_s']:.1f} s, {result.tokens} tokens)")
+    return Trained(kind, language, version, final, False, scores, result.resumed_from,
+                   row["wall_s"], result.tokens)  # fmt: skip

@@ -1,0 +1,186 @@
+"""One LoRA fine-tuning run with Hugging Face `Trainer` + PEFT: length-grouped batches padded to
+their longest example, checkpoints to resume from, exact counts of the tokens trained on."""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+
+from langmerge.backbones import model_class
+from langmerge.data.batching import PadToLongest
+from langmerge.recipe import Recipe
+
+# transformers 5 warns about its own deprecated call, made by PEFT, on every save
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class FitResult:
+    model: torch.nn.Module  # the PEFT model, trained
+    tokens: int  # real (unpadded) tokens in the batches this process trained on
+    padded_tokens: int  # tokens including padding
+    examples: int
+    steps: int
+    resumed_from: int | None  # the checkpoint's step when resuming
+    loss: float  # mean training loss
+    flops: float
+
+
+def build_peft_model(base_dir: Path, recipe: Recipe, pad_id: int):
+    """The base with fresh LoRA adapters; their initialisation is drawn from the recipe's seed."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import set_seed
+
+    kind = recipe.task.kind
+    dtype = DTYPES[recipe.training.precision] if torch.cuda.is_available() else torch.float32
+    model = model_class(kind).from_pretrained(base_dir, dtype=dtype)
+    model.config.pad_token_id = pad_id
+    lora = recipe.lora
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type=TaskType.SEQ_CLS if kind == "classification" else TaskType.CAUSAL_LM,
+    )
+    set_seed(recipe.training.seed)
+    return get_peft_model(model, config)
+
+
+def fit(
+    base_dir: Path,
+    recipe: Recipe,
+    train: list[dict],
+    pad_id: int,
+    work: Path,
+    progress: bool = True,
+) -> FitResult:
+    """Train adapters on the encoded examples `train`; checkpoints go to `work`, and a run that
+    finds checkpoints there resumes from the newest."""
+    t = recipe.training
+    model = build_peft_model(base_dir, recipe, pad_id)
+    cuda = torch.cuda.is_available()
+    options = dict(
+        output_dir=str(work),
+        num_train_epochs=t.epochs,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        seed=t.seed,
+        bf16=cuda and t.precision == "bf16",
+        fp16=cuda and t.precision == "fp16",
+        use_cpu=not cuda,
+        save_strategy="steps",
+        save_steps=t.checkpoint_steps,
+        save_total_limit=1,
+        logging_steps=1,
+        report_to=[],
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
+    known = inspect.signature(TrainingArguments).parameters
+    if "train_sampling_strategy" in known:
+        options["train_sampling_strategy"] = "group_by_length" if t.group_by_length else "random"
+    else:  # transformers 4
+        options["group_by_length"] = t.group_by_length
+    if "warmup_ratio" in known:  # transformers 4; 5 reads a fraction from warmup_steps
+        options["warmup_ratio"] = t.warmup_ratio
+    else:
+        options["warmup_steps"] = t.warmup_ratio
+    args = TrainingArguments(**options)
+    bar = ProgressBar(progress)
+    trainer = CountingTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        data_collator=PadToLongest(pad_id),
+        callbacks=[bar],
+    )
+    trainer.remove_callback(PrinterCallback)
+    checkpoint = latest_checkpoint(work)
+    try:
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    finally:
+        bar.bar.stop()
+    n_linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return FitResult(
+        model=model,
+        tokens=trainer.tokens,
+        padded_tokens=trainer.padded_tokens,
+        examples=trainer.examples,
+        steps=trainer.state.global_step,
+        resumed_from=int(checkpoint.name.split("-")[1]) if checkpoint else None,
+        loss=float(output.training_loss),
+        flops=training_flops(n_linear, n_trainable, trainer.tokens),
+    )
+
+
+def training_flops(n_linear: int, n_trainable: int, tokens: int) -> float:
+    """Estimated training FLOPs: 2·N per token forward and 2·N backward through every linear
+    weight (N = `n_linear`), plus 2 per trainable weight for its gradient. Attention scores and
+    element-wise work are left out (small at the sequence lengths of LoRA fine-tuning)."""
+    return float((4 * n_linear + 2 * n_trainable) * tokens)
+
+
+def latest_checkpoint(work: Path) -> Path | None:
+    """The newest complete `checkpoint-N` in `work`, or None."""
+    done = [
+        p
+        for p in Path(work).glob("checkpoint-*")
+        if p.name.split("-")[1].isdigit() and (p / "trainer_state.json").is_file()
+    ]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+class CountingTrainer(Trainer):
+    """A `Trainer` that counts the tokens and examples of every batch it trains on."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tokens = self.padded_tokens = self.examples = 0
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        mask = inputs["attention_mask"]
+        self.tokens += int(mask.sum())
+        self.padded_tokens += mask.numel()
+        self.examples += mask.shape[0]
+        return super().training_step(model, inputs, *args, **kwargs)
+
+
+class ProgressBar(TrainerCallback):
+    """Training steps as a rich progress bar, with the latest loss."""
+
+    def __init__(self, enabled: bool):
+        self.bar = Progress(
+            TextColumn("training"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total} steps"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.description}"),
+            disable=not enabled,
+            transient=True,
+        )
+        self.task = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.bar.start()
+        self.task = self.bar.add_task("", total=state.max_steps, completed=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs and self.task is not None:
+            self.bar.update(self.task, description=f"loss {logs['loss']:.4f}")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.bar.update(self.task, completed=state.global_step)
