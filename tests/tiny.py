@@ -10,13 +10,22 @@ from pathlib import Path
 import yaml
 
 WORDS = {
-    "en": {"happy": ["joy", "smile", "sun", "laugh"], "sad": ["tears", "rain", "grief", "loss"],
-           "filler": ["the", "a", "day", "was", "very", "and", "we", "felt"]},
-    "de": {"happy": ["freude", "lachen", "sonne", "glück"], "sad": ["tränen", "regen", "trauer", "leid"],
-           "filler": ["der", "die", "tag", "war", "sehr", "und", "wir", "fühlten"]},
-    "fr": {"happy": ["joie", "sourire", "soleil", "rire"], "sad": ["larmes", "pluie", "deuil", "perte"],
-           "filler": ["le", "la", "jour", "était", "très", "et", "nous", "sentions"]},
-}  # fmt: skip
+    "en": {
+        "happy": ["joy", "smile", "sun", "laugh"],
+        "sad": ["tears", "rain", "grief", "loss"],
+        "filler": ["the", "a", "day", "was", "very", "and", "we", "felt"],
+    },
+    "de": {
+        "happy": ["freude", "lachen", "sonne", "glück"],
+        "sad": ["tränen", "regen", "trauer", "leid"],
+        "filler": ["der", "die", "tag", "war", "sehr", "und", "wir", "fühlten"],
+    },
+    "fr": {
+        "happy": ["joie", "sourire", "soleil", "rire"],
+        "sad": ["larmes", "pluie", "deuil", "perte"],
+        "filler": ["le", "la", "jour", "était", "très", "et", "nous", "sentions"],
+    },
+}
 LANGS = list(WORDS)
 
 
@@ -51,7 +60,9 @@ def word_tokenizer(specials: dict[str, str], template: str | None):
     from transformers import PreTrainedTokenizerFast
 
     tokens = list(dict.fromkeys(specials.values())) + vocabulary()
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token=specials["unk_token"]))
+    tok = Tokenizer(
+        models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token=specials["unk_token"])
+    )
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     if template:
         ids = [(t, tokens.index(t)) for t in specials.values() if t in template]
@@ -67,8 +78,14 @@ def tiny_encoder(out: Path) -> Path:
         {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]"},
         "[CLS] $A [SEP]",
     )
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     import torch
 
     torch.manual_seed(0)
@@ -82,7 +99,9 @@ def tiny_decoder(out: Path, chat_template: bool = True) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = word_tokenizer({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, "<s> $A")
+    tokenizer = word_tokenizer(
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, "<s> $A"
+    )
     if chat_template:
         tokenizer.chat_template = (
             "{% for m in messages %}<s> {{ m['content'] }}{% endfor %}"
@@ -112,13 +131,13 @@ def project(root: Path, kind: str = "classification", n: int = 40, **overrides) 
         if kind == "classification"
         else {"kind": "generation", "prompt": "{text}", "target_field": "target"}
     )
+    targets = ["query", "value"] if kind == "classification" else ["q_proj", "v_proj"]
     recipe = {
         "base": model.name,
         "task": task,
         "languages": languages,
         "split": {"validation": 0.2, "test": 0.2, "seed": 0},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0,
-                 "target_modules": ["query", "value"] if kind == "classification" else ["q_proj", "v_proj"]},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": targets},
         "training": {"epochs": 2, "batch_size": 4, "learning_rate": 5e-3, "max_length": 32,
                      "checkpoint_steps": 4, "threads": 1},
         "run_dir": "run",

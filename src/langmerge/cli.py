@@ -165,11 +165,8 @@ def check(recipe: Annotated[Path, typer.Argument(help="the recipe (YAML)")]) -> 
     from langmerge.checks import check_recipe
 
     report = check_recipe(recipe)
-    table = Table(*report.table[0].keys()) if report.table else None
-    for row in report.table:
-        table.add_row(*(str(v) for v in row.values()))
-    if table is not None:
-        out.print(table)
+    if report.table:
+        out.print(_table(report.table))
     for line in report.notes:
         out.print(line, highlight=False)
     for w in report.warnings:
@@ -218,12 +215,8 @@ def ls(recipe: Annotated[Path, typer.Argument(help="the recipe (YAML)")]) -> Non
     from langmerge.status import listing
 
     for title, rows in listing(recipe).items():
-        if not rows:
-            continue
-        table = Table(*rows[0].keys(), title=title, title_justify="left")
-        for row in rows:
-            table.add_row(*(str(v) for v in row.values()))
-        out.print(table)
+        if rows:
+            out.print(_table(rows, title))
 
 
 @app.command()
@@ -235,6 +228,16 @@ def methods() -> None:
     for m in METHODS.values():
         table.add_row(m.name, m.summary, "yes" if m.random else "", "yes" if m.knots else "")
     out.print(table)
+
+
+def _table(rows: list[dict], title: str | None = None) -> Table:
+    """Rows of equal keys as a table whose cells wrap instead of being cut."""
+    table = Table(title=title, title_justify="left")
+    for key in rows[0]:
+        table.add_column(key, overflow="fold")
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    return table
 
 
 def _is_recipe(path: Path) -> bool:

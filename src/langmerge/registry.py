@@ -119,6 +119,7 @@ class Registry:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
+            self._refuse_newer()  # before anything, even the journal mode, changes the file
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA foreign_keys=ON")
             self._migrate()
@@ -145,13 +146,17 @@ class Registry:
             raise
         self.db.execute("COMMIT")
 
-    def _migrate(self) -> None:
+    def _refuse_newer(self) -> None:
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
+            self.db.close()
             raise RegistryError(
                 f"{self.path} was written by a newer langmerge (schema {version}, this one knows "
                 f"{SCHEMA_VERSION}): upgrade langmerge to use this run directory"
             )
+
+    def _migrate(self) -> None:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
         for target in range(version + 1, SCHEMA_VERSION + 1):
             with self.transaction() as db:
                 for statement in MIGRATIONS[target].split(";"):

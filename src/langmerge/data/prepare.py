@@ -169,7 +169,8 @@ def _prepare_language(
 ) -> LanguageSplits:
     splits: dict[str, list[Example]] = {}
     for name, records in raw.items():
-        splits[name] = _examples(records, recipe.task, f"{code} {name}", problems)
+        where = f"{code} {'data' if name == 'all' else name}"
+        splits[name] = _examples(records, recipe.task, where, problems)
     splits = _carve(splits, recipe)
     d = LanguageSplits(code, splits["train"], splits["validation"], splits["test"])
     if not d.train:

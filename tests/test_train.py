@@ -1,0 +1,197 @@
+"""Training experts and the joint model from a recipe, end to end on tiny models: adapters PEFT
+loads, registry and ledger rows with exact token counts, caching, resuming, merging the recipe."""
+
+import json
+
+import pytest
+import torch
+from tiny import project
+
+from langmerge.data.prepare import load_data
+from langmerge.recipe import load_recipe
+from langmerge.registry import Registry
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A classification project whose three experts and joint model are trained."""
+    from langmerge.cli import main
+
+    path = project(tmp_path_factory.mktemp("cls"))
+    for args in (["--all"], ["--joint"]):
+        with pytest.raises(SystemExit) as done:
+            main(["train", str(path), *args, "--quiet"])
+        assert done.value.code == 0
+    return path
+
+
+def token_count(recipe, languages, epochs):
+    """Tokens a model trains on: every training example's length, once per epoch."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(recipe.base)
+    data = load_data(recipe)
+    texts = [e.text for code in languages for e in data.languages[code].train]
+    lengths = tokenizer(texts, truncation=True, max_length=recipe.training.max_length)["input_ids"]
+    return epochs * sum(len(x) for x in lengths)
+
+
+def test_each_expert_and_the_joint_model_leave_a_ledger_row_with_exact_token_counts(trained):
+    recipe = load_recipe(trained)
+    ledger = Registry(recipe.run_dir).ledger()
+    assert [(r["kind"], r["languages"], r["status"]) for r in ledger] == [
+        ("expert", ["en"], "done"), ("expert", ["de"], "done"), ("expert", ["fr"], "done"),
+        ("joint", ["en", "de", "fr"], "done"),
+    ]  # fmt: skip
+    for row in ledger:
+        assert row["tokens"] == token_count(recipe, row["languages"], epochs=2)
+        assert row["wall_s"] > 0 and row["cpu_s"] > 0 and row["device_kind"] == "cpu"
+        assert row["peak_memory_bytes"] > 0 and row["flops"] > 6 * row["tokens"]
+        data = load_data(recipe)
+        assert row["examples"] == 2 * sum(len(data.languages[c].train) for c in row["languages"])
+
+
+def test_an_expert_is_a_peft_adapter_with_its_head_and_its_recorded_scores(trained):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    recipe = load_recipe(trained)
+    expert = Registry(recipe.run_dir).latest("expert", "de")
+    meta = json.loads((recipe.run_dir / "experts/de/v1/langmerge.json").read_text())
+    assert expert["path"] == str(recipe.run_dir / "experts/de/v1") and meta["labels"] == [
+        "happy",
+        "sad",
+    ]
+    base = AutoModelForSequenceClassification.from_pretrained(expert["base"])
+    model = PeftModel.from_pretrained(base, expert["path"]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(expert["base"])
+    validation = load_data(recipe).languages["de"].validation
+    with torch.no_grad():
+        predicted = [
+            model(**tokenizer(e.text, return_tensors="pt")).logits.argmax(-1).item()
+            for e in validation
+        ]
+    gold = [["happy", "sad"].index(e.answer) for e in validation]
+    accuracy = sum(p == g for p, g in zip(predicted, gold)) / len(gold)
+    assert accuracy == pytest.approx(expert["scores"]["de"]["accuracy"])
+    assert any("classifier" in k for k in _adapter_keys(expert["path"]))  # the head is saved
+
+
+def _adapter_keys(path):
+    from safetensors import safe_open
+
+    with safe_open(f"{path}/adapter_model.safetensors", "pt") as f:
+        return list(f.keys())
+
+
+def test_every_expert_starts_from_the_same_seeded_head(trained):
+    from safetensors.torch import load_file
+
+    recipe = load_recipe(trained)
+    (base,) = {e["base"] for e in Registry(recipe.run_dir).trained("expert")}
+    head = load_file(f"{base}/model.safetensors")["classifier.weight"]
+    expected = torch.randn(head.shape, generator=torch.Generator().manual_seed(0)) * 0.02
+    assert torch.equal(head, expected)
+
+
+def test_an_unchanged_expert_is_not_retrained_and_force_makes_a_new_version(trained, cli):
+    code, text = cli("train", trained, "--lang", "en", "--quiet")
+    assert code == 0 and "expert en: up to date (v1" in text
+    recipe = load_recipe(trained)
+    assert len(Registry(recipe.run_dir).ledger()) == 4
+    code, text = cli("train", trained, "--lang", "fr", "--force", "--quiet")
+    assert code == 0 and "expert fr: v2 in" in text
+    assert Registry(recipe.run_dir).latest("expert", "fr")["version"] == 2
+
+
+def test_changed_data_retrains_only_that_language(tmp_path, cli):
+    path = project(tmp_path)
+    assert cli("train", path, "--all", "--quiet")[0] == 0
+    data = tmp_path / "data" / "de.jsonl"
+    data.write_text(data.read_text() + '{"text": "sonne und freude", "label": "happy"}\n')
+    code, text = cli("train", path, "--all", "--quiet")
+    assert code == 0 and "expert en: up to date" in text and "expert fr: up to date" in text
+    assert "expert de: v2 in" in text
+    code, text = cli("ls", path)
+    assert code == 0 and "v2 *" in text
+
+
+def test_an_interrupted_expert_resumes_from_its_last_checkpoint(tmp_path, cli, monkeypatch):
+    from langmerge.train import trainer
+
+    path = project(tmp_path / "resumed")
+    step_end = trainer.ProgressBar.on_step_end
+
+    def crash_at_step_6(self, args, state, control, **kw):
+        step_end(self, args, state, control, **kw)
+        if state.global_step == 6:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer.ProgressBar, "on_step_end", crash_at_step_6)
+    code, text = cli("train", path, "--lang", "en", "--quiet")
+    assert code == 130 and "run the same command again to resume" in text
+    recipe = load_recipe(path)
+    (row,) = Registry(recipe.run_dir).ledger()
+    assert row["status"] == "failed" and row["error"] == "interrupted"
+    assert Registry(recipe.run_dir).latest("expert", "en") is None
+    monkeypatch.undo()
+    code, text = cli("train", path, "--lang", "en", "--quiet")
+    assert code == 0 and "resumed from the checkpoint at step 4" in text
+    assert not list((recipe.run_dir / "experts/en").glob(".train-*"))  # work folder cleaned up
+
+    straight = project(tmp_path / "straight")
+    assert cli("train", straight, "--lang", "en", "--quiet")[0] == 0
+    resumed = _adapter_weights(recipe.run_dir / "experts/en/v1")
+    reference = _adapter_weights(load_recipe(straight).run_dir / "experts/en/v1")
+    assert resumed.keys() == reference.keys()
+    assert all(torch.allclose(resumed[k], reference[k], atol=1e-6) for k in resumed)
+
+
+def _adapter_weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(path / "adapter_model.safetensors")
+
+
+def test_a_generation_expert_trains_on_targets_and_loads_with_peft(tmp_path, cli):
+    from peft import AutoPeftModelForCausalLM
+
+    path = project(tmp_path, kind="generation")
+    code, text = cli("train", path, "--lang", "de", "--quiet")
+    assert code == 0, text
+    recipe = load_recipe(path)
+    expert = Registry(recipe.run_dir).latest("expert", "de")
+    assert set(expert["scores"]["de"]) == {"loss", "perplexity"}
+    model = AutoPeftModelForCausalLM.from_pretrained(expert["path"])
+    assert model.peft_config["default"].r == 4
+    (row,) = Registry(recipe.run_dir).ledger()
+    assert row["tokens"] > 0 and row["examples"] == 2 * len(load_data(recipe).languages["de"].train)
+
+
+def test_merging_a_recipe_uses_the_current_experts_and_is_recorded(trained, cli, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "merged"
+    code, text = cli("merge", trained, "-o", out, "--method", "dare_ties", "--density", "0.5")
+    assert code == 0, text
+    recipe = load_recipe(trained)
+    registry = Registry(recipe.run_dir)
+    merge = registry.merges()[-1]
+    current = [registry.latest("expert", c)["id"] for c in ("en", "de", "fr")]
+    assert merge["method"] == "dare_ties" and merge["current"] == 1
+    assert merge["expert_ids"] == current and merge["params"]["density"] == 0.5
+    assert registry.ledger()[-1]["kind"] == "merge"
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.id2label == {0: "happy", 1: "sad"}
+    summary = json.loads((out / "langmerge_merge.json").read_text())
+    assert [e["name"] for e in summary["config"]["experts"]] == ["en", "de", "fr"]
+
+
+def test_check_and_ls_describe_the_project(trained, cli, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    code, text = cli("check", trained)
+    assert code == 0 and "labels (2): happy, sad" in text and "target modules exist" in text
+    code, text = cli("ls", trained)
+    assert code == 0
+    for expected in ("experts (* = current version)", "joint models", "en,de,fr", "experts/de/v1"):
+        assert expected in text
