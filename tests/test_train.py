@@ -195,3 +195,24 @@ def test_check_and_ls_describe_the_project(trained, cli, monkeypatch):
     assert code == 0
     for expected in ("experts (* = current version)", "joint models", "en,de,fr", "experts/de/v1"):
         assert expected in text
+
+
+@pytest.mark.parametrize("name", ["sentiment", "reasoning", "summarization"])
+def test_the_paper_recipes_check_without_downloading_anything(name, cli, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # any hub request would fail
+    recipe = Path(__file__).parents[1] / "examples" / "paper-llama3-8b" / f"{name}.yaml"
+    code, text = cli("check", recipe)
+    assert code == 0, text
+    flat = " ".join(text.split())
+    assert "meta-llama/Llama-3.1-8B-Instruct: a hub id not on this machine" in flat
+    assert flat.count("(read when training)") == 5 and f"{name}.yaml: ok" in flat
+    r = load_recipe(recipe)
+    assert (r.lora.r, r.lora.alpha, r.training.epochs, r.training.learning_rate) == (
+        64,
+        64,
+        4,
+        2e-5,
+    )
+    assert r.training.batch_size == 8 and list(r.languages) == ["en", "de", "fr", "ja", "zh"]

@@ -1,147 +1,38 @@
-"""Tiny projects for the training tests: generated multilingual data, a tiny BERT-like encoder and a
-tiny Llama built from config, with word-level tokenizers built locally. No network."""
+"""Tiny projects for the training tests, made from the tiny example (examples/tiny): its recipes
+and data, with its tiny encoder or decoder built from config. No network."""
 
 from __future__ import annotations
 
-import json
-import random
+import shutil
+import sys
 from pathlib import Path
 
 import yaml
 
-WORDS = {
-    "en": {
-        "happy": ["joy", "smile", "sun", "laugh"],
-        "sad": ["tears", "rain", "grief", "loss"],
-        "filler": ["the", "a", "day", "was", "very", "and", "we", "felt"],
-    },
-    "de": {
-        "happy": ["freude", "lachen", "sonne", "glück"],
-        "sad": ["tränen", "regen", "trauer", "leid"],
-        "filler": ["der", "die", "tag", "war", "sehr", "und", "wir", "fühlten"],
-    },
-    "fr": {
-        "happy": ["joie", "sourire", "soleil", "rire"],
-        "sad": ["larmes", "pluie", "deuil", "perte"],
-        "filler": ["le", "la", "jour", "était", "très", "et", "nous", "sentions"],
-    },
-}
-LANGS = list(WORDS)
+EXAMPLE = Path(__file__).parents[1] / "examples" / "tiny"
+sys.path.insert(0, str(EXAMPLE))
+
+from make import (  # noqa: E402
+    LANGS,
+    sentences,
+    tiny_decoder,
+    tiny_encoder,
+    write_jsonl,
+)
+
+__all__ = ["LANGS", "project", "sentences", "tiny_decoder", "tiny_encoder", "write_jsonl"]
 
 
-def sentences(lang: str, n: int, seed: int) -> list[dict]:
-    """`n` distinct texts of 3–20 words labelled happy or sad, in `lang`."""
-    rng = random.Random(f"{lang}{seed}")
-    out, seen = [], set()
-    while len(out) < n:
-        label = rng.choice(["happy", "sad"])
-        words = rng.choices(WORDS[lang]["filler"], k=rng.randint(2, 18))
-        words.insert(rng.randrange(len(words) + 1), rng.choice(WORDS[lang][label]))
-        text = " ".join(words)
-        if text not in seen:
-            seen.add(text)
-            out.append({"text": text, "label": label, "target": f"{label} {words[0]}"})
-    return out
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    return path
-
-
-def vocabulary() -> list[str]:
-    words = {w for lang in WORDS.values() for ws in lang.values() for w in ws}
-    return sorted(words | {"happy", "sad", "answer", ":"})
-
-
-def word_tokenizer(specials: dict[str, str], template: str | None):
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    tokens = list(dict.fromkeys(specials.values())) + vocabulary()
-    tok = Tokenizer(
-        models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token=specials["unk_token"])
-    )
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    if template:
-        ids = [(t, tokens.index(t)) for t in specials.values() if t in template]
-        tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=ids)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, **specials)
-
-
-def tiny_encoder(out: Path) -> Path:
-    """A 2-layer BERT with a [CLS] … [SEP] word-level tokenizer."""
-    from transformers import BertConfig, BertModel
-
-    tokenizer = word_tokenizer(
-        {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]"},
-        "[CLS] $A [SEP]",
-    )
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    import torch
-
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
-def tiny_decoder(out: Path, chat_template: bool = True) -> Path:
-    """A 2-layer Llama with a <s>-prefixing word-level tokenizer and a small chat template."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = word_tokenizer(
-        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, "<s> $A"
-    )
-    if chat_template:
-        tokenizer.chat_template = (
-            "{% for m in messages %}<s> {{ m['content'] }}{% endfor %}"
-            "{% if add_generation_prompt %} answer :{% endif %}"
-        )
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         bos_token_id=0, eos_token_id=1, max_position_embeddings=64)  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
-def project(root: Path, kind: str = "classification", n: int = 40, **overrides) -> Path:
-    """A recipe over a tiny model and `n` examples per language (en, de, fr); returns its path."""
+def project(root: Path, kind: str = "classification", **overrides) -> Path:
+    """A copy of the tiny example's recipe for `kind` and its data in `root`, with its model
+    built there; top-level `overrides` replace (mappings: update) the recipe's entries."""
     root.mkdir(parents=True, exist_ok=True)
-    model = root / ("encoder" if kind == "classification" else "decoder")
+    name = "recipe.yaml" if kind == "classification" else "recipe-generation.yaml"
+    recipe = yaml.safe_load((EXAMPLE / name).read_text())
+    shutil.copytree(EXAMPLE / "data", root / "data", dirs_exist_ok=True)
+    model = root / recipe["base"]
     if not model.exists():
         (tiny_encoder if kind == "classification" else tiny_decoder)(model)
-    languages = {}
-    for lang in LANGS:
-        write_jsonl(root / "data" / f"{lang}.jsonl", sentences(lang, n, seed=0))
-        languages[lang] = {"data": f"data/{lang}.jsonl"}
-    task = (
-        {"kind": "classification", "labels": ["happy", "sad"]}
-        if kind == "classification"
-        else {"kind": "generation", "prompt": "{text}", "target_field": "target"}
-    )
-    targets = ["query", "value"] if kind == "classification" else ["q_proj", "v_proj"]
-    recipe = {
-        "base": model.name,
-        "task": task,
-        "languages": languages,
-        "split": {"validation": 0.2, "test": 0.2, "seed": 0},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": targets},
-        "training": {"epochs": 2, "batch_size": 4, "learning_rate": 5e-3, "max_length": 32,
-                     "checkpoint_steps": 4, "threads": 1},
-        "run_dir": "run",
-    }  # fmt: skip
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(recipe.get(key), dict):
             recipe[key] = {**recipe[key], **value}

@@ -34,3 +34,39 @@ class PadToLongest:
         else:
             out["labels"] = torch.tensor([x["labels"] for x in batch])
         return out
+
+
+class LengthGroupedSampler(torch.utils.data.Sampler):
+    """Indices in batches of similar length, batches in random order.
+
+    Each epoch shuffles the examples, sorts each group of `group` batches by length (ties broken
+    at random) and shuffles the order of the resulting full batches. With the default group of 256
+    batches, a language's data is usually sorted whole, which leaves almost no padding; HF's
+    sampler sorts groups of 50 batches, which leaves much more on small data sets. Randomness
+    comes from torch's global generator, which `Trainer` seeds and restores when resuming.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, group: int = 256):
+        self.lengths = torch.tensor(lengths, dtype=torch.float64)
+        self.batch_size = batch_size
+        self.group = group
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        n, size = len(self.lengths), self.batch_size
+        order = torch.randperm(n)
+        jitter = torch.rand(n, dtype=torch.float64) * 0.5  # breaks ties between equal lengths
+        batches = []
+        for start in range(0, n, size * self.group):
+            chunk = order[start : start + size * self.group]
+            chunk = chunk[torch.argsort(self.lengths[chunk] + jitter[chunk], descending=True)]
+            batches += [chunk[i : i + size] for i in range(0, len(chunk), size)]
+        # a short batch goes last: the data loader cuts the stream into batches of `batch_size`
+        full = [b for b in batches if len(b) == size]
+        short = [b for b in batches if len(b) < size]
+        for b in torch.randperm(len(full)).tolist():
+            yield from full[b].tolist()
+        for b in short:
+            yield from b.tolist()

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from langmerge.backbones import model_class
-from langmerge.data.batching import PadToLongest
+from langmerge.data.batching import LengthGroupedSampler, PadToLongest
 from langmerge.recipe import Recipe
 
 # transformers 5 warns about its own deprecated call, made by PEFT, on every save
@@ -89,10 +89,6 @@ def fit(
         dataloader_num_workers=0,
     )
     known = inspect.signature(TrainingArguments).parameters
-    if "train_sampling_strategy" in known:
-        options["train_sampling_strategy"] = "group_by_length" if t.group_by_length else "random"
-    else:  # transformers 4
-        options["group_by_length"] = t.group_by_length
     if "warmup_ratio" in known:  # transformers 4; 5 reads a fraction from warmup_steps
         options["warmup_ratio"] = t.warmup_ratio
     else:
@@ -106,6 +102,9 @@ def fit(
         data_collator=PadToLongest(pad_id),
         callbacks=[bar],
     )
+    if t.group_by_length:
+        lengths = [len(x["input_ids"]) for x in train]
+        trainer.sampler = LengthGroupedSampler(lengths, t.batch_size * t.gradient_accumulation)
     trainer.remove_callback(PrinterCallback)
     checkpoint = latest_checkpoint(work)
     try:
@@ -149,6 +148,10 @@ class CountingTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.tokens = self.padded_tokens = self.examples = 0
+        self.sampler = None  # set to sample training batches in another order
+
+    def _get_train_sampler(self, *args, **kwargs):
+        return self.sampler or super()._get_train_sampler(*args, **kwargs)
 
     def training_step(self, model, inputs, *args, **kwargs):
         mask = inputs["attention_mask"]
