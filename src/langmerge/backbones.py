@@ -20,6 +20,7 @@ from langmerge.merge.writer import atomic_output_dir, write_json
 from langmerge.recipe import Recipe
 
 PREPARED = "prepared.json"
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
 
 
 def quiet_transformers() -> None:
@@ -53,8 +54,8 @@ def resolve_base(base: str) -> Path:
     require_hub(f"the base model {base}")
     from huggingface_hub import snapshot_download
 
-    try:
-        return Path(snapshot_download(base))
+    try:  # weights, config and tokenizer only: no duplicate checkpoints in other formats
+        return Path(snapshot_download(base, allow_patterns=HUB_FILES))
     except Exception as e:  # gated, missing, network …
         raise InputError(f"cannot download the base model {base}: {e}") from None
 

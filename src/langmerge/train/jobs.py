@@ -60,7 +60,9 @@ def train(
     """Train the experts of `languages` (one after another), or the joint model."""
     if not joint and not languages:
         raise ValueError("name the languages to train, or ask for the joint model")
-    needed = None if joint or recipe.task.labels is None else languages
+    # a label set taken from the data needs every language's data, whatever is trained
+    labels_from_data = recipe.task.kind == "classification" and recipe.task.labels is None
+    needed = None if joint or labels_from_data else languages
     data = load_data(recipe, needed).require_valid()
     for w in data.warnings:
         say(f"warning: {w}")

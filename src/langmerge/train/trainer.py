@@ -82,7 +82,7 @@ def fit(
         save_strategy="steps",
         save_steps=t.checkpoint_steps,
         save_total_limit=1,
-        logging_steps=1,
+        logging_steps=10 if cuda else 1,  # each log waits for the GPU
         report_to=[],
         disable_tqdm=True,
         remove_unused_columns=False,
@@ -99,7 +99,7 @@ def fit(
         model=model,
         args=args,
         train_dataset=train,
-        data_collator=PadToLongest(pad_id),
+        data_collator=PadToLongest(pad_id, multiple_of=8 if cuda else 1),  # GPU kernels like 8
         callbacks=[bar],
     )
     if t.group_by_length:
