@@ -155,6 +155,9 @@ def _adapter_weights(path):
 
 def test_a_generation_expert_trains_on_targets_and_loads_with_peft(tmp_path, cli):
     from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    from langmerge.data.encode import encode
 
     path = project(tmp_path, kind="generation")
     code, text = cli("train", path, "--lang", "de", "--quiet")
@@ -165,7 +168,11 @@ def test_a_generation_expert_trains_on_targets_and_loads_with_peft(tmp_path, cli
     model = AutoPeftModelForCausalLM.from_pretrained(expert["path"])
     assert model.peft_config["default"].r == 4
     (row,) = Registry(recipe.run_dir).ledger()
-    assert row["tokens"] > 0 and row["examples"] == 2 * len(load_data(recipe).languages["de"].train)
+    train = load_data(recipe).languages["de"].train
+    tokenizer = AutoTokenizer.from_pretrained(recipe.base)
+    encoded = encode(train, tokenizer, recipe.task, None, recipe.training.max_length)
+    assert row["tokens"] == 2 * sum(len(x["input_ids"]) for x in encoded)
+    assert row["examples"] == 2 * len(train)
 
 
 def test_merging_a_recipe_uses_the_current_experts_and_is_recorded(trained, cli, tmp_path):
@@ -216,3 +223,24 @@ def test_the_paper_recipes_check_without_downloading_anything(name, cli, monkeyp
         2e-5,
     )
     assert r.training.batch_size == 8 and list(r.languages) == ["en", "de", "fr", "ja", "zh"]
+
+
+def test_two_processes_training_into_one_run_directory(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    path = project(tmp_path)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "langmerge.cli", "train", str(path), "--quiet", "--lang"]
+    procs = [
+        subprocess.Popen(
+            [*command, code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        for code in ("en", "de")
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    registry = Registry(load_recipe(path).run_dir)
+    assert {r["status"] for r in registry.ledger()} == {"done"} and len(registry.ledger()) == 2
+    assert registry.latest("expert", "en") and registry.latest("expert", "de")

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
 
 from langmerge.errors import ConfigError, InputError
 from langmerge.hub import require_hub
-from langmerge.merge.writer import atomic_output_dir, write_json
+from langmerge.merge.writer import write_json
 from langmerge.recipe import Recipe
 
 PREPARED = "prepared.json"
@@ -140,13 +142,21 @@ def prepare_base(recipe: Recipe, labels: list[str] | None) -> Path:
     )
     seeded_init(model, info["missing_keys"], recipe.training.seed)
     model.config.pad_token_id = tokenizer.pad_token_id
-    with atomic_output_dir(out, force=True) as tmp:
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        write_json(
-            tmp / PREPARED,
-            {"base": recipe.base, "labels": labels, "head": sorted(info["missing_keys"])},
-        )
+        meta = {"base": recipe.base, "labels": labels, "head": sorted(info["missing_keys"])}
+        write_json(tmp / PREPARED, meta)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(out)  # atomic: `out` only ever appears complete
+    except OSError:
+        if not (out / PREPARED).is_file():
+            raise
+        # another process prepared the same base meanwhile: theirs is identical, use it
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
