@@ -244,3 +244,18 @@ def test_two_processes_training_into_one_run_directory(tmp_path):
     registry = Registry(load_recipe(path).run_dir)
     assert {r["status"] for r in registry.ledger()} == {"done"} and len(registry.ledger()) == 2
     assert registry.latest("expert", "en") and registry.latest("expert", "de")
+
+
+def test_a_second_training_of_the_same_model_is_refused_while_the_first_runs(tmp_path, cli):
+    import fcntl
+
+    path = project(tmp_path)
+    recipe = load_recipe(path)
+    data = load_data(recipe)
+    work = recipe.run_dir / "experts/en" / f".train-{recipe.digest()}-{data.languages['en'].digest}"
+    work.mkdir(parents=True)
+    with open(work / "lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as the first process does
+        code, text = cli("train", path, "--lang", "en", "--quiet")
+    assert code == 1 and "another langmerge process is training expert en" in text
+    assert Registry(recipe.run_dir).ledger() == []

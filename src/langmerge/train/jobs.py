@@ -9,9 +9,11 @@ in one registry transaction.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from langmerge.backbones import (
 from langmerge.cost import Meter
 from langmerge.data.encode import encode
 from langmerge.data.prepare import ProjectData, load_data
+from langmerge.errors import InputError
 from langmerge.merge.writer import write_json
 from langmerge.recipe import Recipe
 from langmerge.registry import Registry, TrainedModel
@@ -87,12 +90,7 @@ def _train_one(
     progress: bool,
     say: Callable[[str], None],
 ) -> Trained:
-    from langmerge.evaluate.predict import validation_scores
-    from langmerge.train.trainer import fit
-
-    kind = "joint" if language is None else "expert"
-    languages = list(data.languages) if language is None else [language]
-    name = "the joint model" if language is None else f"expert {language}"
+    kind, languages, name = _identity(data, language)
     recipe_hash = recipe.digest()
     data_hash = data.joint_digest() if language is None else data.languages[language].digest
     if not force:
@@ -102,6 +100,49 @@ def _train_one(
             return Trained(kind, language, hit["version"], Path(hit["path"]), True, hit["scores"])
     folder = Path(recipe.run_dir) / ("joint" if language is None else f"experts/{language}")
     work = folder / f".train-{recipe_hash}-{data_hash}"
+    with _exclusive(work, name):
+        return _run_job(recipe, registry, data, language, work, progress, say)
+
+
+def _identity(data: ProjectData, language: str | None) -> tuple[str, list[str], str]:
+    """Kind, languages and display name of the model trained for `language` (None: joint)."""
+    if language is None:
+        return "joint", list(data.languages), "the joint model"
+    return "expert", [language], f"expert {language}"
+
+
+@contextmanager
+def _exclusive(work: Path, name: str) -> Iterator[None]:
+    """Hold `work`'s lock: one process at a time trains a given model (others fail at once)."""
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / "lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(
+                f"another langmerge process is training {name} in this run directory; "
+                "wait for it to finish"
+            ) from None
+        yield
+
+
+def _run_job(
+    recipe: Recipe,
+    registry: Registry,
+    data: ProjectData,
+    language: str | None,
+    work: Path,
+    progress: bool,
+    say: Callable[[str], None],
+) -> Trained:
+    """Train in `work` (resuming from its checkpoints), move the adapter into place, record it."""
+    from langmerge.evaluate.predict import validation_scores
+    from langmerge.train.trainer import fit
+
+    kind, languages, name = _identity(data, language)
+    recipe_hash = recipe.digest()
+    data_hash = work.name.split("-")[-1]
+    folder = work.parent
     job = registry.start_job(kind, languages, recipe_hash, data_hash)
     meter = Meter()
     try:
