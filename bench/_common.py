@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata as md
+import os
+import platform
 import subprocess
 import sys
 import threading
@@ -149,3 +153,44 @@ def tail(path: Path, n: int = 2000) -> str:
     """Last `n` characters of a text file."""
     data = path.read_bytes()[-n:]
     return data.decode("utf-8", "replace")
+
+
+def machine_info(packages: tuple[str, ...]) -> dict:
+    """CPU, memory, the versions of torch and `packages`, and the source revision measured."""
+    import torch
+
+    repo = Path(__file__).parents[1]
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "",
+    )
+
+    def version(pkg: str) -> str | None:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    git = subprocess.run(
+        ["git", "-C", str(repo), "describe", "--always", "--dirty"], capture_output=True, text=True
+    )
+    src = hashlib.sha1()
+    for f in sorted((repo / "src").rglob("*.py")):
+        src.update(f.read_bytes())
+    return {
+        "repo_commit": git.stdout.strip() or None,
+        "langmerge_src_sha1": src.hexdigest()[:12],  # the package may be edited between runs
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)),
+        "cpu_model": model,
+        "mem_total_gb": psutil.virtual_memory().total / GB,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        **{pkg: version(pkg) for pkg in packages},
+    }

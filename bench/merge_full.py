@@ -38,11 +38,8 @@ How to run (from the repo root)
 from __future__ import annotations
 
 import argparse
-import hashlib
-import importlib.metadata as md
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -50,13 +47,12 @@ import time
 import zlib
 from pathlib import Path
 
-import psutil
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import GB, run_measured, tail, wait_idle, warm_page_cache  # noqa: E402
+from _common import machine_info, run_measured, tail, wait_idle, warm_page_cache  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -491,43 +487,6 @@ def timed(
 # --------------------------------------------------------------------------- main
 
 
-def machine_info() -> dict:
-    """CPU, memory and library versions."""
-    model = ""
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-
-    def ver(pkg: str) -> str | None:
-        try:
-            return md.version(pkg)
-        except md.PackageNotFoundError:
-            return None
-
-    git = subprocess.run(
-        ["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True
-    )
-    src = hashlib.sha1()
-    for f in sorted((REPO / "src").rglob("*.py")):
-        src.update(f.read_bytes())
-    return {
-        "repo_commit": git.stdout.strip() or None,
-        "langmerge_src_sha1": src.hexdigest()[:12],  # the package may be edited between runs
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)),
-        "cpu_model": model,
-        "mem_total_gb": psutil.virtual_memory().total / GB,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "safetensors": ver("safetensors"),
-        "langmerge": ver("langmerge"),
-    }
-
-
 def ratio(a: float | None, b: float | None) -> float | None:
     """a / b, or None when either is missing."""
     return a / b if a is not None and b else None
@@ -571,7 +530,7 @@ def main() -> int:
     logs = WORK / "logs" / tag
     n_params = sum(torch.Size(s).numel() for _, s in tensor_shapes(spec))
 
-    info = machine_info()
+    info = machine_info(("safetensors", "langmerge"))
     if not a.skip_mergekit:
         ensure_mergekit()
         info.update(mergekit_versions())

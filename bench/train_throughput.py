@@ -12,7 +12,7 @@ What it measures
       - hf_pad_max_length the standard HF recipe: `tokenizer(padding="max_length",
                           truncation=True, max_length=128)`, random batches, default collator
       - hf_pad_longest    random batches, `DataCollatorWithPadding` (pad to the batch's longest)
-    The HF runs mirror `fit`'s TrainingArguments except the sampling (random). To count tokens
+    The HF runs use `fit`'s settings (`training_arguments`) with random sampling. To count tokens
     they use langmerge's `CountingTrainer`, a `Trainer` that only adds two counters per step.
     Wall time covers what `fit` does: model load, LoRA wrap, the epoch, the final checkpoint;
     tokenisation is outside it for all. Tokens/s counts real (unpadded) tokens: the same total
@@ -35,15 +35,10 @@ How to run (from the repo root)
 from __future__ import annotations
 
 import argparse
-import hashlib
-import importlib.metadata as md
 import json
-import os
-import platform
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -58,7 +53,6 @@ from transformers import (
     DataCollatorWithPadding,
     PreTrainedTokenizerFast,
     PrinterCallback,
-    TrainingArguments,
     default_data_collator,
 )
 
@@ -67,10 +61,15 @@ from langmerge.data.batching import PadToLongest
 from langmerge.data.encode import encode
 from langmerge.data.prepare import Example
 from langmerge.recipe import Lora, Recipe, Task, Training
-from langmerge.train.trainer import CountingTrainer, build_peft_model, fit
+from langmerge.train.trainer import (
+    CountingTrainer,
+    build_peft_model,
+    fit,
+    training_arguments,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import GB, busy_cpu_s, wait_idle  # noqa: E402
+from _common import busy_cpu_s, machine_info, wait_idle  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -167,30 +166,6 @@ def make_recipe(base_dir: Path) -> Recipe:
     )
 
 
-def hf_args(recipe: Recipe, out: Path) -> TrainingArguments:
-    """`fit`'s TrainingArguments with the default (random) sampling."""
-    t = recipe.training
-    return TrainingArguments(
-        output_dir=str(out),
-        num_train_epochs=t.epochs,
-        per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation,
-        learning_rate=t.learning_rate,
-        weight_decay=t.weight_decay,
-        warmup_steps=t.warmup_ratio,
-        seed=t.seed,
-        use_cpu=True,
-        save_strategy="steps",
-        save_steps=t.checkpoint_steps,
-        save_total_limit=1,
-        logging_steps=1,
-        report_to=[],
-        disable_tqdm=True,
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-    )
-
-
 def hf_records(tokenizer, texts: list[str], labels: list[int], **options) -> list[dict]:
     """The standard HF encoding: the tokenizer's outputs per example, plus its label."""
     enc = tokenizer(texts, truncation=True, max_length=MAX_LENGTH, **options)
@@ -230,7 +205,10 @@ def run_hf(
     """A `Trainer` on the same model and data, random batches collated by `collator`."""
     model = build_peft_model(base_dir, recipe, pad_id)
     trainer = CountingTrainer(
-        model=model, args=hf_args(recipe, out), train_dataset=train, data_collator=collator
+        model=model,
+        args=training_arguments(recipe, out),
+        train_dataset=train,
+        data_collator=collator,
     )
     trainer.remove_callback(PrinterCallback)  # as `fit` does
     output = trainer.train()
@@ -284,37 +262,6 @@ def loss_parity(
         "loss_max_abs_diff": loss_diff,
         "grad_max_abs_diff": grad_diff,
         "grad_max_abs": grad_max,
-    }
-
-
-def machine_info() -> dict:
-    """CPU, memory, library versions and the source revision."""
-    model = next(
-        (
-            ln.split(":", 1)[1].strip()
-            for ln in Path("/proc/cpuinfo").read_text().splitlines()
-            if ln.startswith("model name")
-        ),
-        "",
-    )
-    git = subprocess.run(
-        ["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True
-    )
-    src = hashlib.sha1()
-    for f in sorted((REPO / "src").rglob("*.py")):
-        src.update(f.read_bytes())
-    return {
-        "repo_commit": git.stdout.strip() or None,
-        "langmerge_src_sha1": src.hexdigest()[:12],
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)),
-        "cpu_model": model,
-        "mem_total_gb": psutil.virtual_memory().total / GB,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        **{pkg: md.version(pkg) for pkg in ("transformers", "peft", "langmerge")},
     }
 
 
@@ -380,7 +327,7 @@ def main() -> int:
         "benchmark": "train_throughput",
         "mode": "quick" if a.quick else "full",
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine_info(),
+        "machine": machine_info(("transformers", "peft", "langmerge")),
         "model": {**MODEL, "params": parity.pop("params")},
         "settings": {
             "examples": len(ours),

@@ -68,32 +68,7 @@ def fit(
     t = recipe.training
     model = build_peft_model(base_dir, recipe, pad_id)
     cuda = torch.cuda.is_available()
-    options = dict(
-        output_dir=str(work),
-        num_train_epochs=t.epochs,
-        per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation,
-        learning_rate=t.learning_rate,
-        weight_decay=t.weight_decay,
-        seed=t.seed,
-        bf16=cuda and t.precision == "bf16",
-        fp16=cuda and t.precision == "fp16",
-        use_cpu=not cuda,
-        save_strategy="steps",
-        save_steps=t.checkpoint_steps,
-        save_total_limit=1,
-        logging_steps=10 if cuda else 1,  # each log waits for the GPU
-        report_to=[],
-        disable_tqdm=True,
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-    )
-    known = inspect.signature(TrainingArguments).parameters
-    if "warmup_ratio" in known:  # transformers 4; 5 reads a fraction from warmup_steps
-        options["warmup_ratio"] = t.warmup_ratio
-    else:
-        options["warmup_steps"] = t.warmup_ratio
-    args = TrainingArguments(**options)
+    args = training_arguments(recipe, work)
     bar = ProgressBar(progress)
     trainer = CountingTrainer(
         model=model,
@@ -123,6 +98,38 @@ def fit(
         loss=float(output.training_loss),
         flops=training_flops(n_linear, n_trainable, trainer.tokens),
     )
+
+
+def training_arguments(recipe: Recipe, work: Path) -> TrainingArguments:
+    """The `Trainer` settings of a recipe: checkpoints every `checkpoint_steps` into `work`,
+    mixed precision on a GPU only, no reporting integrations."""
+    t = recipe.training
+    cuda = torch.cuda.is_available()
+    options = dict(
+        output_dir=str(work),
+        num_train_epochs=t.epochs,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        seed=t.seed,
+        bf16=cuda and t.precision == "bf16",
+        fp16=cuda and t.precision == "fp16",
+        use_cpu=not cuda,
+        save_strategy="steps",
+        save_steps=t.checkpoint_steps,
+        save_total_limit=1,
+        logging_steps=10 if cuda else 1,  # each log waits for the GPU
+        report_to=[],
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
+    if "warmup_ratio" in inspect.signature(TrainingArguments).parameters:  # transformers 4
+        options["warmup_ratio"] = t.warmup_ratio
+    else:  # transformers 5 reads a fraction from warmup_steps
+        options["warmup_steps"] = t.warmup_ratio
+    return TrainingArguments(**options)
 
 
 def training_flops(n_linear: int, n_trainable: int, tokens: int) -> float:
