@@ -259,3 +259,19 @@ def test_a_second_training_of_the_same_model_is_refused_while_the_first_runs(tmp
         code, text = cli("train", path, "--lang", "en", "--quiet")
     assert code == 1 and "another langmerge process is training expert en" in text
     assert Registry(recipe.run_dir).ledger() == []
+
+
+def test_a_decoder_learns_classification_with_its_score_head(tmp_path, cli):
+    from tiny import tiny_decoder
+
+    tiny_decoder(tmp_path / "decoder")
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    path = project(tmp_path, base="decoder", lora=lora)
+    code, text = cli("train", path, "--all", "--quiet")
+    assert code == 0, text
+    code, text = cli("merge", path, "--quiet")
+    assert code == 0, text
+    registry = Registry(load_recipe(path).run_dir)
+    expert = registry.latest("expert", "en")
+    assert any(k.endswith("score.weight") for k in _adapter_keys(expert["path"]))
+    assert set(expert["scores"]["en"]) == {"accuracy", "macro_f1", "loss"}
