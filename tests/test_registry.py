@@ -139,3 +139,20 @@ def test_concurrent_writers_lose_nothing(tmp_path):
     assert [p.exitcode for p in procs] == [0, 0]
     rows = Registry(tmp_path).ledger()
     assert len(rows) == 50 and all(r["status"] == "done" for r in rows)
+
+
+def _open(run_dir, barrier):
+    barrier.wait()
+    Registry(run_dir).close()
+
+
+def test_processes_creating_one_registry_at_once_all_succeed(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(4)
+    procs = [ctx.Process(target=_open, args=(tmp_path, barrier)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    assert Registry(tmp_path).db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION

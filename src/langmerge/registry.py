@@ -156,13 +156,17 @@ class Registry:
             )
 
     def _migrate(self) -> None:
-        version = self.db.execute("PRAGMA user_version").fetchone()[0]
-        for target in range(version + 1, SCHEMA_VERSION + 1):
+        """Bring the schema up to date, one migration per transaction. The version is read again
+        under the write lock: two processes opening a new run directory at once migrate once."""
+        while self.db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
             with self.transaction() as db:
-                for statement in MIGRATIONS[target].split(";"):
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                if version >= SCHEMA_VERSION:
+                    break
+                for statement in MIGRATIONS[version + 1].split(";"):
                     if statement.strip():
                         db.execute(statement)
-                db.execute(f"PRAGMA user_version={target}")
+                db.execute(f"PRAGMA user_version={version + 1}")
 
     # ---- jobs and the cost ledger ----------------------------------------------------------
 
