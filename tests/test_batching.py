@@ -18,10 +18,14 @@ def padded_fraction(lengths, order, size):
 def test_every_example_once_per_epoch_with_little_padding():
     rng = random.Random(0)
     lengths = [rng.randint(3, 120) for _ in range(1000)]
-    torch.manual_seed(0)
-    sampler = LengthGroupedSampler(lengths, batch_size=16)
-    first, second = list(sampler), list(sampler)
+    sampler = LengthGroupedSampler(lengths, batch_size=16, seed=3)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    second = list(sampler)
     assert sorted(first) == list(range(1000)) and first != second  # a new order each epoch
+    again = LengthGroupedSampler(lengths, batch_size=16, seed=3)
+    again.set_epoch(1)
+    assert list(again) == second  # the order depends on (seed, epoch) only: resuming repeats it
     assert padded_fraction(lengths, first, 16) < 0.02
     assert padded_fraction(lengths, list(range(1000)), 16) > 0.4  # random batches: much more
 

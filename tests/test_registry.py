@@ -26,16 +26,17 @@ def test_a_job_goes_from_running_to_a_ledger_row(tmp_path):
     assert row["wall_s"] > 0 and row["device_s"] == pytest.approx(2 * row["wall_s"])
 
 
-def expert(language, version, data_hash, kind="expert"):
-    return TrainedModel(kind, language, [language] if language else ["en", "de"], version,
-                        "base", "r1", data_hash, f"{kind}/{version}", {"f1": 0.5})  # fmt: skip
+def expert(language, data_hash, kind="expert"):
+    languages = [language] if language else ["en", "de"]
+    return TrainedModel(kind, language, languages, "base", "r1", data_hash, {"f1": 0.5})
 
 
 def test_expert_versions_and_the_cache_lookup(tmp_path):
     reg = Registry(tmp_path)
     for data_hash in ("d1", "d2"):
         job = reg.start_job("expert", ["de"], "r1", data_hash)
-        reg.finish_training(job, Cost(), expert("de", reg.next_version("expert", "de"), data_hash))
+        recorded = reg.finish_training(job, Cost(), expert("de", data_hash), lambda v: f"de/v{v}")
+        assert recorded.path == f"de/v{recorded.version}"
     latest = reg.latest("expert", "de")
     assert latest["version"] == 2 and latest["scores"] == {"f1": 0.5}
     assert reg.find_trained("expert", "de", "r1", "d2")["id"] == latest["id"]
@@ -47,7 +48,7 @@ def test_expert_versions_and_the_cache_lookup(tmp_path):
 def test_joint_models_have_their_own_versions(tmp_path):
     reg = Registry(tmp_path)
     job = reg.start_job("joint", ["en", "de"], "r1", "d1")
-    reg.finish_training(job, Cost(tokens=7), expert(None, 1, "d1", kind="joint"))
+    reg.finish_training(job, Cost(tokens=7), expert(None, "d1", kind="joint"))
     (joint,) = reg.trained("joint")
     assert joint["languages"] == ["en", "de"] and joint["tokens"] == 7
     assert reg.next_version("joint") == 2 and reg.next_version("expert", "en") == 1
@@ -56,9 +57,16 @@ def test_joint_models_have_their_own_versions(tmp_path):
 def test_a_model_is_recorded_only_with_its_finished_job(tmp_path):
     reg = Registry(tmp_path)
     job = reg.start_job("expert", ["fr"], "r", "d")
-    with pytest.raises(RegistryError, match="meanwhile"):  # version 1 is the next one, not 2
-        reg.finish_training(job, Cost(), expert("fr", 2, "d"))
+
+    def place(version):
+        raise OSError("disk full while moving the adapter")
+
+    with pytest.raises(OSError, match="disk full"):
+        reg.finish_training(job, Cost(), expert("fr", "d"), place)
     assert reg.latest("expert", "fr") is None and reg.ledger()[0]["status"] == "running"
+    reg.fail_job(job, "disk full", Cost(cpu_s=2.0, tokens=5))
+    row = reg.ledger()[0]
+    assert (row["status"], row["tokens"], row["cpu_s"]) == ("failed", 5, 2.0) and row["wall_s"] > 0
 
 
 def test_a_dead_job_is_marked_failed(tmp_path):

@@ -122,22 +122,25 @@ def test_an_interrupted_expert_resumes_from_its_last_checkpoint(tmp_path, cli, m
     path = project(tmp_path / "resumed")
     step_end = trainer.ProgressBar.on_step_end
 
-    def crash_at_step_6(self, args, state, control, **kw):
+    def crash_at_step_9(self, args, state, control, **kw):  # in epoch 2, after checkpoint 8
         step_end(self, args, state, control, **kw)
-        if state.global_step == 6:
+        if state.global_step == 9:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(trainer.ProgressBar, "on_step_end", crash_at_step_6)
+    monkeypatch.setattr(trainer.ProgressBar, "on_step_end", crash_at_step_9)
     code, text = cli("train", path, "--lang", "en", "--quiet")
     assert code == 130 and "run the same command again to resume" in text
     recipe = load_recipe(path)
     (row,) = Registry(recipe.run_dir).ledger()
     assert row["status"] == "failed" and row["error"] == "interrupted"
+    assert row["tokens"] > 0 and row["examples"] == 9 * 4  # 9 steps of batch 4 before the crash
     assert Registry(recipe.run_dir).latest("expert", "en") is None
     monkeypatch.undo()
     code, text = cli("train", path, "--lang", "en", "--quiet")
-    assert code == 0 and "resumed from the checkpoint at step 4" in text
+    assert code == 0 and "resumed from the checkpoint at step 8" in text
     assert not list((recipe.run_dir / "experts/en").glob(".train-*"))  # work folder cleaned up
+    failed, done = Registry(recipe.run_dir).ledger()
+    assert done["examples"] == 2 * 4  # its own work: the steps after the checkpoint, 9 and 10
 
     straight = project(tmp_path / "straight")
     assert cli("train", straight, "--lang", "en", "--quiet")[0] == 0
@@ -145,6 +148,19 @@ def test_an_interrupted_expert_resumes_from_its_last_checkpoint(tmp_path, cli, m
     reference = _adapter_weights(load_recipe(straight).run_dir / "experts/en/v1")
     assert resumed.keys() == reference.keys()
     assert all(torch.allclose(resumed[k], reference[k], atol=1e-6) for k in resumed)
+
+
+def test_gradient_accumulation_averages_like_one_larger_batch(tmp_path, cli):
+    from tiny import tiny_encoder
+
+    for name in ("one", "two"):  # without dropout, whose draws depend on the batch shapes
+        tiny_encoder(tmp_path / name / "encoder", dropout=0.0)
+    one = project(tmp_path / "one", training={"batch_size": 4, "gradient_accumulation": 1})
+    two = project(tmp_path / "two", training={"batch_size": 2, "gradient_accumulation": 2})
+    for path in (one, two):  # en has 20 training examples: whole batches of 4
+        assert cli("train", path, "--lang", "en", "--quiet")[0] == 0
+    a, b = (_adapter_weights(load_recipe(p).run_dir / "experts/en/v1") for p in (one, two))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
 
 
 def _adapter_weights(path):

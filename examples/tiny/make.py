@@ -74,7 +74,7 @@ def word_tokenizer(specials: dict[str, str], template: str | None):
     return PreTrainedTokenizerFast(tokenizer_object=tok, **specials)
 
 
-def tiny_encoder(out: Path) -> Path:
+def tiny_encoder(out: Path, dropout: float = 0.1) -> Path:
     """A 2-layer BERT with a [CLS] … [SEP] word-level tokenizer."""
     from transformers import BertConfig, BertModel
 
@@ -89,6 +89,8 @@ def tiny_encoder(out: Path) -> Path:
         num_attention_heads=4,
         intermediate_size=64,
         max_position_embeddings=64,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     import torch
 

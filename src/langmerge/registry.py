@@ -16,7 +16,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from langmerge.errors import LangmergeError
@@ -119,12 +119,32 @@ class Registry:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
+        except sqlite3.DatabaseError as e:
+            raise RegistryError(f"cannot use the registry {self.path}: {e}") from None
+        try:
             self._refuse_newer()  # before anything, even the journal mode, changes the file
-            self.db.execute("PRAGMA journal_mode=WAL")
+            self._wal(timeout)
             self.db.execute("PRAGMA foreign_keys=ON")
             self._migrate()
         except sqlite3.DatabaseError as e:
+            self.db.close()
             raise RegistryError(f"cannot use the registry {self.path}: {e}") from None
+        except BaseException:
+            self.db.close()
+            raise
+
+    def _wal(self, timeout: float) -> None:
+        """Switch to WAL (once per database file). SQLite does not wait for the busy timeout
+        here, so a process that finds another one creating the database tries again."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def close(self) -> None:
         self.db.close()
@@ -200,13 +220,21 @@ class Registry:
             if then is not None:
                 then(db)
 
-    def fail_job(self, job_id: int, error: str) -> None:
+    def fail_job(self, job_id: int, error: str, cost: Cost | None = None) -> None:
+        """Close a running job as failed, with what it consumed until then when measured."""
+        cost = cost or Cost()
         with self.transaction() as db:
-            self._running(db, job_id)
+            (started,) = self._running(db, job_id)
+            ended = time.time()
+            wall = ended - started
             db.execute(
-                "UPDATE jobs SET status='failed', ended=?, error=? WHERE id=?",
-                (time.time(), error, job_id),
-            )
+                "UPDATE jobs SET status='failed', ended=?, error=?, wall_s=?, cpu_s=?, "
+                "device_kind=?, device_count=?, device_s=?, tokens=?, examples=?, "
+                "peak_memory_bytes=?, flops=? WHERE id=?",
+                (ended, error, wall, cost.cpu_s, cost.device_kind, cost.device_count,
+                 wall * cost.device_count, cost.tokens, cost.examples, cost.peak_memory_bytes,
+                 cost.flops, job_id),
+            )  # fmt: skip
 
     def mark_abandoned(self) -> int:
         """Mark as failed the running jobs whose process is gone (killed, crashed)."""
@@ -220,9 +248,17 @@ class Registry:
             )
             return len(gone)
 
+    def job(self, job_id: int) -> dict:
+        """One job's ledger row."""
+        (row,) = self._jobs("WHERE id=?", (job_id,))
+        return row
+
     def ledger(self) -> list[dict]:
         """Every job, oldest first, as dictionaries (the source of every cost report)."""
-        cur = self.db.execute("SELECT * FROM jobs ORDER BY id")
+        return self._jobs("", ())
+
+    def _jobs(self, where: str, args: tuple) -> list[dict]:
+        cur = self.db.execute(f"SELECT * FROM jobs {where} ORDER BY id", args)
         names = [c[0] for c in cur.description]
         return [
             {**dict(zip(names, row)), "languages": json.loads(row[2])} for row in cur.fetchall()
@@ -247,40 +283,39 @@ class Registry:
         ).fetchone()
         return latest + 1
 
-    def finish_training(self, job_id: int, cost: Cost, model: TrainedModel) -> int:
-        """Close a training job and record the model it made, in one transaction; returns the
-        model's id."""
-        self.finish_job(job_id, cost, then=lambda db: self._insert_model(db, job_id, model))
-        return self._last_model_id
+    def finish_training(
+        self,
+        job_id: int,
+        cost: Cost,
+        model: TrainedModel,
+        place: Callable[[int], str] | None = None,
+    ) -> TrainedModel:
+        """Close a training job and record the model it made, in one transaction. The version is
+        the next free one, chosen under the write lock; `place(version)` (if given) puts the
+        model's files where they belong and returns their path. Returns the model as recorded."""
+        recorded: list[TrainedModel] = []
 
-    def _insert_model(self, db: sqlite3.Connection, job_id: int, m: TrainedModel) -> None:
-        if m.version != self.next_version(m.kind, m.language):
-            raise RegistryError(
-                f"another process recorded {m.kind} {m.language or ''} version {m.version} "
-                "meanwhile: run one training of a language at a time"
-            )
-        common = (
-            m.version,
-            m.base,
-            m.recipe_hash,
-            m.data_hash,
-            m.path,
-            job_id,
-            json.dumps(m.scores),
-        )
-        if m.kind == "expert":
-            cur = db.execute(
-                "INSERT INTO experts (language, version, base, recipe_hash, data_hash, path, "
-                "job_id, scores) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (m.language, *common),
-            )
-        else:
-            cur = db.execute(
-                "INSERT INTO joints (languages, version, base, recipe_hash, data_hash, path, "
-                "job_id, scores) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (json.dumps(m.languages), *common),
-            )
-        self._last_model_id = int(cur.lastrowid)
+        def insert(db: sqlite3.Connection) -> None:
+            version = self.next_version(model.kind, model.language)
+            m = replace(model, version=version, path=place(version) if place else model.path)
+            common = (m.version, m.base, m.recipe_hash, m.data_hash, m.path, job_id,
+                      json.dumps(m.scores))  # fmt: skip
+            if m.kind == "expert":
+                db.execute(
+                    "INSERT INTO experts (language, version, base, recipe_hash, data_hash, path, "
+                    "job_id, scores) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (m.language, *common),
+                )
+            else:
+                db.execute(
+                    "INSERT INTO joints (languages, version, base, recipe_hash, data_hash, path, "
+                    "job_id, scores) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (json.dumps(m.languages), *common),
+                )
+            recorded.append(m)
+
+        self.finish_job(job_id, cost, then=insert)
+        return recorded[0]
 
     def trained(self, kind: str, language: str | None = None) -> list[dict]:
         """Every finished `kind` model (of `language`), oldest first, with its job's cost."""
@@ -320,6 +355,8 @@ class Registry:
     ) -> int:
         """Close a merge job and record the merge as the current one, in one transaction."""
 
+        ids: list[int] = []
+
         def insert(db: sqlite3.Connection) -> None:
             db.execute("UPDATE merges SET current=0")
             cur = db.execute(
@@ -327,10 +364,10 @@ class Registry:
                 "VALUES (?, ?, ?, ?, ?, 1)",
                 (method, json.dumps(params), json.dumps(expert_ids), path, job_id),
             )
-            self._last_model_id = int(cur.lastrowid)
+            ids.append(int(cur.lastrowid))
 
         self.finish_job(job_id, cost, then=insert)
-        return self._last_model_id
+        return ids[0]
 
     def merges(self) -> list[dict]:
         cur = self.db.execute(
@@ -351,12 +388,12 @@ class TrainedModel:
     kind: str  # expert | joint
     language: str | None
     languages: list[str]
-    version: int
     base: str
     recipe_hash: str
     data_hash: str
-    path: str
     scores: dict
+    version: int = 0  # set by `finish_training`
+    path: str = ""  # set by `finish_training` when it places the files
 
 
 def _model_query(kind: str, language: str | None, alias: str = "") -> tuple[str, str, tuple]:

@@ -40,33 +40,40 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
     """Indices in batches of similar length, batches in random order.
 
     Each epoch shuffles the examples, sorts each group of `group` batches by length (ties broken
-    at random) and shuffles the order of the resulting full batches. With the default group of 256
-    batches, a language's data is usually sorted whole, which leaves almost no padding; HF's
-    sampler sorts groups of 50 batches, which leaves much more on small data sets. Randomness
-    comes from torch's global generator, which `Trainer` seeds and restores when resuming.
+    at random) and shuffles the order of the resulting full batches; a short batch comes last.
+    With the default group of 256 batches a language's data is usually sorted whole, which
+    leaves almost no padding (HF's sampler sorts groups of 50 batches: much more on small data
+    sets). The order depends only on (seed, epoch), so a run resumed mid-epoch skips exactly the
+    batches it had trained on; `Trainer` calls `set_epoch` at the start of every epoch.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, group: int = 256):
+    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, group: int = 256):
         self.lengths = torch.tensor(lengths, dtype=torch.float64)
         self.batch_size = batch_size
+        self.seed = seed
         self.group = group
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def __iter__(self):
         n, size = len(self.lengths), self.batch_size
-        order = torch.randperm(n)
-        jitter = torch.rand(n, dtype=torch.float64) * 0.5  # breaks ties between equal lengths
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(n, generator=generator)
+        jitter = torch.rand(n, generator=generator, dtype=torch.float64) * 0.5  # breaks ties
         batches = []
         for start in range(0, n, size * self.group):
             chunk = order[start : start + size * self.group]
             chunk = chunk[torch.argsort(self.lengths[chunk] + jitter[chunk], descending=True)]
             batches += [chunk[i : i + size] for i in range(0, len(chunk), size)]
-        # a short batch goes last: the data loader cuts the stream into batches of `batch_size`
+        # the data loader cuts the stream into batches of `batch_size`: a short one goes last
         full = [b for b in batches if len(b) == size]
         short = [b for b in batches if len(b) < size]
-        for b in torch.randperm(len(full)).tolist():
+        for b in torch.randperm(len(full), generator=generator).tolist():
             yield from full[b].tolist()
         for b in short:
             yield from b.tolist()

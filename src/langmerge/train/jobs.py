@@ -90,17 +90,25 @@ def _train_one(
     progress: bool,
     say: Callable[[str], None],
 ) -> Trained:
-    kind, languages, name = _identity(data, language)
+    kind, _, name = _identity(data, language)
     recipe_hash = recipe.digest()
     data_hash = data.joint_digest() if language is None else data.languages[language].digest
-    if not force:
-        hit = registry.find_trained(kind, language, recipe_hash, data_hash)
+
+    def cached() -> Trained | None:
+        hit = None if force else registry.find_trained(kind, language, recipe_hash, data_hash)
         if hit is not None:
             say(f"{name}: up to date (v{hit['version']}, {hit['path']}); --force retrains")
             return Trained(kind, language, hit["version"], Path(hit["path"]), True, hit["scores"])
+        return None
+
     folder = Path(recipe.run_dir) / ("joint" if language is None else f"experts/{language}")
     work = folder / f".train-{recipe_hash}-{data_hash}"
+    if (hit := cached()) is not None:
+        return hit
     with _exclusive(work, name):
+        # another process may have finished this very model while we waited for nothing
+        if (hit := cached()) is not None:
+            return hit
         return _run_job(recipe, registry, data, language, work, progress, say)
 
 
@@ -135,16 +143,20 @@ def _run_job(
     progress: bool,
     say: Callable[[str], None],
 ) -> Trained:
-    """Train in `work` (resuming from its checkpoints), move the adapter into place, record it."""
+    """Train in `work` (resuming from its checkpoints), score, then move the adapter into place
+    and record it in one registry transaction. A failed job keeps the cost it had run up."""
     from langmerge.evaluate.predict import validation_scores
-    from langmerge.train.trainer import fit
+    from langmerge.train.trainer import Counts, fit
 
     kind, languages, name = _identity(data, language)
     recipe_hash = recipe.digest()
     data_hash = work.name.split("-")[-1]
-    folder = work.parent
     job = registry.start_job(kind, languages, recipe_hash, data_hash)
-    meter = Meter()
+    meter, counts = Meter(), Counts()
+
+    def cost():
+        return meter.cost(tokens=counts.tokens, examples=counts.examples, flops=counts.flops)
+
     try:
         base_dir = prepare_base(recipe, data.labels)
         tokenizer = load_tokenizer(base_dir)
@@ -156,7 +168,7 @@ def _run_job(
         train_set = [x for code in languages for x in encoded("train", code)]
         say(f"{name}: training on {len(train_set)} examples")
         result = fit(base_dir, recipe, train_set, tokenizer.pad_token_id, work / "checkpoints",
-                     progress)  # fmt: skip
+                     progress, counts)  # fmt: skip
         if result.resumed_from is not None:
             say(f"{name}: resumed from the checkpoint at step {result.resumed_from}")
         scores = {
@@ -166,29 +178,31 @@ def _run_job(
         }  # fmt: skip
         staged = work / "adapter"
         result.model.save_pretrained(staged)
-        version = registry.next_version(kind, language)
-        write_json(staged / METADATA, {
-            "kind": kind, "languages": languages, "version": version, "base": recipe.base,
-            "base_dir": str(base_dir), "task": recipe.task.model_dump(), "labels": data.labels,
-            "recipe_hash": recipe_hash, "data_hash": data_hash, "steps": result.steps,
-            "train_loss": result.loss, "validation": scores,
-        })  # fmt: skip
-        final = folder / f"v{version}"
-        if final.exists():  # left by a crash after the move and before the registry write
-            shutil.rmtree(final)
-        staged.rename(final)
-        cost = meter.cost(tokens=result.tokens, examples=result.examples, flops=result.flops)
-        record = TrainedModel(kind, language, languages, version, str(base_dir), recipe_hash,
-                              data_hash, str(final), scores)  # fmt: skip
-        registry.finish_training(job, cost, record)
+
+        def place(version: int) -> str:
+            write_json(staged / METADATA, {
+                "kind": kind, "languages": languages, "version": version, "base": recipe.base,
+                "base_dir": str(base_dir), "task": recipe.task.model_dump(),
+                "labels": data.labels, "recipe_hash": recipe_hash, "data_hash": data_hash,
+                "steps": result.steps, "train_loss": result.loss, "validation": scores,
+            })  # fmt: skip
+            final = work.parent / f"v{version}"
+            if final.exists():  # no row refers to it: left by a crash before its registry write
+                shutil.rmtree(final)
+            staged.rename(final)
+            return str(final)
+
+        record = TrainedModel(kind, language, languages, str(base_dir), recipe_hash, data_hash,
+                              scores)  # fmt: skip
+        record = registry.finish_training(job, cost(), record, place)
     except BaseException as e:
         what = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
-        registry.fail_job(job, what)
+        registry.fail_job(job, what, cost())
         if isinstance(e, KeyboardInterrupt):
             say(f"{name}: interrupted; the same command resumes from the last checkpoint")
         raise
     shutil.rmtree(work, ignore_errors=True)
-    (row,) = [r for r in registry.ledger() if r["id"] == job]
-    say(f"{name}: v{version} in {final} ({row['wall_s']:.1f} s, {result.tokens} tokens)")
-    return Trained(kind, language, version, final, False, scores, result.resumed_from,
-                   row["wall_s"], result.tokens)  # fmt: skip
+    wall = registry.job(job)["wall_s"]
+    say(f"{name}: v{record.version} in {record.path} ({wall:.1f} s, {counts.tokens} tokens)")
+    return Trained(kind, language, record.version, Path(record.path), False, scores,
+                   result.resumed_from, wall, counts.tokens)  # fmt: skip

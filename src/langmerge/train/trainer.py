@@ -23,15 +23,27 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
+class Counts:
+    """What a training process has worked through so far; kept by the caller, so the figures
+    survive an interruption."""
+
+    tokens: int = 0  # real (unpadded) tokens of the batches trained on
+    padded_tokens: int = 0  # tokens including padding
+    examples: int = 0
+    flops_per_token: float = 0.0
+
+    @property
+    def flops(self) -> float:
+        return self.flops_per_token * self.tokens
+
+
+@dataclass
 class FitResult:
     model: torch.nn.Module  # the PEFT model, trained
-    tokens: int  # real (unpadded) tokens in the batches this process trained on
-    padded_tokens: int  # tokens including padding
-    examples: int
+    counts: Counts  # this process's work (a resumed run counts from its checkpoint on)
     steps: int
     resumed_from: int | None  # the checkpoint's step when resuming
-    loss: float  # mean training loss
-    flops: float
+    loss: float | None  # mean training loss over the whole run, resumed parts included
 
 
 def build_peft_model(base_dir: Path, recipe: Recipe, pad_id: int):
@@ -52,7 +64,11 @@ def build_peft_model(base_dir: Path, recipe: Recipe, pad_id: int):
         task_type=TaskType.SEQ_CLS if kind == "classification" else TaskType.CAUSAL_LM,
     )
     set_seed(recipe.training.seed)
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    for p in model.parameters():  # a trained head loaded in half precision: train it in fp32
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model
 
 
 def fit(
@@ -62,41 +78,48 @@ def fit(
     pad_id: int,
     work: Path,
     progress: bool = True,
+    counts: Counts | None = None,
 ) -> FitResult:
     """Train adapters on the encoded examples `train`; checkpoints go to `work`, and a run that
-    finds checkpoints there resumes from the newest."""
+    finds checkpoints there resumes from the newest. `counts` is updated as training goes."""
     t = recipe.training
+    counts = counts if counts is not None else Counts()
     model = build_peft_model(base_dir, recipe, pad_id)
+    n_linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    counts.flops_per_token = training_flops(n_linear, n_trainable, 1)
     cuda = torch.cuda.is_available()
-    args = training_arguments(recipe, work)
     bar = ProgressBar(progress)
     trainer = CountingTrainer(
+        counts,
         model=model,
-        args=args,
+        args=training_arguments(recipe, work),
         train_dataset=train,
         data_collator=PadToLongest(pad_id, multiple_of=8 if cuda else 1),  # GPU kernels like 8
         callbacks=[bar],
     )
+    if recipe.task.kind == "classification":
+        # the classifiers return a mean loss and ignore the token count the Trainer offers;
+        # told they take it, the Trainer would sum accumulated micro-batches instead of averaging
+        trainer.model_accepts_loss_kwargs = False
     if t.group_by_length:
         lengths = [len(x["input_ids"]) for x in train]
-        trainer.sampler = LengthGroupedSampler(lengths, t.batch_size * t.gradient_accumulation)
+        trainer.sampler = LengthGroupedSampler(
+            lengths, t.batch_size * t.gradient_accumulation, seed=t.seed
+        )
     trainer.remove_callback(PrinterCallback)
     checkpoint = latest_checkpoint(work)
     try:
-        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     finally:
         bar.bar.stop()
-    n_linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return FitResult(
         model=model,
-        tokens=trainer.tokens,
-        padded_tokens=trainer.padded_tokens,
-        examples=trainer.examples,
+        counts=counts,
         steps=trainer.state.global_step,
         resumed_from=int(checkpoint.name.split("-")[1]) if checkpoint else None,
-        loss=float(output.training_loss),
-        flops=training_flops(n_linear, n_trainable, trainer.tokens),
+        loss=sum(losses) / len(losses) if losses else None,
     )
 
 
@@ -152,9 +175,9 @@ def latest_checkpoint(work: Path) -> Path | None:
 class CountingTrainer(Trainer):
     """A `Trainer` that counts the tokens and examples of every batch it trains on."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, counts: Counts, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.tokens = self.padded_tokens = self.examples = 0
+        self.counts = counts
         self.sampler = None  # set to sample training batches in another order
 
     def _get_train_sampler(self, *args, **kwargs):
@@ -162,9 +185,9 @@ class CountingTrainer(Trainer):
 
     def training_step(self, model, inputs, *args, **kwargs):
         mask = inputs["attention_mask"]
-        self.tokens += int(mask.sum())
-        self.padded_tokens += mask.numel()
-        self.examples += mask.shape[0]
+        self.counts.tokens += int(mask.sum())
+        self.counts.padded_tokens += mask.numel()
+        self.counts.examples += mask.shape[0]
         return super().training_step(model, inputs, *args, **kwargs)
 
 
