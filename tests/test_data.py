@@ -171,3 +171,24 @@ def test_generation_examples_learn_only_the_target(tmp_path):
         "sad",
         "</s>",
     ]
+
+
+def test_a_csv_saved_with_a_byte_order_mark(tmp_path):
+    rows = sentences("en", 20, 0)
+    body = "text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows)
+    (tmp_path / "en.csv").write_text("\ufeff" + body)  # as Excel writes "CSV UTF-8"
+    data = load_data(recipe_at(tmp_path, {"en": {"data": "en.csv"}}))
+    assert data.problems == [] and sum(len(d.train) for d in data.languages.values()) > 0
+
+
+def test_a_label_set_taken_from_the_data_is_part_of_every_hash(tmp_path):
+    for code in ("en", "de"):
+        write_jsonl(tmp_path / f"{code}.jsonl", sentences(code, 20, 0))
+    task = {"kind": "classification"}  # no labels: the set found in the data
+    languages = {"en": {"data": "en.jsonl"}, "de": {"data": "de.jsonl"}}
+    before = load_data(recipe_at(tmp_path, languages, task=task))
+    with (tmp_path / "de.jsonl").open("a") as f:
+        f.write('{"text": "wut und zorn", "label": "angry"}\n')
+    after = load_data(recipe_at(tmp_path, languages, task=task))
+    assert after.labels == ["angry", "happy", "sad"]
+    assert after.languages["en"].digest != before.languages["en"].digest  # en's head changes too

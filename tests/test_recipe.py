@@ -59,6 +59,11 @@ def test_the_recipe_hash_follows_training_settings_not_merge_settings(tmp_path):
         ({"merge": {"method": "tie"}}, "unknown merge method 'tie'"),
         ({"merge": {"weights": {"fr": 1.0}}}, "lacks: ['fr']"),
         ({"task": {"kind": "generation", "prompt": "Summarize"}}, "prompt must use"),
+        ({"task": {"kind": "generation", "prompt": "Summarize: {}"}}, "must be field names"),
+        ({"task": {"kind": "generation", "prompt": "Summarize: {text"}}, "not a valid template"),
+        ({"task": {"kind": "generation", "prompt": "{text.upper}"}}, "must be field names"),
+        ({"task": {"kind": "generation", "prompt": "{text!r}"}}, "no conversion"),
+        ({"task": {"kind": "generation", "prompt": "{{text}}"}}, "prompt must use"),
         ({"task": {"kind": "regression"}}, "task.kind"),
     ],
 )
@@ -72,3 +77,16 @@ def test_a_missing_data_file_is_named(tmp_path):
     path = write(tmp_path, RECIPE, files=("en.jsonl", "de_train.jsonl"))
     with pytest.raises(ConfigError, match="language 'de'.*de_test.jsonl.*does not exist"):
         load_recipe(path)
+
+
+def test_yaml_spellings_mean_what_a_user_wrote(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    (tmp_path / "no.jsonl").write_text("")
+    path.write_text(
+        "base: models/base\n"
+        "task: {kind: classification, labels: [0, 1]}\n"
+        "languages:\n  no: {data: no.jsonl}\n"  # Norwegian, which YAML 1.1 reads as false
+    )
+    recipe = load_recipe(path)
+    assert list(recipe.languages) == ["no"] and recipe.task.labels == ["0", "1"]

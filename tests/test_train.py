@@ -291,3 +291,45 @@ def test_a_decoder_learns_classification_with_its_score_head(tmp_path, cli):
     expert = registry.latest("expert", "en")
     assert any(k.endswith("score.weight") for k in _adapter_keys(expert["path"]))
     assert set(expert["scores"]["en"]) == {"accuracy", "macro_f1", "loss"}
+
+
+def test_without_validation_data_an_expert_trains_and_has_no_scores(tmp_path, cli):
+    path = project(tmp_path, split={"validation": 0.0, "test": 0.0, "seed": 0})
+    code, text = cli("train", path, "--lang", "fr", "--quiet")
+    assert code == 0, text
+    assert Registry(load_recipe(path).run_dir).latest("expert", "fr")["scores"] == {"fr": {}}
+
+
+def test_a_base_that_already_classifies_into_other_labels_gets_a_fresh_seeded_head(tmp_path, cli):
+    from tiny import tiny_encoder
+    from transformers import AutoModelForSequenceClassification
+
+    AutoModelForSequenceClassification.from_pretrained(
+        tiny_encoder(tmp_path / "plain"), num_labels=5
+    ).save_pretrained(tmp_path / "encoder")  # a 5-way classifier; the recipe has 2 labels
+    (tmp_path / "plain" / "tokenizer.json").rename(tmp_path / "encoder" / "tokenizer.json")
+    (tmp_path / "plain" / "tokenizer_config.json").rename(
+        tmp_path / "encoder" / "tokenizer_config.json"
+    )
+    path = project(tmp_path)
+    code, text = cli("train", path, "--lang", "en", "--quiet")
+    assert code == 0, text
+    base = Registry(load_recipe(path).run_dir).latest("expert", "en")["base"]
+    head = AutoModelForSequenceClassification.from_pretrained(base).classifier.weight
+    expected = torch.randn(head.shape, generator=torch.Generator().manual_seed(0)) * 0.02
+    assert head.shape == (2, 32) and torch.equal(head.detach(), expected)
+
+
+def test_check_with_hub_data_and_labels_from_the_data(tmp_path, cli, monkeypatch):
+    import yaml
+
+    path = project(tmp_path)
+    body = yaml.safe_load(path.read_text())
+    body["task"].pop("labels")
+    body["languages"]["ja"] = {"hub": {"id": "someone/reviews", "config": "ja"}}
+    path.write_text(yaml.safe_dump(body))
+    monkeypatch.setenv("COLUMNS", "200")
+    code, text = cli("check", path)
+    assert code == 0, text
+    assert "ja: hub data set someone/reviews (read when training)" in text
+    assert "labels: taken from the data when training" in text

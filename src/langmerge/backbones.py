@@ -138,16 +138,18 @@ def prepare_base(recipe: Recipe, labels: list[str] | None) -> Path:
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id={label: i for i, label in enumerate(labels)},
+        ignore_mismatched_sizes=True,  # a base that classifies into another label set
         output_loading_info=True,
     )
-    seeded_init(model, info["missing_keys"], recipe.training.seed)
+    new = sorted({*info["missing_keys"], *(k for k, *_ in info["mismatched_keys"])})
+    seeded_init(model, new, recipe.training.seed)
     model.config.pad_token_id = tokenizer.pad_token_id
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        meta = {"base": recipe.base, "labels": labels, "head": sorted(info["missing_keys"])}
+        meta = {"base": recipe.base, "labels": labels, "head": new}
         write_json(tmp / PREPARED, meta)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp.rename(out)  # atomic: `out` only ever appears complete

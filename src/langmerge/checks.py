@@ -31,6 +31,8 @@ def check_recipe(path: Path) -> Report:
         report.notes.append(f"{code}: {why}")
     if data.labels is not None:
         report.notes.append(f"labels ({len(data.labels)}): {', '.join(data.labels)}")
+    elif recipe.task.kind == "classification":
+        report.notes.append("labels: taken from the data when training (some of it is on the hub)")
     try:
         found = find_base(recipe.base)
         if found is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import string
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,13 +38,42 @@ class Task(_Strict):
     prompt: str = "{text}"  # generation: template over the example's fields
     chat_template: bool = True  # generation: use the tokenizer's chat template if it has one
 
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels_as_text(cls, v: Any) -> Any:
+        # labels: [0, 1] in YAML are the labels "0" and "1", as numbers in the data are
+        return (
+            [str(x) if isinstance(x, int | float) else x for x in v] if isinstance(v, list) else v
+        )
+
     @model_validator(mode="after")
     def _consistent(self) -> Task:
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
             raise ValueError(f"labels must be distinct, got {self.labels}")
-        if self.kind == "generation" and "{" not in self.prompt:
-            raise ValueError("prompt must use the example's fields, e.g. 'Summarize: {text}'")
+        if self.kind == "generation":
+            prompt_fields(self.prompt)
         return self
+
+
+def prompt_fields(prompt: str) -> list[str]:
+    """The example fields a prompt template uses; a template that cannot be filled from an
+    example's fields raises ValueError saying why."""
+    example = "e.g. 'Summarize: {text}'"
+    try:
+        parsed = list(string.Formatter().parse(prompt))
+    except ValueError as e:
+        raise ValueError(f"prompt is not a valid template ({e}); {example}") from None
+    fields = [f for _, f, _, _ in parsed if f is not None]
+    odd = [f for f in fields if not f.isidentifier()]
+    if odd:
+        raise ValueError(
+            f"prompt fields must be field names, got {odd}; {example} (write {{{{ for a brace)"
+        )
+    if not fields:
+        raise ValueError(f"prompt must use the example's fields, {example}")
+    if any(conv or spec for _, f, spec, conv in parsed if f is not None):
+        raise ValueError(f"prompt fields take no conversion or format spec; {example}")
+    return list(dict.fromkeys(fields))
 
 
 class HubData(_Strict):
@@ -124,7 +154,7 @@ class Training(_Strict):
     weight_decay: float = Field(0.0, ge=0.0)
     group_by_length: bool = True  # batches of similar length: little padding, same loss
     checkpoint_steps: int = Field(200, ge=1)  # an interrupted job resumes from the last one
-    threads: int | None = Field(None, ge=1)  # CPU threads (default: the cores this process may use)
+    threads: int | None = Field(None, ge=1)  # CPU threads (default: OMP_NUM_THREADS, else all)
 
 
 class MergeSettings(_Strict):
@@ -158,8 +188,10 @@ class Recipe(_Strict):
     @classmethod
     def _codes(cls, v: Any) -> Any:
         if isinstance(v, list):  # `languages: [en, de]` with a shared `data:`
-            v = {code: {} for code in v}
+            v = {("no" if code is False else code): {} for code in v}
         if isinstance(v, dict):
+            # YAML 1.1 reads a bare `no:` (Norwegian) as false
+            v = {("no" if code is False else code): spec for code, spec in v.items()}
             bad = [code for code in v if not LANGUAGE_CODE.match(str(code))]
             if bad:
                 raise ValueError(

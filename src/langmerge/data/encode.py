@@ -15,6 +15,8 @@ def encode(
     examples: Sequence[Example], tokenizer, task: Task, labels: list[str] | None, max_length: int
 ) -> list[dict]:
     """One `{"input_ids": [...], "labels": ...}` per example, at most `max_length` tokens."""
+    if not examples:
+        return []
     if task.kind == "classification":
         index = {label: i for i, label in enumerate(labels)}
         ids = tokenizer([e.text for e in examples], truncation=True, max_length=max_length)[

@@ -9,14 +9,14 @@ Every problem found is reported at once, so one run of `langmerge check` lists t
 from __future__ import annotations
 
 import hashlib
-import string
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from langmerge.data.sources import Records, read_file, read_hub
 from langmerge.errors import InputError
-from langmerge.recipe import LanguageData, Recipe, Task
+from langmerge.recipe import LanguageData, Recipe, Task, prompt_fields
 
 SPLITS = ("train", "validation", "test")
 
@@ -93,14 +93,15 @@ def load_data(recipe: Recipe, languages: list[str] | None = None, hub: bool = Tr
         else:
             raw = _read_source(source)
         out[code] = _prepare_language(code, raw, recipe, problems, warnings)
-    labels = (
-        _labels(recipe.task, out, problems, warnings)
-        if recipe.task.kind == "classification"
-        else None
-    )
-    for d in out.values():
+    labels = None
+    if recipe.task.kind == "classification":
+        if recipe.task.labels is None and not_read:
+            labels = None  # taken from the data, some of which is read only when training
+        else:
+            labels = _labels(recipe.task, out, problems, warnings)
+    for d in out.values():  # the label set and its order decide the head: part of every hash
         d.digest = _hash(
-            [recipe.split.model_dump_json()]
+            [recipe.split.model_dump_json(), json.dumps(labels)]
             + [f"{s}\t{e.text}\t{e.answer}" for s in SPLITS for e in d.split(s)]
         )
     return ProjectData(out, labels, problems, warnings, not_read)
@@ -198,8 +199,7 @@ def _examples(records: Records, task: Task, where: str, problems: list[str]) -> 
     if task.kind == "classification":
         fields = [task.text_field, task.label_field]
     else:
-        fields = [f for _, f, _, _ in string.Formatter().parse(task.prompt) if f]
-        fields.append(task.target_field)
+        fields = [*prompt_fields(task.prompt), task.target_field]
     out, bad = [], []
     for i, r in enumerate(records, 1):
         missing = [f for f in fields if r.get(f) is None or str(r.get(f)).strip() == ""]

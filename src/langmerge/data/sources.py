@@ -51,7 +51,7 @@ def read_hub(hub: HubData) -> dict[str, Records]:
 
 def _read_jsonl(path: Path) -> Records:
     records = []
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:  # a byte-order mark is not part of the data
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -66,7 +66,7 @@ def _read_jsonl(path: Path) -> Records:
 
 
 def _read_csv(path: Path, delimiter: str) -> Records:
-    with path.open(encoding="utf-8", newline="") as f:
+    with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         if not reader.fieldnames:
             raise InputError(f"{path}: empty, or no header row naming the columns")

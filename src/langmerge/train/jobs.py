@@ -71,7 +71,7 @@ def train(
         say(f"warning: {w}")
     source = resolve_base(recipe.base)
     check_target_modules(load_config(source), recipe, len(data.labels) if data.labels else None)
-    torch.set_num_threads(recipe.training.threads or len(os.sched_getaffinity(0)))
+    torch.set_num_threads(_threads(recipe.training.threads))
     registry = Registry(recipe.run_dir)
     try:
         registry.mark_abandoned()
@@ -79,6 +79,14 @@ def train(
         return [_train_one(recipe, registry, data, t, force, progress, say) for t in targets]
     finally:
         registry.close()
+
+
+def _threads(asked: int | None) -> int:
+    """The recipe's threads, else OMP_NUM_THREADS when set, else the cores this process may use."""
+    if asked:
+        return asked
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    return int(env) if env.isdigit() and int(env) > 0 else len(os.sched_getaffinity(0))
 
 
 def _train_one(
