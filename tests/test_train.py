@@ -114,6 +114,10 @@ def test_changed_data_retrains_only_that_language(tmp_path, cli):
     assert "expert de: v2 in" in text
     code, text = cli("ls", path)
     assert code == 0 and "v2 *" in text
+    body = path.read_text().replace("learning_rate: 0.005", "learning_rate: 0.004")
+    path.write_text(body)
+    code, text = cli("merge", path, "--quiet")
+    assert code == 0 and "en v1, de v2, fr v1 were trained with other recipe settings" in text
 
 
 def test_an_interrupted_expert_resumes_from_its_last_checkpoint(tmp_path, cli, monkeypatch):

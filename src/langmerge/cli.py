@@ -120,6 +120,12 @@ def merge(
             raise Interrupted from None
         out.print(f"merged the recipe's experts with {summary['config']['method']} into {where} "
                   f"in {summary['seconds']:.1f} s (recorded in the registry)")  # fmt: skip
+        if summary["stale_experts"]:
+            err.print(
+                f"[yellow]warning:[/yellow] {', '.join(summary['stale_experts'])} were trained "
+                "with other recipe settings; `langmerge train RECIPE --all` brings them up to date",
+                highlight=False,
+            )
         return
     if output is None:
         raise ConfigError("give the output directory: -o OUT")

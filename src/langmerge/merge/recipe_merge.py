@@ -47,7 +47,8 @@ def merge_recipe(
     force: bool = False,
     progress: bool = True,
 ) -> tuple[dict, Path]:
-    """Merge the recipe's current experts; returns the merge summary and the output path."""
+    """Merge the recipe's current experts; returns the merge summary and the output path. The
+    summary's `stale_experts` names experts trained with other recipe settings than today's."""
     if not (Path(recipe.run_dir) / DB_NAME).is_file():
         raise ConfigError(
             f"no experts trained yet in {recipe.run_dir}: run `langmerge train RECIPE --all` first"
@@ -79,6 +80,11 @@ def merge_recipe(
         params = cfg.model_dump(mode="json", exclude={"base", "experts", "method"})
         params["weights"] = dict(zip(experts, cfg.weights))
         registry.finish_merge(job, meter.cost(), cfg.method, params, ids, str(out))
+        summary["stale_experts"] = [
+            f"{code} v{e['version']}"
+            for code, e in experts.items()
+            if e["recipe_hash"] != recipe.digest()
+        ]
         return summary, out
     finally:
         registry.close()
