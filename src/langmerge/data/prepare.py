@@ -99,6 +99,8 @@ def load_data(recipe: Recipe, languages: list[str] | None = None, hub: bool = Tr
             labels = None  # taken from the data, some of which is read only when training
         else:
             labels = _labels(recipe.task, out, problems, warnings)
+    elif recipe.task.labels:  # labels as generated text: every target must be one of them
+        _labels(recipe.task, out, problems, warnings)
     for d in out.values():  # the label set and its order decide the head: part of every hash
         d.digest = _hash(
             [recipe.split.model_dump_json(), json.dumps(labels)]

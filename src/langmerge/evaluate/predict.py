@@ -55,3 +55,54 @@ def validation_scores(model, encoded: list[dict], kind: str, pad_id: int, batch_
         return {"accuracy": accuracy(gold, predicted), "macro_f1": macro_f1(gold, predicted),
                 "loss": loss}  # fmt: skip
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+@torch.inference_mode()
+def predict_classes(model, encoded: list[dict], pad_id: int, batch_size: int) -> list[int]:
+    """The predicted class index of every encoded example, in order."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
+    collate = PadToLongest(pad_id)
+    out = [0] * len(encoded)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = collate([encoded[i] for i in idx])
+        logits = model(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+        ).logits
+        for i, p in zip(idx, logits.argmax(-1).tolist()):
+            out[i] = p
+    return out
+
+
+@torch.inference_mode()
+def generate(
+    model, prompts: list[list[int]], tokenizer, max_new_tokens: int, batch_size: int
+) -> list[str]:
+    """Greedy answers to tokenised prompts (left-padded in batches of similar length), decoded
+    without special tokens; every answer stops at `max_new_tokens`."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    pad = tokenizer.pad_token_id
+    out = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            n = len(prompts[i])
+            ids[row, width - n :] = torch.tensor(prompts[i])
+            mask[row, width - n :] = 1
+        generated = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        for row, i in enumerate(idx):
+            out[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True).strip()
+    return out

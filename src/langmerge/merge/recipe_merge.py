@@ -46,9 +46,11 @@ def merge_recipe(
     overrides: dict | None = None,
     force: bool = False,
     progress: bool = True,
+    name: str | None = None,
 ) -> tuple[dict, Path]:
     """Merge the recipe's current experts; returns the merge summary and the output path. The
-    summary's `stale_experts` names experts trained with other recipe settings than today's."""
+    summary's `stale_experts` names experts trained with other recipe settings than today's.
+    `name` labels the merge in the registry (`merged:NAME`; default: the method)."""
     if not (Path(recipe.run_dir) / DB_NAME).is_file():
         raise ConfigError(
             f"no experts trained yet in {recipe.run_dir}: run `langmerge train RECIPE --all` first"
@@ -79,6 +81,7 @@ def merge_recipe(
             raise
         params = cfg.model_dump(mode="json", exclude={"base", "experts", "method"})
         params["weights"] = dict(zip(experts, cfg.weights))
+        params["name"] = name or cfg.method
         registry.finish_merge(job, meter.cost(), cfg.method, params, ids, str(out))
         summary["stale_experts"] = [
             f"{code} v{e['version']}"

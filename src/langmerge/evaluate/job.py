@@ -1,0 +1,123 @@
+"""Evaluating one model per language: predictions on a split, the task's metrics, one ledger row
+and the metrics in the registry. A model already evaluated on exactly this data is not
+evaluated again."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from langmerge.cost import Meter
+from langmerge.data.encode import encode, prompt_ids
+from langmerge.data.prepare import Example, ProjectData, load_data
+from langmerge.errors import InputError
+from langmerge.evaluate import metrics
+from langmerge.evaluate.models import ModelRef, load, resolve
+from langmerge.evaluate.predict import generate, predict_classes
+from langmerge.recipe import Recipe
+from langmerge.registry import Registry
+
+
+def primary_metric(recipe: Recipe) -> str:
+    """The metric tables lead with: accuracy for labels (also generated ones), else ROUGE-L."""
+    if recipe.task.kind == "classification" or recipe.task.labels:
+        return "accuracy"
+    return "rougeL"
+
+
+def evaluate(
+    recipe: Recipe,
+    ref: str,
+    languages: list[str] | None = None,
+    split: str | None = None,
+    data: ProjectData | None = None,
+    force: bool = False,
+    say: Callable[[str], None] = lambda _: None,
+) -> dict[str, dict]:
+    """Metrics of the model `ref` (base, joint, expert:LANG, merged:NAME or a directory) on each
+    language's `split` (default: the recipe's evaluation split); language → metrics."""
+    split = split or recipe.evaluation.split
+    data = data or load_data(recipe).require_valid()
+    codes = languages or list(data.languages)
+    unknown = [c for c in codes if c not in data.languages]
+    if unknown:
+        raise InputError(f"the recipe has no language {', '.join(unknown)}")
+    empty = [c for c in codes if not data.languages[c].split(split)]
+    if empty:
+        raise InputError(
+            f"{', '.join(empty)} {'has' if len(empty) == 1 else 'have'} no {split} examples: "
+            f"give a {split} file, or set split.{split} above 0"
+        )
+    model_ref = resolve(recipe, ref, data.labels)
+    registry = Registry(recipe.run_dir)
+    try:
+        results = {}
+        for code in codes:
+            hit = None if force else registry.evaluation(
+                model_ref.name, code, split, data.languages[code].digest
+            )  # fmt: skip
+            if hit is not None:
+                results[code] = hit
+        todo = [c for c in codes if c not in results]
+        if todo:
+            results.update(_run(recipe, registry, data, model_ref, todo, split, say))
+        return {code: results[code] for code in codes}
+    finally:
+        registry.close()
+
+
+def _run(recipe, registry, data, model_ref: ModelRef, codes, split, say) -> dict[str, dict]:
+    hashes = "".join(data.languages[c].digest for c in codes)
+    job = registry.start_job("evaluate", codes, recipe.digest(), hashes[:16])
+    meter = Meter()
+    tokens = examples = 0
+    try:
+        model, tokenizer = load(model_ref, recipe, data.labels)
+        results = {}
+        for code in codes:
+            say(f"evaluating {model_ref.name} on {code} {split}")
+            found, n_tokens = score(model, tokenizer, recipe, data.languages[code].split(split),
+                                    data.labels)  # fmt: skip
+            results[code] = found
+            tokens += n_tokens
+            examples += len(data.languages[code].split(split))
+    except BaseException as e:
+        registry.fail_job(job, str(e) or type(e).__name__, meter.cost(tokens, examples))
+        raise
+    registry.finish_evaluation(
+        job,
+        meter.cost(tokens, examples),
+        model_ref.name,
+        split,
+        {c: (data.languages[c].digest, results[c]) for c in codes},
+    )
+    return results
+
+
+def score(
+    model, tokenizer, recipe: Recipe, examples: list[Example], labels: list[str] | None
+) -> tuple[dict, int]:
+    """The task's metrics of `model` on `examples`, and the number of input tokens read."""
+    task, batch = recipe.task, recipe.evaluation.batch_size
+    max_length = recipe.training.max_length
+    gold = [e.answer for e in examples]
+    if task.kind == "classification":
+        encoded = encode(examples, tokenizer, task, labels, max_length)
+        predicted = [
+            labels[i] for i in predict_classes(model, encoded, tokenizer.pad_token_id, batch)
+        ]
+        found = {
+            "accuracy": metrics.accuracy(gold, predicted),
+            "macro_f1": metrics.macro_f1(gold, predicted),
+            "examples": len(examples),
+        }
+        return found, sum(len(x["input_ids"]) for x in encoded)
+    prompts = [prompt_ids(e.text, tokenizer, task)[-max_length:] for e in examples]
+    answers = generate(model, prompts, tokenizer, task.max_new_tokens, batch)
+    found = {"examples": len(examples), "empty": sum(not a for a in answers) / len(answers)}
+    if task.labels:
+        found.update(metrics.label_scores(answers, gold, task.labels))
+    else:
+        found.update(metrics.rouge(answers, gold))
+        found["exact_match"] = metrics.exact_match(answers, gold)
+        found["token_f1"] = metrics.token_f1(answers, gold)
+    return found, sum(len(p) for p in prompts)

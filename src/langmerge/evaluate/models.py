@@ -1,0 +1,122 @@
+"""Which model to evaluate: `base`, `joint`, `expert:de`, `merged:ties`, or a directory; resolved
+against a recipe's registry and loaded ready for inference, checked against the recipe's task."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from langmerge.backbones import find_base, load_tokenizer, model_class, quiet_transformers
+from langmerge.errors import ConfigError, InputError
+from langmerge.recipe import Recipe
+from langmerge.registry import DB_NAME, Registry
+
+REFERENCES = "base, joint, expert:LANG, merged:NAME (a merge of `langmerge run`), or a directory"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A resolved reference: a name for tables and the registry, and where the weights are."""
+
+    name: str  # e.g. expert:de:v2, merged:ties#3, joint:v1, base, or the directory
+    path: Path  # a full model directory or a PEFT adapter directory
+    base: Path  # the model adapters apply to (and whose tokenizer every model uses)
+    language: str | None = None  # an expert's own language
+
+
+def resolve(recipe: Recipe, ref: str, labels: list[str] | None) -> ModelRef:
+    """Find the model `ref` names (see REFERENCES)."""
+    base = _base_dir(recipe, labels)
+    if ref == "base":
+        return ModelRef("base", base, base)
+    kind, _, arg = ref.partition(":")
+    if kind in ("joint", "expert", "merged"):
+        if not (Path(recipe.run_dir) / DB_NAME).is_file():
+            raise ConfigError(f"nothing trained yet in {recipe.run_dir}: there is no {ref}")
+        registry = Registry(recipe.run_dir)
+        try:
+            return _from_registry(registry, kind, arg, ref, base)
+        finally:
+            registry.close()
+    path = Path(ref)
+    if path.is_dir():
+        return ModelRef(str(path), path, base)
+    raise ConfigError(f"unknown model {ref!r}: give {REFERENCES}")
+
+
+def _from_registry(registry: Registry, kind: str, arg: str, ref: str, base: Path) -> ModelRef:
+    if kind == "joint":
+        row = registry.latest("joint")
+        if row is None:
+            raise ConfigError("no joint model yet: run `langmerge train RECIPE --joint`")
+        return ModelRef(f"joint:v{row['version']}", Path(row["path"]), Path(row["base"]))
+    if kind == "expert":
+        if not arg:
+            raise ConfigError("say which expert: expert:LANG, e.g. expert:de")
+        row = registry.latest("expert", arg)
+        if row is None:
+            raise ConfigError(f"no expert for {arg!r}: run `langmerge train RECIPE --lang {arg}`")
+        name = f"expert:{arg}:v{row['version']}"
+        return ModelRef(name, Path(row["path"]), Path(row["base"]), arg)
+    merges = registry.merges()
+    chosen = [m for m in merges if not arg or arg in (m["params"].get("name"), m["method"])]
+    if not chosen:
+        known = sorted({m["params"].get("name") or m["method"] for m in merges})
+        raise ConfigError(
+            f"no merge named {arg!r} in the registry"
+            + (f"; there are {', '.join(known)}" if known else ": run `langmerge run` first")
+        )
+    m = chosen[-1]
+    return ModelRef(
+        f"merged:{m['params'].get('name') or m['method']}#{m['id']}", Path(m["path"]), base
+    )
+
+
+def _base_dir(recipe: Recipe, labels: list[str] | None) -> Path:
+    """The base experts were trained from: with a seeded head (classification) or as it is."""
+    if recipe.task.kind == "classification":
+        from langmerge.backbones import prepare_base
+
+        return prepare_base(recipe, labels)
+    found = find_base(recipe.base)
+    if found is None:
+        raise InputError(f"the base model {recipe.base} is not on this machine")
+    return found
+
+
+def load(ref: ModelRef, recipe: Recipe, labels: list[str] | None):
+    """(model in eval mode on the best device, tokenizer), checked against the recipe."""
+    quiet_transformers()
+    tokenizer = load_tokenizer(ref.base)
+    cls = model_class(recipe.task.kind)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        if (ref.path / "adapter_config.json").is_file():
+            from peft import PeftModel
+
+            base = cls.from_pretrained(ref.base)
+            model = PeftModel.from_pretrained(base, ref.path).merge_and_unload()
+        else:
+            model = cls.from_pretrained(ref.path)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise InputError(f"cannot load {ref.name} from {ref.path}: {e}") from None
+    _check(model, tokenizer, recipe, labels, ref)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device).eval(), tokenizer
+
+
+def _check(model, tokenizer, recipe: Recipe, labels: list[str] | None, ref: ModelRef) -> None:
+    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        raise InputError(
+            f"{ref.name} has {model.get_input_embeddings().weight.shape[0]} token embeddings but "
+            f"the recipe's tokenizer has {len(tokenizer)} tokens: it is not a model of this recipe"
+        )
+    if recipe.task.kind == "classification":
+        theirs = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        if theirs != labels:
+            raise InputError(
+                f"{ref.name} classifies into {theirs}, the recipe into {labels}: "
+                "evaluate a model trained for this recipe"
+            )

@@ -1,0 +1,230 @@
+"""`langmerge run`: the whole study from one recipe — experts, the joint baseline, the merges the
+recipe compares, every model evaluated per language — then quality and cost side by side.
+
+Every step is cached (unchanged experts are not retrained, an unchanged merge is not redone, a
+model already evaluated on the same data is not evaluated again), so running it again after a
+change does only the work the change needs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from langmerge.data.prepare import load_data
+from langmerge.evaluate.job import evaluate, primary_metric
+from langmerge.merge.recipe_merge import merge_recipe
+from langmerge.recipe import MergeVariant, Recipe
+from langmerge.registry import Registry
+from langmerge.train.jobs import train
+
+REPORT, RESULTS = "report.md", "results.json"
+
+
+@dataclass
+class Study:
+    """What `run` found: metrics per model and language, and the cost comparison."""
+
+    languages: list[str]
+    metric: str
+    split: str
+    quality: dict[str, dict[str, dict]]  # model row → language → metrics
+    best_merge: str | None
+    cost: dict
+    models: dict[str, str] = field(default_factory=dict)  # row → registry name of the model
+
+
+def run(
+    recipe: Recipe,
+    progress: bool = True,
+    say: Callable[[str], None] = lambda _: None,
+) -> Study:
+    """Train, merge, evaluate; write report.md and results.json into the run directory."""
+    data = load_data(recipe).require_valid()
+    codes = list(data.languages)
+    train(recipe, codes, progress=progress, say=say)
+    train(recipe, joint=True, progress=progress, say=say)
+    merges = [_merge(recipe, v, progress, say) for v in recipe.merge.compare]
+    split, quality, models = recipe.evaluation.split, {}, {}
+
+    def judge(row: str, ref: str, languages: list[str] | None = None) -> None:
+        quality[row] = evaluate(recipe, ref, languages, split, data, say=say)
+        models[row] = ref
+
+    judge("joint", "joint")
+    for name in merges:
+        judge(f"merged:{name}", f"merged:{name}")
+    experts = {}
+    for code in codes:
+        experts.update(evaluate(recipe, f"expert:{code}", [code], split, data, say=say))
+    quality["experts (own language)"] = experts
+    models["experts (own language)"] = "expert:LANG"
+    judge("base", "base")
+    metric = primary_metric(recipe)
+    scored = [(mean(quality[f"merged:{n}"], metric, codes), n) for n in merges]
+    best = f"merged:{max(scored)[1]}" if scored else None
+    study = Study(codes, metric, split, quality, best, cost_table(recipe, codes), models)
+    write_report(recipe, study)
+    return study
+
+
+def _merge(recipe: Recipe, variant: MergeVariant, progress: bool, say) -> str:
+    """Make the merge `variant` of the current experts unless the registry already has it."""
+    name = variant.name()
+    overrides = {"method": variant.method, "density": variant.density, "lam": variant.lam}
+    registry = Registry(recipe.run_dir)
+    try:
+        current = [registry.latest("expert", code)["id"] for code in recipe.languages]
+        done = [
+            m
+            for m in registry.merges()
+            if m["params"].get("name") == name and m["expert_ids"] == current
+        ]
+    finally:
+        registry.close()
+    if done:
+        say(f"merge {name}: up to date ({done[-1]['path']})")
+        return name
+    summary, out = merge_recipe(recipe, None, overrides, progress=progress, name=name)
+    say(f"merge {name}: {out} ({summary['seconds']:.1f} s)")
+    return name
+
+
+def mean(scores: dict[str, dict], metric: str, codes: list[str]) -> float:
+    return sum(scores[c][metric] for c in codes) / len(codes)
+
+
+def cost_table(recipe: Recipe, codes: list[str]) -> dict:
+    """DESIGN §5 from the ledger only: the current experts one after another and with K
+    parallel workers (projected by a longest-first schedule of their measured times), the
+    joint model, and the merges."""
+    registry = Registry(recipe.run_dir)
+    try:
+        experts = {c: registry.latest("expert", c) for c in codes}
+        joint = registry.latest("joint")
+        names = {v.name() for v in recipe.merge.compare}
+        merge_walls = {  # the newest merge of each name the recipe compares
+            m["params"]["name"]: m["wall_s"]
+            for m in registry.merges()
+            if m["params"].get("name") in names
+        }
+    finally:
+        registry.close()
+    walls = {c: e["wall_s"] for c, e in experts.items()}
+    workers = recipe.evaluation.workers or len(codes)
+    serial = sum(walls.values())
+    makespan = schedule(list(walls.values()), workers)
+    merge_wall = max(merge_walls.values(), default=0.0)
+    out = {
+        "experts": {c: {"wall_s": w, "tokens": experts[c]["tokens"]} for c, w in walls.items()},
+        "experts_serial_s": serial,
+        "workers": workers,
+        "experts_makespan_s": makespan,
+        "makespan_source": "projected from the ledger (the experts were trained one after "
+        "another; the makespan schedules their measured times on the workers, longest first)",
+        "joint_s": joint["wall_s"],
+        "joint_tokens": joint["tokens"],
+        "merge_s": merge_wall,
+        "merges_s": merge_walls,
+    }
+    out["serial_vs_joint"] = (serial + merge_wall) / joint["wall_s"]
+    out["parallel_vs_joint"] = (makespan + merge_wall) / joint["wall_s"]
+    return out
+
+
+def schedule(durations: list[float], workers: int) -> float:
+    """The makespan of jobs of these durations on `workers` machines, longest job first."""
+    loads = [0.0] * max(1, workers)
+    for d in sorted(durations, reverse=True):
+        loads[loads.index(min(loads))] += d
+    return max(loads)
+
+
+def quality_rows(study: Study) -> list[dict]:
+    """The quality table: one row per model, the primary metric per language, mean and worst."""
+    rows = []
+    for row, scores in study.quality.items():
+        values = [scores[c][study.metric] for c in study.languages]
+        mark = " *" if row == study.best_merge else ""
+        rows.append({
+            "model": row + mark,
+            **{c: f"{v:.3f}" for c, v in zip(study.languages, values)},
+            "mean": f"{sum(values) / len(values):.3f}",
+            "worst": f"{min(values):.3f}",
+        })  # fmt: skip
+    if study.best_merge and "joint" in study.quality:
+        best, joint = study.quality[study.best_merge], study.quality["joint"]
+        gaps = [best[c][study.metric] - joint[c][study.metric] for c in study.languages]
+        rows.append({
+            "model": "best merge − joint",
+            **{c: f"{g:+.3f}" for c, g in zip(study.languages, gaps)},
+            "mean": f"{sum(gaps) / len(gaps):+.3f}",
+            "worst": f"{min(gaps):+.3f}",
+        })  # fmt: skip
+    return rows
+
+
+def cost_rows(study: Study) -> list[dict]:
+    c = study.cost
+    return [
+        {"job": "experts, one after another", "wall s": f"{c['experts_serial_s']:.1f}",
+         "vs joint": f"{c['experts_serial_s'] / c['joint_s']:.2f}×"},
+        {"job": f"experts, {c['workers']} parallel workers (projected)",
+         "wall s": f"{c['experts_makespan_s']:.1f}",
+         "vs joint": f"{c['experts_makespan_s'] / c['joint_s']:.2f}×"},
+        {"job": "joint model", "wall s": f"{c['joint_s']:.1f}", "vs joint": "1.00×"},
+        {"job": "one merge (slowest)", "wall s": f"{c['merge_s']:.1f}",
+         "vs joint": f"{c['merge_s'] / c['joint_s']:.2f}×"},
+        {"job": "experts + merge, serial", "wall s": f"{c['experts_serial_s'] + c['merge_s']:.1f}",
+         "vs joint": f"{c['serial_vs_joint']:.2f}×"},
+        {"job": "experts + merge, parallel",
+         "wall s": f"{c['experts_makespan_s'] + c['merge_s']:.1f}",
+         "vs joint": f"{c['parallel_vs_joint']:.2f}×"},
+    ]  # fmt: skip
+
+
+def write_report(recipe: Recipe, study: Study) -> Path:
+    """report.md and results.json in the run directory (written whole, then renamed)."""
+    run_dir = Path(recipe.run_dir)
+    results = {
+        "languages": study.languages,
+        "split": study.split,
+        "metric": study.metric,
+        "best_merge": study.best_merge,
+        "quality": study.quality,
+        "models": study.models,
+        "cost": study.cost,
+    }
+    _atomic_write(run_dir / RESULTS, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    lines = [
+        "# langmerge study",
+        "",
+        f"{study.metric} on the {study.split} split, per language; `*` marks the best merge "
+        "(highest mean). Experts are scored on their own language.",
+        "",
+        *_markdown(quality_rows(study)),
+        "",
+        "## Cost (from the ledger)",
+        "",
+        *_markdown(cost_rows(study)),
+        "",
+        f"Parallel figures are {study.cost['makespan_source']}.",
+        "",
+    ]
+    _atomic_write(run_dir / REPORT, "\n".join(lines))
+    return run_dir / REPORT
+
+
+def _markdown(rows: list[dict]) -> list[str]:
+    keys = list(rows[0])
+    out = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    out += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
+    return out
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text)
+    tmp.rename(path)
