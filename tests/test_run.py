@@ -1,0 +1,114 @@
+"""`langmerge run` and `langmerge eval` end to end on tiny models: the tables hold exactly what the
+registry recorded, a second run does nothing new, and mistakes are named."""
+
+import json
+
+import pytest
+import yaml
+from tiny import project
+
+from langmerge.recipe import load_recipe
+from langmerge.registry import Registry
+
+COMPARE = {"compare": ["linear", {"method": "ties", "density": 0.5}]}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """A tiny classification project after `langmerge run`."""
+    from langmerge.cli import main
+
+    path = project(tmp_path_factory.mktemp("study"), merge=COMPARE)
+    with pytest.raises(SystemExit) as done:
+        main(["run", str(path), "--quiet"])
+    assert done.value.code == 0
+    return path
+
+
+def test_the_tables_hold_what_the_registry_recorded(study):
+    recipe = load_recipe(study)
+    results = json.loads((recipe.run_dir / "results.json").read_text())
+    assert results["languages"] == ["en", "de", "fr"] and results["metric"] == "accuracy"
+    rows = list(results["quality"])
+    assert rows == ["joint", "merged:linear", "merged:ties-d0.5", "experts (own language)", "base"]
+    registry = Registry(recipe.run_dir)
+    for row, ref in results["models"].items():
+        for code, metrics in results["quality"][row].items():
+            name = ref.replace("LANG", code)
+            recorded = [
+                json.loads(m)
+                for (m,) in registry.db.execute(
+                    "SELECT metrics FROM evaluations WHERE model LIKE ? AND language=?",
+                    (f"{name}%", code),
+                )
+            ]
+            assert metrics in recorded
+    assert results["best_merge"] in ("merged:linear", "merged:ties-d0.5")
+    report = (recipe.run_dir / "report.md").read_text()
+    assert "| model | en | de | fr | mean | worst |" in report and "best merge − joint" in report
+    assert "experts, 3 parallel workers (projected)" in report
+
+
+def test_cost_comes_from_the_ledger(study):
+    recipe = load_recipe(study)
+    cost = json.loads((recipe.run_dir / "results.json").read_text())["cost"]
+    ledger = Registry(recipe.run_dir).ledger()
+    experts = [r["wall_s"] for r in ledger if r["kind"] == "expert"]
+    (joint,) = [r["wall_s"] for r in ledger if r["kind"] == "joint"]
+    assert cost["experts_serial_s"] == pytest.approx(sum(experts))
+    assert cost["experts_makespan_s"] == pytest.approx(max(experts))  # 3 workers, 3 experts
+    assert cost["joint_s"] == pytest.approx(joint)
+    assert cost["serial_vs_joint"] == pytest.approx((sum(experts) + cost["merge_s"]) / joint)
+
+
+def test_a_second_run_does_no_new_work(study, cli):
+    before = len(Registry(load_recipe(study).run_dir).ledger())
+    code, text = cli("run", study, "--quiet")
+    assert code == 0 and "up to date" in text
+    assert len(Registry(load_recipe(study).run_dir).ledger()) == before
+
+
+def test_eval_one_model_on_chosen_languages(study, cli):
+    code, text = cli("eval", study, "--model", "expert:de", "--lang", "fr", "--lang", "de")
+    assert code == 0 and "accuracy" in text and "macro_f1" in text
+    code, text = cli("eval", study, "--model", "merged:nope")
+    assert code == 1 and "no merge named 'nope'" in text and "linear" in text
+    code, text = cli("eval", study, "--model", "expert")
+    assert code == 1 and "expert:LANG" in text
+
+
+def test_a_model_of_another_label_set_is_refused(study, cli, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    recipe = load_recipe(study)
+    other = AutoModelForSequenceClassification.from_pretrained(recipe.base, num_labels=3)
+    other.save_pretrained(tmp_path / "three-way")
+    code, text = cli("eval", study, "--model", tmp_path / "three-way")
+    assert code == 1 and "classifies into" in text and "['happy', 'sad']" in text
+
+
+def test_a_language_without_a_test_split(tmp_path, cli):
+    path = project(tmp_path, split={"validation": 0.2, "test": 0.0, "seed": 0})
+    code, text = cli("eval", path, "--model", "base")
+    assert code == 1 and "have no test examples" in text
+
+
+def test_generation_is_scored_by_rouge_and_by_parsed_labels(tmp_path, cli):
+    path = project(tmp_path, kind="generation")
+    assert cli("train", path, "--lang", "de", "--quiet")[0] == 0
+    code, text = cli("eval", path, "--model", "expert:de", "--lang", "de")
+    assert code == 0, text
+    recipe = load_recipe(path)
+    (row,) = Registry(recipe.run_dir).db.execute("SELECT metrics FROM evaluations").fetchall()
+    metrics = json.loads(row[0])
+    assert {"rouge1", "rouge2", "rougeL", "exact_match", "token_f1", "empty"} <= set(metrics)
+
+    body = yaml.safe_load(path.read_text())  # the same data, answers as labels: happy / sad
+    body["task"].update(target_field="label", labels=["happy", "sad"], max_new_tokens=3)
+    path.write_text(yaml.safe_dump(body))
+    code, text = cli("eval", path, "--model", "base", "--lang", "de")
+    assert code == 0, text
+    rows = Registry(recipe.run_dir).db.execute("SELECT metrics FROM evaluations").fetchall()
+    labels = json.loads(rows[-1][0])
+    assert {"accuracy", "macro_f1", "unparseable"} <= set(labels)
+    assert 0.0 <= labels["unparseable"] <= 1.0
