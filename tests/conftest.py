@@ -4,6 +4,8 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# the embedded backbone's cache: per test session, not the user's ~/.cache
+os.environ.setdefault("LANGMERGE_CACHE", __import__("tempfile").mkdtemp(prefix="langmerge-cache-"))
 
 from pathlib import Path  # noqa: E402
 

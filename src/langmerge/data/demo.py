@@ -12,6 +12,7 @@ import gzip
 import json
 from collections import Counter, defaultdict
 from collections.abc import Callable
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def write_demo_project(
         "split": {"validation": 0.15, "test": 0.25, "seed": 0},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.05,
                  "target_modules": ["query", "key", "value", "dense"]},
-        "training": {"epochs": 6 if quick else 12, "learning_rate": 2e-3, "batch_size": 16,
+        "training": {"epochs": 20 if quick else 30, "learning_rate": 2e-3, "batch_size": 16,
                      "max_length": 32, "warmup_ratio": 0.1, "seed": 0, "checkpoint_steps": 500},
         "merge": {"compare": ["ties"] if quick else [
             "linear", {"method": "ties", "density": 1.0},
@@ -85,7 +86,9 @@ def write_demo_project(
     return path
 
 
-def _records() -> list[dict]:
+@lru_cache(maxsize=1)
+def _records() -> tuple[dict, ...]:
+    """The package's 82,109 kaomoji records (read once per process: it takes seconds)."""
     try:
         source = resources.files("kaomoji_dataset") / "data" / "kaomoji.jsonl.gz"
     except ModuleNotFoundError:
@@ -93,4 +96,4 @@ def _records() -> list[dict]:
             "the demo's data comes from the `kaomoji-dataset` package: pip install kaomoji-dataset"
         ) from None
     with source.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return tuple(json.loads(line) for line in f if line.strip())
