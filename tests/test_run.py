@@ -112,3 +112,13 @@ def test_generation_is_scored_by_rouge_and_by_parsed_labels(tmp_path, cli):
     labels = json.loads(rows[-1][0])
     assert {"accuracy", "macro_f1", "unparseable"} <= set(labels)
     assert 0.0 <= labels["unparseable"] <= 1.0
+
+
+def test_a_model_with_another_vocabulary_is_refused(study, cli, tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=10, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                        intermediate_size=64, num_labels=2)  # fmt: skip
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "small-vocab")
+    code, text = cli("eval", study, "--model", tmp_path / "small-vocab")
+    assert code == 1 and "10 token embeddings" in text and "not a model of this recipe" in text
