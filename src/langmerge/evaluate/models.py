@@ -3,6 +3,7 @@ against a recipe's registry and loaded ready for inference, checked against the 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ REFERENCES = "base, joint, expert:LANG, merged:NAME (a merge of `langmerge run`)
 class ModelRef:
     """A resolved reference: a name for tables and the registry, and where the weights are."""
 
-    name: str  # e.g. expert:de:v2, merged:ties#3, joint:v1, base, or the directory
+    name: str  # e.g. expert:de:v2, merged:ties#3, joint:v1, base@…, or the directory@…
     path: Path  # a full model directory or a PEFT adapter directory
     base: Path  # the model adapters apply to (and whose tokenizer every model uses)
     language: str | None = None  # an expert's own language
@@ -29,8 +30,8 @@ class ModelRef:
 def resolve(recipe: Recipe, ref: str, labels: list[str] | None) -> ModelRef:
     """Find the model `ref` names (see REFERENCES)."""
     base = _base_dir(recipe, labels)
-    if ref == "base":
-        return ModelRef("base", base, base)
+    if ref == "base":  # the name says which base: the cache must not mix up two of them
+        return ModelRef(f"base@{_fingerprint(base)}", base, base)
     kind, _, arg = ref.partition(":")
     if kind in ("joint", "expert", "merged"):
         if not (Path(recipe.run_dir) / DB_NAME).is_file():
@@ -41,8 +42,8 @@ def resolve(recipe: Recipe, ref: str, labels: list[str] | None) -> ModelRef:
         finally:
             registry.close()
     path = Path(ref)
-    if path.is_dir():
-        return ModelRef(str(path), path, base)
+    if path.is_dir():  # named by its files' sizes and times: changed weights, a new name
+        return ModelRef(f"{path.absolute()}@{_fingerprint(path)}", path, base)
     raise ConfigError(f"unknown model {ref!r}: give {REFERENCES}")
 
 
@@ -72,6 +73,16 @@ def _from_registry(registry: Registry, kind: str, arg: str, ref: str, base: Path
     return ModelRef(
         f"merged:{m['params'].get('name') or m['method']}#{m['id']}", Path(m["path"]), base
     )
+
+
+def _fingerprint(path: Path) -> str:
+    """A short hash of a model directory's path and its files' names, sizes and change times."""
+    h = hashlib.sha256(str(path.absolute()).encode())
+    for f in sorted(path.iterdir()):
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:10]
 
 
 def _base_dir(recipe: Recipe, labels: list[str] | None) -> Path:
