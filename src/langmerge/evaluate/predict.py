@@ -1,4 +1,5 @@
-"""Batched forward passes over encoded examples: validation scores of a trained model."""
+"""Batched forward passes over encoded examples: validation loss and scores, predicted classes,
+greedy generation."""
 
 from __future__ import annotations
 
@@ -101,7 +102,8 @@ def generate(
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=pad,
-            eos_token_id=tokenizer.eos_token_id,
+            # the model's own stop tokens (an instruct model's end of turn), else the tokenizer's
+            eos_token_id=model.generation_config.eos_token_id or tokenizer.eos_token_id,
         )
         for row, i in enumerate(idx):
             out[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True).strip()

@@ -40,6 +40,13 @@ def recipe_merge_config(recipe: Recipe, experts: dict[str, dict], overrides: dic
     return build_config(data, "merge settings of the recipe")
 
 
+def merge_key(cfg: MergeConfig) -> str:
+    """What a merge's result depends on: method, every parameter, the base and each expert's
+    path and weight (a later `run` reuses a merge only when this is unchanged)."""
+    settings = cfg.model_dump_json(exclude={"shard_size", "source"})
+    return hashlib.sha256(settings.encode()).hexdigest()[:16]
+
+
 def merge_recipe(
     recipe: Recipe,
     output: Path | None = None,
@@ -82,6 +89,7 @@ def merge_recipe(
         params = cfg.model_dump(mode="json", exclude={"base", "experts", "method"})
         params["weights"] = dict(zip(experts, cfg.weights))
         params["name"] = name or cfg.method
+        params["key"] = merge_key(cfg)
         registry.finish_merge(job, meter.cost(), cfg.method, params, ids, str(out))
         summary["stale_experts"] = [
             f"{code} v{e['version']}"
