@@ -78,14 +78,20 @@ def test_a_dead_job_is_marked_failed(tmp_path):
     assert row["status"] == "failed" and "process ended" in row["error"]
 
 
-def test_merges_are_recorded_and_the_newest_is_current(tmp_path):
+def test_merges_are_recorded_and_one_is_served_at_a_time(tmp_path):
     reg = Registry(tmp_path)
     for method in ("ties", "dare_ties"):
+        (tmp_path / method).mkdir()
         job = reg.start_job("merge", ["en", "de"], "r", "d")
-        reg.finish_merge(job, Cost(), method, {"density": 0.5}, [1, 2], f"merges/{method}")
+        reg.finish_merge(job, Cost(), method, {"density": 0.5}, [1, 2], str(tmp_path / method),
+                         serve="test" if method == "ties" else None)  # fmt: skip
     first, second = reg.merges()
-    assert (first["current"], second["current"]) == (0, 1)
-    assert second["method"] == "dare_ties" and second["expert_ids"] == [1, 2]
+    assert (first["current"], second["current"]) == (1, 0) and second["expert_ids"] == [1, 2]
+    reg.serve(second["id"], "rollforward")
+    assert reg.current_merge()["method"] == "dare_ties"
+    assert [s["reason"] for s in reg.serving()] == ["test", "rollforward"]
+    with pytest.raises(RegistryError, match="no merge 9"):
+        reg.serve(9, "typo")
 
 
 def test_a_version_1_registry_is_migrated(tmp_path):

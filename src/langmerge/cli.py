@@ -114,12 +114,15 @@ def merge(
 
         try:
             summary, where = merge_recipe(
-                load_recipe(config), output, overrides, force=force, progress=not quiet
-            )
+                load_recipe(config), output, overrides, force=force, progress=not quiet,
+                serve="langmerge merge",
+            )  # fmt: skip
         except KeyboardInterrupt:
             raise Interrupted from None
-        out.print(f"merged the recipe's experts with {summary['config']['method']} into {where} "
-                  f"in {summary['seconds']:.1f} s (recorded in the registry)")  # fmt: skip
+        out.print(
+            f"merged the recipe's experts with {summary['config']['method']} into {where} in "
+            f"{summary['seconds']:.1f} s (recorded in the registry; now the current merge)"
+        )
         if summary["stale_experts"]:
             err.print(
                 f"[yellow]warning:[/yellow] {', '.join(summary['stale_experts'])} were trained "

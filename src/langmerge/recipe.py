@@ -104,6 +104,7 @@ class LanguageData(_Strict):
     validation: Path | None = None
     test: Path | None = None
     hub: HubData | None = None
+    more: list[Path] = []  # data added later (`langmerge update`): split like `data:`
 
     @model_validator(mode="after")
     def _one_layout(self) -> LanguageData:
@@ -119,7 +120,8 @@ class LanguageData(_Strict):
         return any(x is not None for x in (self.data, self.train, self.hub))
 
     def files(self) -> list[Path]:
-        return [p for p in (self.data, self.train, self.validation, self.test) if p is not None]
+        named = [p for p in (self.data, self.train, self.validation, self.test) if p is not None]
+        return named + list(self.more)
 
 
 class Split(_Strict):
@@ -311,7 +313,8 @@ def _resolve(recipe: Recipe, root: Path) -> Recipe:
 
     def fix_data(lang: LanguageData) -> LanguageData:
         keys = ("data", "train", "validation", "test")
-        return lang.model_copy(update={k: fix(getattr(lang, k)) for k in keys})
+        update = {k: fix(getattr(lang, k)) for k in keys}
+        return lang.model_copy(update={**update, "more": [fix(p) for p in lang.more]})
 
     languages = {code: fix_data(lang) for code, lang in recipe.languages.items()}
     base = recipe.base

@@ -22,7 +22,7 @@ from pathlib import Path
 from langmerge.errors import LangmergeError
 from langmerge.processes import alive
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 DB_NAME = "registry.sqlite"
 
 MIGRATIONS: dict[int, str] = {
@@ -94,6 +94,22 @@ MIGRATIONS: dict[int, str] = {
     3: """
     ALTER TABLE evaluations ADD COLUMN data_hash TEXT NOT NULL DEFAULT '';
     CREATE INDEX evaluations_lookup ON evaluations (model, language, split, data_hash);
+    """,
+    4: """
+    CREATE TABLE additions (
+        id INTEGER PRIMARY KEY,
+        language TEXT NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('update', 'add')),
+        path TEXT NOT NULL,                   -- a copy inside the run directory
+        sha256 TEXT NOT NULL,
+        added REAL NOT NULL
+    );
+    CREATE TABLE serving (
+        id INTEGER PRIMARY KEY,
+        merge_id INTEGER NOT NULL REFERENCES merges(id),
+        at REAL NOT NULL,
+        reason TEXT NOT NULL
+    );
     """,
 }
 
@@ -355,23 +371,68 @@ class Registry:
     # ---- merges ----------------------------------------------------------------------------
 
     def finish_merge(
-        self, job_id: int, cost: Cost, method: str, params: dict, expert_ids: list[int], path: str
+        self,
+        job_id: int,
+        cost: Cost,
+        method: str,
+        params: dict,
+        expert_ids: list[int],
+        path: str,
+        serve: str | None = None,
     ) -> int:
-        """Close a merge job and record the merge as the current one, in one transaction."""
-
+        """Close a merge job and record the merge, in one transaction; with `serve` (the reason)
+        it also becomes the current, served merge."""
         ids: list[int] = []
 
         def insert(db: sqlite3.Connection) -> None:
-            db.execute("UPDATE merges SET current=0")
             cur = db.execute(
                 "INSERT INTO merges (method, params, expert_ids, path, job_id, current) "
-                "VALUES (?, ?, ?, ?, ?, 1)",
+                "VALUES (?, ?, ?, ?, ?, 0)",
                 (method, json.dumps(params), json.dumps(expert_ids), path, job_id),
             )
             ids.append(int(cur.lastrowid))
+            if serve:
+                self._serve(db, ids[0], serve)
 
         self.finish_job(job_id, cost, then=insert)
         return ids[0]
+
+    def serve(self, merge_id: int, reason: str) -> None:
+        """Make merge `merge_id` the current one (its files must be there)."""
+        with self.transaction() as db:
+            row = db.execute("SELECT path FROM merges WHERE id=?", (merge_id,)).fetchone()
+            if row is None:
+                raise RegistryError(f"there is no merge {merge_id}")
+            if not Path(row[0]).is_dir():
+                raise RegistryError(f"the files of merge {merge_id} ({row[0]}) are gone")
+            self._serve(db, merge_id, reason)
+
+    @staticmethod
+    def _serve(db: sqlite3.Connection, merge_id: int, reason: str) -> None:
+        db.execute("UPDATE merges SET current = (id = ?)", (merge_id,))
+        db.execute(
+            "INSERT INTO serving (merge_id, at, reason) VALUES (?, ?, ?)",
+            (merge_id, time.time(), reason),
+        )
+
+    def current_merge(self) -> dict | None:
+        """The merge in service, or None."""
+        rows = [m for m in self.merges() if m["current"]]
+        return rows[0] if rows else None
+
+    def serving(self) -> list[dict]:
+        """Which merge was put in service when and why, oldest first."""
+        cur = self.db.execute("SELECT merge_id, at, reason FROM serving ORDER BY id")
+        return [{"merge_id": m, "at": at, "reason": r} for m, at, r in cur.fetchall()]
+
+    def add_data(self, language: str, kind: str, path: str, sha256: str) -> None:
+        """Record data added to `language` (`update`) or a new language (`add`)."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO additions (language, kind, path, sha256, added) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (language, kind, path, sha256, time.time()),
+            )
 
     def finish_evaluation(
         self, job_id: int, cost: Cost, model: str, split: str, results: dict[str, tuple[str, dict]]
@@ -450,3 +511,17 @@ def schema_version(run_dir: Path) -> int | None:
             db.close()
     except sqlite3.DatabaseError as e:
         raise RegistryError(f"cannot read the registry {path}: {e}") from None
+
+
+def read_additions(run_dir: Path) -> list[dict]:
+    """The data maintenance added to a run directory, oldest first, read without changing the
+    registry (none when there is no registry yet, or one from before additions existed)."""
+    path = Path(run_dir) / DB_NAME
+    if not path.is_file() or (schema_version(run_dir) or 0) < 4:
+        return []
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        cur = db.execute("SELECT language, kind, path, sha256 FROM additions ORDER BY id")
+        return [dict(zip(("language", "kind", "path", "sha256"), r)) for r in cur.fetchall()]
+    finally:
+        db.close()

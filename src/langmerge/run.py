@@ -67,6 +67,8 @@ def run(
     metric = primary_metric(recipe)
     scored = [(mean(quality[f"merged:{n}"], metric, codes), n) for n in merges]
     best = f"merged:{max(scored)[1]}" if scored else None
+    if best is not None:
+        _serve_first(recipe, models[best], say)
     study = Study(codes, metric, split, quality, best, cost_table(recipe, codes), models)
     write_report(recipe, study)
     return study
@@ -96,6 +98,18 @@ def _merge(recipe: Recipe, variant: MergeVariant, progress: bool, say) -> str:
     summary, out = merge_recipe(recipe, None, overrides, progress=progress, name=name)
     say(f"merge {name}: {out} ({summary['seconds']:.1f} s)")
     return name
+
+
+def _serve_first(recipe: Recipe, name: str, say) -> None:
+    """With no merge in service yet, the study's best merge goes into service; after that only
+    maintenance (update, add-language, rollback) changes it."""
+    registry = Registry(recipe.run_dir)
+    try:
+        if registry.current_merge() is None:
+            registry.serve(int(name.rsplit("#", 1)[1]), "the best merge of `langmerge run`")
+            say(f"{name} is now the current merge (the model in service)")
+    finally:
+        registry.close()
 
 
 def mean(scores: dict[str, dict], metric: str, codes: list[str]) -> float:

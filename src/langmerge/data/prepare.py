@@ -92,6 +92,9 @@ def load_data(recipe: Recipe, languages: list[str] | None = None, hub: bool = Tr
             }
         else:
             raw = _read_source(source)
+        more = [r for path in recipe.languages[code].more for r in _read_more(path)]
+        if more:
+            raw["more"] = more
         out[code] = _prepare_language(code, raw, recipe, problems, warnings)
     labels = None
     if recipe.task.kind == "classification":
@@ -124,6 +127,15 @@ def count_table(data: ProjectData) -> list[dict]:
         row["hash"] = d.digest[:12]
         rows.append(row)
     return rows
+
+
+def _read_more(path: Path) -> Records:
+    records = read_file(path)
+    if isinstance(records, dict):
+        raise InputError(
+            f"{path} holds several splits; added data is one file, split by the recipe"
+        )
+    return records
 
 
 def _read_source(source: LanguageData) -> dict[str, Records]:
@@ -172,7 +184,7 @@ def _prepare_language(
 ) -> LanguageSplits:
     splits: dict[str, list[Example]] = {}
     for name, records in raw.items():
-        where = f"{code} {'data' if name == 'all' else name}"
+        where = f"{code} {'data' if name == 'all' else 'added data' if name == 'more' else name}"
         splits[name] = _examples(records, recipe.task, where, problems)
     splits = _carve(splits, recipe)
     d = LanguageSplits(code, splits["train"], splits["validation"], splits["test"])
@@ -224,6 +236,7 @@ def _examples(records: Records, task: Task, where: str, problems: list[str]) -> 
 
 def _carve(given: dict[str, list[Example]], recipe: Recipe) -> dict[str, list[Example]]:
     """Fill the splits not given from the training data (or from `data:`), by text hash."""
+    more = given.pop("more", [])
     pool = given.pop("all", None)
     if pool is None:
         pool = given.get("train", [])
@@ -239,6 +252,13 @@ def _carve(given: dict[str, list[Example]], recipe: Recipe) -> dict[str, list[Ex
         u = _unit(recipe.split.seed, e.text)
         name = next((n for n, upper in cuts if u < upper), "train")
         out[name].append(e)
+    full = [
+        ("test", recipe.split.test),
+        ("validation", recipe.split.test + recipe.split.validation),
+    ]
+    for e in more:  # added data brings its own share of every split
+        u = _unit(recipe.split.seed, e.text)
+        out[next((n for n, upper in full if u < upper), "train")].append(e)
     return out
 
 

@@ -54,10 +54,12 @@ def merge_recipe(
     force: bool = False,
     progress: bool = True,
     name: str | None = None,
+    serve: str | None = None,
 ) -> tuple[dict, Path]:
     """Merge the recipe's current experts; returns the merge summary and the output path. The
     summary's `stale_experts` names experts trained with other recipe settings than today's.
-    `name` labels the merge in the registry (`merged:NAME`; default: the method)."""
+    `name` labels the merge in the registry (`merged:NAME`; default: the method); with `serve`
+    (the reason) the merge goes into service."""
     if not (Path(recipe.run_dir) / DB_NAME).is_file():
         raise ConfigError(
             f"no experts trained yet in {recipe.run_dir}: run `langmerge train RECIPE --all` first"
@@ -90,7 +92,7 @@ def merge_recipe(
         params["weights"] = dict(zip(experts, cfg.weights))
         params["name"] = name or cfg.method
         params["key"] = merge_key(cfg)
-        registry.finish_merge(job, meter.cost(), cfg.method, params, ids, str(out))
+        registry.finish_merge(job, meter.cost(), cfg.method, params, ids, str(out), serve)
         summary["stale_experts"] = [
             f"{code} v{e['version']}"
             for code, e in experts.items()
