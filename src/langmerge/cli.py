@@ -286,6 +286,115 @@ def demo(
     _study(load_recipe(path), quiet)
 
 
+@app.command()
+def update(
+    recipe: Annotated[Path, typer.Argument(help="the recipe (YAML)")],
+    lang: Annotated[str, typer.Option("--lang", help="the language that gets new data")],
+    data: Annotated[Path, typer.Option(help="the new examples (a file, split like `data:`)")],
+    accept: Annotated[
+        bool, typer.Option(help="serve the new merge even if a language dropped")
+    ] = False,
+    compare_joint: Annotated[
+        bool, typer.Option(help="also retrain the joint model, to measure the saving")
+    ] = False,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """Add data to one language: retrain its expert, re-merge, evaluate, guard the others."""
+    _maintain(recipe, lang, data, False, accept, compare_joint, quiet)
+
+
+@app.command("add-language")
+def add_language(
+    recipe: Annotated[Path, typer.Argument(help="the recipe (YAML)")],
+    lang: Annotated[str, typer.Option("--lang", help="the new language's code")],
+    data: Annotated[Path, typer.Option(help="its examples (a file, split like `data:`)")],
+    accept: Annotated[
+        bool, typer.Option(help="serve the new merge even if a language dropped")
+    ] = False,
+    compare_joint: Annotated[
+        bool, typer.Option(help="also retrain the joint model, to measure the saving")
+    ] = False,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """Add a language: train its expert, re-merge with it, evaluate, guard the others."""
+    _maintain(recipe, lang, data, True, accept, compare_joint, quiet)
+
+
+def _maintain(recipe, lang, data, add, accept, compare_joint, quiet) -> None:
+    from langmerge.maintain import GuardError
+    from langmerge.maintain import update as run_update
+
+    say = lambda m: out.print(m, highlight=False)  # noqa: E731
+    try:
+        outcome = run_update(recipe, lang, data, add=add, accept=accept,
+                             compare_joint=compare_joint, progress=not quiet, say=say)  # fmt: skip
+    except GuardError as e:
+        _print_outcome(e.outcome)
+        raise
+    except KeyboardInterrupt:
+        raise Interrupted(
+            "interrupted; the model in service is unchanged, run the same command to finish"
+        ) from None
+    _print_outcome(outcome)
+
+
+def _print_outcome(outcome) -> None:
+    rows = [
+        {"language": r["language"], "before": f"{r['before']:.3f}", "after": f"{r['after']:.3f}",
+         "shift (points)": f"{r['shift']:+.1f}", "guard": ("ok" if r["ok"] else "FAIL")
+         + f" ({r['rule']})"}
+        for r in outcome.shifts
+    ]  # fmt: skip
+    out.print(_table(rows, f"{outcome.metric}: {outcome.old_merge} → {outcome.new_merge}"))
+    c = outcome.cost
+    rows = [{"job": "this update (expert + re-merge)", "wall s": f"{c['update']['wall_s']:.1f}",
+             "FLOPs": f"{c['update']['flops']:.3g}"}]  # fmt: skip
+    if c["joint_retrain"]:
+        j = c["joint_retrain"]
+        rows.append({"job": f"joint retrain on all data ({j['source']})",
+                     "wall s": f"{j['wall_s']:.1f}", "FLOPs": f"{j['flops']:.3g}"})  # fmt: skip
+        rows.append({"job": "saving", "wall s": f"{c['wall_saving']:.0%}",
+                     "FLOPs": f"{c.get('flops_saving', 0):.0%}"})  # fmt: skip
+    out.print(_table(rows, "cost"))
+    if outcome.served:
+        out.print(f"{outcome.new_merge} is now the current merge")
+
+
+@app.command()
+def status(recipe: Annotated[Path, typer.Argument(help="the recipe (YAML)")]) -> None:
+    """The merge in service, its experts and its last scores."""
+    from langmerge.history import status_rows
+
+    for title, rows in status_rows(recipe).items():
+        if rows:
+            out.print(_table(rows, title))
+
+
+@app.command()
+def history(recipe: Annotated[Path, typer.Argument(help="the recipe (YAML)")]) -> None:
+    """Every version of experts and merges, with costs, and what was in service when."""
+    from langmerge.history import history_rows
+
+    for title, rows in history_rows(recipe).items():
+        if rows:
+            out.print(_table(rows, title))
+
+
+@app.command()
+def rollback(
+    recipe: Annotated[Path, typer.Argument(help="the recipe (YAML)")],
+    to: Annotated[
+        int | None, typer.Option(help="the merge id to serve (default: the previous)")
+    ] = None,
+) -> None:
+    """Put an earlier merge back in service."""
+    from langmerge.history import rollback as run_rollback
+
+    merge = run_rollback(recipe, to)
+    name = merge["params"].get("name") or merge["method"]
+    out.print(f"merge {merge['id']} ({name}) is now the current merge")
+
+
 def _study(recipe, quiet: bool) -> None:
     from langmerge.run import REPORT, RESULTS, cost_rows, quality_rows, run
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from langmerge.errors import ConfigError
 from langmerge.merge.config import MethodName
+from langmerge.registry import read_additions
 from langmerge.yamlfile import read_mapping, validate
 
 LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})*$")  # BCP 47: en, pt-BR, zh-Hant
@@ -213,6 +214,13 @@ class MergeSettings(_Strict):
         return self
 
 
+class Guard(_Strict):
+    """Maintenance's regression guard: how far a language other than the updated one may drop
+    (in points of the primary metric ×100) before a new merge is kept out of service."""
+
+    max_drop: float = Field(1.0, ge=0.0)
+
+
 class Evaluation(_Strict):
     """How `langmerge run` evaluates and reports."""
 
@@ -235,6 +243,7 @@ class Recipe(_Strict):
     training: Training = Training()
     merge: MergeSettings = MergeSettings()
     evaluation: Evaluation = Evaluation()
+    guard: Guard = Guard()
     run_dir: Path = Path("runs")
 
     @field_validator("languages", mode="before")
@@ -296,6 +305,8 @@ def load_recipe(path: Path) -> Recipe:
     path = Path(path).absolute()
     data = read_mapping(path, "recipe", "base:, task:, languages: …")
     recipe = _resolve(validate(Recipe, data, f"recipe {path}"), path.parent)
+    for added in read_additions(recipe.run_dir):  # data that maintenance added
+        recipe = with_data(recipe, added["language"], Path(added["path"]))
     sources = {code: recipe.source(code) for code in recipe.languages}
     for code, lang in sources.items():
         for f in lang.files():
@@ -305,6 +316,18 @@ def load_recipe(path: Path) -> Recipe:
                     f"invalid recipe {path}: the data of {whose}, {f}, does not exist"
                 )
     return recipe
+
+
+def with_data(recipe: Recipe, language: str, path: Path) -> Recipe:
+    """The recipe with the data file `path` added to `language` (a new language gets it as its
+    only data); added data is split like `data:`."""
+    languages = dict(recipe.languages)
+    if language in languages:
+        lang = languages[language]
+        languages[language] = lang.model_copy(update={"more": [*lang.more, path]})
+    else:
+        languages[language] = LanguageData(data=path)
+    return recipe.model_copy(update={"languages": languages})
 
 
 def _resolve(recipe: Recipe, root: Path) -> Recipe:

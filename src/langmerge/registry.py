@@ -425,14 +425,24 @@ class Registry:
         cur = self.db.execute("SELECT merge_id, at, reason FROM serving ORDER BY id")
         return [{"merge_id": m, "at": at, "reason": r} for m, at, r in cur.fetchall()]
 
-    def add_data(self, language: str, kind: str, path: str, sha256: str) -> None:
-        """Record data added to `language` (`update`) or a new language (`add`)."""
+    def record_addition(
+        self, language: str, kind: str, path: str, sha256: str, serve: tuple[int, str] | None
+    ) -> None:
+        """Record data added to `language` (kind `update`, or `add` for a new language) and,
+        with `serve` = (merge id, reason), put that merge in service — in one transaction.
+        The same file added to the same language twice is recorded once."""
         with self.transaction() as db:
-            db.execute(
-                "INSERT INTO additions (language, kind, path, sha256, added) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (language, kind, path, sha256, time.time()),
-            )
+            known = db.execute(
+                "SELECT 1 FROM additions WHERE language=? AND sha256=?", (language, sha256)
+            ).fetchone()
+            if not known:
+                db.execute(
+                    "INSERT INTO additions (language, kind, path, sha256, added) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (language, kind, path, sha256, time.time()),
+                )
+            if serve is not None:
+                self._serve(db, *serve)
 
     def finish_evaluation(
         self, job_id: int, cost: Cost, model: str, split: str, results: dict[str, tuple[str, dict]]

@@ -67,6 +67,9 @@ def _from_registry(registry: Registry, kind: str, arg: str, ref: str, base: Path
     merges = registry.merges()
     if not merges:
         raise ConfigError("no merges yet: run `langmerge run RECIPE` or `langmerge merge RECIPE`")
+    arg, _, wanted = arg.partition("#")  # merged:NAME#ID names one merge exactly
+    if wanted:
+        merges = [m for m in merges if str(m["id"]) == wanted]
     # a merge's own name first (ties-d0.5), its method only when no name matches (ties)
     chosen = [m for m in merges if not arg or m["params"].get("name") == arg]
     chosen = chosen or [m for m in merges if m["method"] == arg]

@@ -1,0 +1,101 @@
+"""`langmerge status`, `history` and `rollback`: the versions the registry keeps, what is in
+service, and putting an earlier merge back."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from langmerge.errors import ConfigError
+from langmerge.recipe import load_recipe
+from langmerge.registry import DB_NAME, Registry
+
+
+def _registry(path: Path) -> Registry:
+    recipe = load_recipe(path)
+    if not (Path(recipe.run_dir) / DB_NAME).is_file():
+        raise ConfigError(f"nothing trained yet in {recipe.run_dir}: run `langmerge run` first")
+    return Registry(recipe.run_dir)
+
+
+def _name(merge: dict) -> str:
+    return f"{merge['params'].get('name') or merge['method']}#{merge['id']}"
+
+
+def status_rows(path: Path) -> dict[str, list[dict]]:
+    """The merge in service with its experts, and its newest scores per language."""
+    registry = _registry(path)
+    try:
+        current = registry.current_merge()
+        if current is None:
+            return {"no merge in service yet (`langmerge run` or `langmerge merge`)": []}
+        experts = {e["id"]: e for e in registry.trained("expert")}
+        rows = [
+            {"language": experts[i]["language"], "expert": f"v{experts[i]['version']}",
+             "data hash": experts[i]["data_hash"][:8], "path": experts[i]["path"]}
+            for i in current["expert_ids"] if i in experts
+        ]  # fmt: skip
+        scores = registry.db.execute(
+            "SELECT language, metrics FROM evaluations WHERE model=? ORDER BY id",
+            (f"merged:{_name(current)}",),
+        ).fetchall()
+    finally:
+        registry.close()
+    import json
+
+    latest = {code: json.loads(m) for code, m in scores}
+    for row in rows:
+        m = latest.get(row["language"], {})
+        row["score"] = " ".join(f"{k} {v:.3f}" for k, v in m.items() if k in ("accuracy",
+                                "macro_f1", "rougeL", "unparseable"))  # fmt: skip
+    title = f"in service: merge {_name(current)} ({current['path']})"
+    return {title: rows}
+
+
+def history_rows(path: Path) -> dict[str, list[dict]]:
+    """Every expert version and merge with its cost, and the serving history."""
+    registry = _registry(path)
+    try:
+        experts = registry.trained("expert")
+        merges = registry.merges()
+        serving = registry.serving()
+        jobs = {r["id"]: r for r in registry.ledger()}
+    finally:
+        registry.close()
+    by_id = {e["id"]: f"{e['language']} v{e['version']}" for e in experts}
+    return {
+        "experts": [
+            {"language": e["language"], "version": e["version"], "data hash": e["data_hash"][:8],
+             "wall s": f"{e['wall_s']:.1f}", "tokens": e["tokens"], "path": e["path"]}
+            for e in experts
+        ],
+        "merges": [
+            {"id": m["id"], "name": m["params"].get("name") or m["method"],
+             "experts": ", ".join(by_id.get(i, f"#{i}") for i in m["expert_ids"]),
+             "wall s": f"{jobs[m['job_id']]['wall_s']:.1f}",
+             "in service": "yes" if m["current"] else ""}
+            for m in merges
+        ],
+        "in service over time": [
+            {"when": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["at"])),
+             "merge": s["merge_id"], "why": s["reason"]}
+            for s in serving
+        ],
+    }  # fmt: skip
+
+
+def rollback(path: Path, to: int | None = None) -> dict:
+    """Serve merge `to`, or else the merge that was in service before the current one."""
+    registry = _registry(path)
+    try:
+        current = registry.current_merge()
+        if to is None:
+            earlier = [s["merge_id"] for s in registry.serving()
+                       if current is None or s["merge_id"] != current["id"]]  # fmt: skip
+            if not earlier:
+                raise ConfigError("no earlier merge was in service: nothing to roll back to")
+            to = earlier[-1]
+        registry.serve(to, "rollback")
+        return next(m for m in registry.merges() if m["id"] == to)
+    finally:
+        registry.close()

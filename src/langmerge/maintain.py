@@ -1,0 +1,274 @@
+"""Maintenance: update one language with new data, or add a language; retrain only that expert,
+re-merge with the settings of the merge in service, evaluate every language, and put the new
+merge in service only if no language got worse than the recipe allows (the regression guard).
+
+Nothing changes the model in service until the very end: the data addition is recorded and the
+new merge served in one step, so an update interrupted anywhere leaves the current model as it
+was, and running it again finishes it (the expert, the merge and the evaluations done before
+are found in the registry and reused). One maintenance at a time per run directory.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from langmerge.data.prepare import load_data
+from langmerge.errors import ConfigError, InputError, LangmergeError
+from langmerge.evaluate.job import evaluate, primary_metric
+from langmerge.merge.recipe_merge import merge_key, merge_recipe, recipe_merge_config
+from langmerge.recipe import LANGUAGE_CODE, Recipe, load_recipe, with_data
+from langmerge.registry import DB_NAME, Registry
+from langmerge.train.jobs import train
+
+MERGE_SETTINGS = ("density", "lam", "seed", "normalize", "gamma", "epsilon", "t", "rescale",
+                  "space")  # fmt: skip
+
+
+class GuardError(LangmergeError):
+    """The new merge made a language worse than the recipe allows; it is not in service."""
+
+    def __init__(self, message: str, outcome: Outcome):
+        super().__init__(message)
+        self.outcome = outcome
+
+
+@dataclass
+class Outcome:
+    """What one update or added language did."""
+
+    language: str
+    old_merge: str
+    new_merge: str
+    metric: str
+    shifts: list[dict]  # per language: before, after, shift in points, guard verdict
+    served: bool
+    cost: dict
+
+
+def update(recipe_path: Path, language: str, data: Path, add: bool = False, accept: bool = False,
+           compare_joint: bool = False, progress: bool = True,
+           say: Callable[[str], None] = lambda _: None) -> Outcome:  # fmt: skip
+    """Add the examples in `data` to `language` (or, with `add`, a new language with them),
+    retrain its expert, re-merge, evaluate and guard. Raises GuardError (after recording the
+    new merge, not in service) when a language got worse and `accept` is not given."""
+    recipe = load_recipe(recipe_path)
+    _check_request(recipe, language, data, add)
+    with _one_at_a_time(Path(recipe.run_dir)):
+        return _update(recipe, language, data, add, accept, compare_joint, progress, say)
+
+
+def _check_request(recipe: Recipe, language: str, data: Path, add: bool) -> None:
+    if add and language in recipe.languages:
+        raise ConfigError(f"{language} is already a language of the recipe: use `update`")
+    if not add and language not in recipe.languages:
+        raise ConfigError(
+            f"the recipe has no language {language} (it has {', '.join(recipe.languages)}): "
+            "use `add-language` for a new one"
+        )
+    if not LANGUAGE_CODE.match(language):
+        raise ConfigError(f"{language!r} is not a BCP 47 language code such as pt or pt-BR")
+    if not Path(data).is_file():
+        raise InputError(f"the data file {data} does not exist")
+    if not (Path(recipe.run_dir) / DB_NAME).is_file():
+        raise ConfigError(f"nothing trained yet in {recipe.run_dir}: run `langmerge run` first")
+
+
+@contextmanager
+def _one_at_a_time(run_dir: Path) -> Iterator[None]:
+    with open(run_dir / ".maintenance.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(
+                f"another update is running on {run_dir}; wait for it to finish"
+            ) from None
+        yield
+
+
+def _update(recipe, language, data, add, accept, compare_joint, progress, say) -> Outcome:
+    registry = Registry(recipe.run_dir)
+    try:
+        current = registry.current_merge()
+    finally:
+        registry.close()
+    if current is None:
+        raise ConfigError("no merge is in service: run `langmerge run` or `langmerge merge` first")
+    copy = _keep(Path(data), Path(recipe.run_dir))
+    updated = with_data(recipe, language, copy)
+    project = load_data(updated).require_valid()  # the new data is checked before any training
+    say(f"{'adding' if add else 'updating'} {language}: {_count(project, language)} examples now")
+    trained = train(updated, [language], progress=progress, say=say)[0]
+    new_name = _remerge(updated, current, progress, say)
+    old_name = _ref(current)
+    metric = primary_metric(updated)
+    codes = list(project.languages)
+    before = evaluate(updated, old_name, codes, data=project, say=say)
+    after = evaluate(updated, new_name, codes, data=project, say=say)
+    shifts = guard(before, after, metric, language, add, recipe.guard.max_drop)
+    failed = [s for s in shifts if not s["ok"]]
+    serve = not failed or accept
+    new_id = int(new_name.rsplit("#", 1)[1])
+    cost = saving(updated, project, trained, new_id, compare_joint, progress, say)
+    _finish(updated, language, add, copy, new_id, serve, accept and bool(failed))
+    outcome = Outcome(language, old_name, new_name, metric, shifts, serve, cost)
+    if not serve:
+        raise GuardError(_guard_message(outcome, failed), outcome)
+    return outcome
+
+
+def _ref(merge: dict) -> str:
+    """A reference that finds exactly this merge: its name and id."""
+    return f"merged:{merge['params'].get('name') or merge['method']}#{merge['id']}"
+
+
+def _keep(data: Path, run_dir: Path) -> Path:
+    """A copy of the added data inside the run directory, named by its content (unchanged when
+    the user edits or deletes their file later; the same file twice is kept once)."""
+    digest = hashlib.sha256(data.read_bytes()).hexdigest()
+    out = run_dir / "additions" / f"{digest[:16]}{data.suffix}"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.partial")
+        shutil.copyfile(data, tmp)
+        tmp.rename(out)
+    return out
+
+
+def _count(project, language: str) -> int:
+    d = project.languages[language]
+    return len(d.train) + len(d.validation) + len(d.test)
+
+
+def _remerge(recipe: Recipe, current: dict, progress: bool, say) -> str:
+    """The current experts merged with the settings of the merge in service (recorded, not
+    served); a merge of exactly these experts and settings made before is reused."""
+    params = current["params"]
+    overrides = {k: params[k] for k in MERGE_SETTINGS if k in params}
+    overrides["method"] = current["method"]
+    name = params.get("name") or current["method"]
+    weights = params.get("weights") or {}
+    recipe = recipe.model_copy(
+        update={"merge": recipe.merge.model_copy(update={"weights": {
+            code: weights.get(code, 1.0) for code in recipe.languages}})}
+    )  # fmt: skip
+    registry = Registry(recipe.run_dir)
+    try:
+        experts = {code: registry.latest("expert", code) for code in recipe.languages}
+        missing = [code for code, e in experts.items() if e is None]
+        if missing:
+            raise ConfigError(f"no expert for {', '.join(missing)}: run `langmerge train` first")
+        key = merge_key(recipe_merge_config(recipe, experts, overrides))
+        done = [m for m in registry.merges()
+                if m["params"].get("key") == key and Path(m["path"]).is_dir()]  # fmt: skip
+    finally:
+        registry.close()
+    if done:
+        say(f"re-merge: already made ({done[-1]['path']})")
+        return f"merged:{name}#{done[-1]['id']}"
+    summary, out = merge_recipe(recipe, None, overrides, progress=progress, name=name)
+    say(f"re-merge with {current['method']}: {out} ({summary['seconds']:.1f} s)")
+    registry = Registry(recipe.run_dir)
+    try:
+        made = [m for m in registry.merges() if m["path"] == str(out)][-1]
+    finally:
+        registry.close()
+    return f"merged:{name}#{made['id']}"
+
+
+def guard(
+    before: dict[str, dict], after: dict[str, dict], metric: str, language: str, add: bool,
+    max_drop: float,
+) -> list[dict]:  # fmt: skip
+    """Per language: the metric before and after, the shift in points (×100), and whether it
+    passes — other languages may drop at most `max_drop` points, the updated one not at all (a
+    new language has no before to keep)."""
+    rows = []
+    for code in after:
+        old, new = before[code][metric], after[code][metric]
+        shift = (new - old) * 100
+        if code == language:
+            ok = add or shift >= 0
+            rule = "the new language" if add else "must not drop"
+        else:
+            ok = shift >= -max_drop
+            rule = f"may drop ≤ {max_drop:g}"
+        rows.append({"language": code, "before": old, "after": new, "shift": shift, "ok": ok,
+                     "rule": rule})  # fmt: skip
+    return rows
+
+
+def saving(recipe, project, trained, merge_id: int, compare_joint: bool, progress, say) -> dict:
+    """The update's cost (its expert's training and the re-merge) against retraining the joint
+    model on all data including the new data: measured with `compare_joint`, else projected
+    from the last joint job in the ledger, scaled by the examples it would see."""
+    registry = Registry(recipe.run_dir)
+    try:
+        expert = registry.latest("expert", trained.language)
+        merge = next(m for m in registry.merges() if m["id"] == merge_id)
+        merge_job = registry.job(merge["job_id"])
+        joint = registry.latest("joint")
+    finally:
+        registry.close()
+    epochs = recipe.training.epochs
+    examples_now = round(epochs * sum(len(d.train) for d in project.languages.values()))
+    update_cost = {
+        "wall_s": expert["wall_s"] + merge_job["wall_s"],
+        "flops": (expert["flops"] or 0.0) + (merge_job["flops"] or 0.0),
+        "expert_wall_s": expert["wall_s"],
+        "merge_wall_s": merge_job["wall_s"],
+    }
+    if compare_joint:
+        say("training the joint model on all data, to measure the saving")
+        train(recipe, joint=True, progress=progress, say=say)
+        registry = Registry(recipe.run_dir)
+        try:
+            joint = registry.latest("joint")
+        finally:
+            registry.close()
+        retrain = {"wall_s": joint["wall_s"], "flops": joint["flops"], "source": "measured"}
+    elif joint is not None and joint["examples"]:
+        scale = examples_now / joint["examples"]
+        retrain = {
+            "wall_s": joint["wall_s"] * scale,
+            "flops": (joint["flops"] or 0.0) * scale,
+            "source": f"projected from joint v{joint['version']} in the ledger "
+            f"({joint['wall_s']:.1f} s for {joint['examples']} examples, scaled to "
+            f"{examples_now})",
+        }
+    else:
+        retrain = None
+    out = {"update": update_cost, "joint_retrain": retrain}
+    if retrain:
+        out["wall_saving"] = 1 - update_cost["wall_s"] / retrain["wall_s"]
+        if retrain["flops"]:
+            out["flops_saving"] = 1 - update_cost["flops"] / retrain["flops"]
+    return out
+
+
+def _finish(recipe, language, add, copy, merge_id, serve, overridden) -> None:
+    """Record the data addition and, if it passed (or was accepted), serve the new merge — in
+    one registry transaction."""
+    kind = "add" if add else "update"
+    reason = f"{kind} {language}" + (" (guard overridden)" if overridden else "")
+    registry = Registry(recipe.run_dir)
+    try:
+        digest = hashlib.sha256(copy.read_bytes()).hexdigest()
+        registry.record_addition(language, kind, str(copy), digest,
+                                 (merge_id, reason) if serve else None)  # fmt: skip
+    finally:
+        registry.close()
+
+
+def _guard_message(outcome: Outcome, failed: list[dict]) -> str:
+    worst = ", ".join(f"{r['language']} {r['shift']:+.1f} ({r['rule']})" for r in failed)
+    return (
+        f"the new merge ({outcome.new_merge}) is recorded but not in service: {worst} points of "
+        f"{outcome.metric}. Pass --accept to serve it anyway; the current model stays "
+        f"{outcome.old_merge}"
+    )
