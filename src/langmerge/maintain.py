@@ -58,13 +58,14 @@ def update(recipe_path: Path, language: str, data: Path, add: bool = False, acce
     retrain its expert, re-merge, evaluate and guard. Raises GuardError (after recording the
     new merge, not in service) when a language got worse and `accept` is not given."""
     recipe = load_recipe(recipe_path)
-    _check_request(recipe, language, data, add)
+    _check_request(recipe, language, data, add, _kept_path(Path(data), Path(recipe.run_dir)))
     with _one_at_a_time(Path(recipe.run_dir)):
         return _update(recipe, language, data, add, accept, compare_joint, progress, say)
 
 
-def _check_request(recipe: Recipe, language: str, data: Path, add: bool) -> None:
-    if add and language in recipe.languages:
+def _check_request(recipe: Recipe, language: str, data: Path, add: bool, kept: Path) -> None:
+    rerun = language in recipe.languages and kept in recipe.languages[language].files()
+    if add and language in recipe.languages and not rerun:
         raise ConfigError(f"{language} is already a language of the recipe: use `update`")
     if not add and language not in recipe.languages:
         raise ConfigError(
@@ -130,14 +131,21 @@ def _ref(merge: dict) -> str:
 def _keep(data: Path, run_dir: Path) -> Path:
     """A copy of the added data inside the run directory, named by its content (unchanged when
     the user edits or deletes their file later; the same file twice is kept once)."""
-    digest = hashlib.sha256(data.read_bytes()).hexdigest()
-    out = run_dir / "additions" / f"{digest[:16]}{data.suffix}"
+    out = _kept_path(data, run_dir)
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.partial")
         shutil.copyfile(data, tmp)
         tmp.rename(out)
     return out
+
+
+def _kept_path(data: Path, run_dir: Path) -> Path:
+    """Where `_keep` puts (or has put) a copy of `data`."""
+    if not data.is_file():
+        return run_dir / "additions" / "missing"
+    digest = hashlib.sha256(data.read_bytes()).hexdigest()
+    return run_dir / "additions" / f"{digest[:16]}{data.suffix}"
 
 
 def _count(project, language: str) -> int:

@@ -324,6 +324,8 @@ def with_data(recipe: Recipe, language: str, path: Path) -> Recipe:
     languages = dict(recipe.languages)
     if language in languages:
         lang = languages[language]
+        if path in lang.files():  # added before (a rerun)
+            return recipe
         languages[language] = lang.model_copy(update={"more": [*lang.more, path]})
     else:
         languages[language] = LanguageData(data=path)

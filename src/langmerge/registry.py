@@ -527,11 +527,14 @@ def read_additions(run_dir: Path) -> list[dict]:
     """The data maintenance added to a run directory, oldest first, read without changing the
     registry (none when there is no registry yet, or one from before additions existed)."""
     path = Path(run_dir) / DB_NAME
-    if not path.is_file() or (schema_version(run_dir) or 0) < 4:
+    # a newer schema is refused, with its message, when the registry is opened
+    if not path.is_file() or not 4 <= (schema_version(run_dir) or 0) <= SCHEMA_VERSION:
         return []
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         cur = db.execute("SELECT language, kind, path, sha256 FROM additions ORDER BY id")
         return [dict(zip(("language", "kind", "path", "sha256"), r)) for r in cur.fetchall()]
+    except sqlite3.DatabaseError as e:
+        raise RegistryError(f"cannot read the registry {path}: {e}") from None
     finally:
         db.close()

@@ -1,0 +1,157 @@
+"""Maintenance on tiny models: an update retrains one expert and re-merges; the guard keeps a
+worse merge out of service unless accepted; rollback; interruptions leave the model in service
+as it was and a rerun finishes; one update at a time; the saving equals the ledger's figures."""
+
+import fcntl
+
+import pytest
+from tiny import project, sentences, write_jsonl
+
+from langmerge import maintain
+from langmerge.recipe import load_recipe
+from langmerge.registry import Registry
+
+
+@pytest.fixture
+def fresh(tmp_path, cli):
+    """A tiny project after `langmerge run` (one merge, in service), and new German data."""
+    path = project(tmp_path / "p", merge={"compare": ["ties"]})
+    write_jsonl(tmp_path / "p" / "new_de.jsonl", sentences("de", 20, seed=5))
+    code, text = cli("run", path, "--quiet")
+    assert code == 0, text
+    return path
+
+
+def registry(path):
+    return Registry(load_recipe(path).run_dir)
+
+
+def relax_guard(path, max_drop):
+    path.write_text(path.read_text() + f"guard: {{max_drop: {max_drop}}}\n")
+
+
+def test_an_update_makes_a_new_expert_version_and_serves_the_new_merge(fresh, cli):
+    relax_guard(fresh, 100.0)
+    code, text = cli("update", fresh, "--lang", "de", "--data", fresh.parent / "new_de.jsonl",
+                     "--quiet")  # fmt: skip
+    assert code == 0, text
+    reg = registry(fresh)
+    assert reg.latest("expert", "de")["version"] == 2
+    assert reg.latest("expert", "en")["version"] == 1  # the others are not retrained
+    current = reg.current_merge()
+    assert current["id"] == 2 and current["method"] == "ties"
+    assert [reg.latest(k, c)["id"] for k, c in [("expert", "en"), ("expert", "de"),
+            ("expert", "fr")]] == current["expert_ids"]  # fmt: skip
+    assert [s["reason"] for s in reg.serving()] == [
+        "the best merge of `langmerge run`",
+        "update de",
+    ]
+    # the added data is part of the project now: a copy in the run directory
+    (added,) = load_recipe(fresh).languages["de"].more
+    assert added.parent == load_recipe(fresh).run_dir / "additions"
+
+
+def test_the_guard_keeps_a_worse_merge_out_of_service_until_accepted(fresh, cli, monkeypatch):
+    def worse(before, after, metric, language, add, max_drop):
+        rows = real_guard(before, after, metric, language, add, max_drop)
+        return [{**r, "ok": r["language"] != "fr", "shift": -5.0} for r in rows]
+
+    real_guard = maintain.guard
+    monkeypatch.setattr(maintain, "guard", worse)
+    new = fresh.parent / "new_de.jsonl"
+    code, text = cli("update", fresh, "--lang", "de", "--data", new, "--quiet")
+    assert code == 1 and "recorded but not in service" in text and "fr -5.0" in text
+    reg = registry(fresh)
+    assert reg.current_merge()["id"] == 1 and len(reg.merges()) == 2
+    before = len(reg.ledger())
+    code, text = cli("update", fresh, "--lang", "de", "--data", new, "--quiet", "--accept")
+    assert code == 0 and "merged:ties#2 is now the current merge" in " ".join(text.split())
+    reg = registry(fresh)
+    assert reg.current_merge()["id"] == 2 and reg.serving()[-1]["reason"].endswith("overridden)")
+    assert {r["kind"] for r in reg.ledger()[before:]} <= {"evaluate"}  # nothing retrained
+
+    code, text = cli("rollback", fresh)
+    assert code == 0 and "merge 1 (ties) is now the current merge" in text
+    assert registry(fresh).current_merge()["id"] == 1
+
+
+@pytest.mark.parametrize("phase", ["fit", "merge_recipe", "evaluate"])
+def test_an_interruption_leaves_the_served_model_and_a_rerun_finishes(fresh, cli, monkeypatch,
+                                                                      phase):  # fmt: skip
+    import langmerge.train.trainer as trainer
+
+    relax_guard(fresh, 100.0)
+    target = trainer if phase == "fit" else maintain
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(target, phase, interrupted)
+    new = fresh.parent / "new_de.jsonl"
+    code, text = cli("update", fresh, "--lang", "de", "--data", new, "--quiet")
+    assert code == 130 and "the model in service is unchanged" in text
+    reg = registry(fresh)
+    assert reg.current_merge()["id"] == 1 and load_recipe(fresh).languages["de"].more == []
+    monkeypatch.undo()
+    code, text = cli("update", fresh, "--lang", "de", "--data", new, "--quiet")
+    assert code == 0, text
+    reg = registry(fresh)
+    assert reg.current_merge()["expert_ids"][1] == reg.latest("expert", "de")["id"]
+    assert reg.latest("expert", "de")["version"] == 2  # trained once, whatever was interrupted
+
+
+def test_one_update_at_a_time(fresh, cli):
+    with open(load_recipe(fresh).run_dir / ".maintenance.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a running update holds it
+        code, text = cli("update", fresh, "--lang", "de", "--data", fresh.parent / "new_de.jsonl")
+    assert code == 1 and "another update is running" in text
+
+
+def test_adding_a_language(fresh, cli):
+    relax_guard(fresh, 100.0)
+    pt = [{"text": r["text"], "label": r["label"]} for r in sentences("fr", 30, seed=9)]
+    write_jsonl(fresh.parent / "pt.jsonl", pt)
+    code, text = cli("add-language", fresh, "--lang", "pt", "--data", fresh.parent / "pt.jsonl",
+                     "--quiet")  # fmt: skip
+    assert code == 0, text
+    assert "pt" in load_recipe(fresh).languages
+    assert len(registry(fresh).current_merge()["expert_ids"]) == 4
+    again = cli(
+        "add-language", fresh, "--lang", "pt", "--data", fresh.parent / "pt.jsonl", "--quiet"
+    )
+    assert again[0] == 0 and len(registry(fresh).merges()) == 2  # the same request: nothing new
+    other = fresh.parent / "new_de.jsonl"
+    code, text = cli("add-language", fresh, "--lang", "pt", "--data", other)
+    assert code == 1 and "already a language" in text
+
+
+def test_the_saving_is_computed_from_the_ledger(fresh, cli):
+    relax_guard(fresh, 100.0)
+    outcome = maintain.update(fresh, "de", fresh.parent / "new_de.jsonl", progress=False)
+    reg = registry(fresh)
+    expert = reg.latest("expert", "de")
+    merge_job = reg.job(reg.current_merge()["job_id"])
+    joint = reg.latest("joint")
+    recipe = load_recipe(fresh)
+    from langmerge.data.prepare import load_data
+
+    examples = 2 * sum(len(d.train) for d in load_data(recipe).languages.values())  # 2 epochs
+    update = expert["wall_s"] + merge_job["wall_s"]
+    projected = joint["wall_s"] * examples / joint["examples"]
+    assert outcome.cost["update"]["wall_s"] == pytest.approx(update)
+    assert outcome.cost["joint_retrain"]["wall_s"] == pytest.approx(projected)
+    assert outcome.cost["wall_saving"] == pytest.approx(1 - update / projected)
+    assert "projected" in outcome.cost["joint_retrain"]["source"]
+
+
+def test_update_mistakes(fresh, cli):
+    code, text = cli("update", fresh, "--lang", "xx", "--data", fresh.parent / "new_de.jsonl")
+    assert code == 1 and "no language xx" in text and "add-language" in text
+    code, text = cli("update", fresh, "--lang", "de", "--data", fresh.parent / "missing.jsonl")
+    assert code == 1 and "does not exist" in text
+    bad = fresh.parent / "bad.jsonl"
+    bad.write_text('{"text": "x", "label": "angry"}\n')
+    code, text = cli("update", fresh, "--lang", "de", "--data", bad)
+    assert code == 1 and "'angry'" in text
+    assert registry(fresh).current_merge()["id"] == 1
+    assert load_recipe(fresh).languages["de"].more == []
