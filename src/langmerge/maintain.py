@@ -105,7 +105,7 @@ def _update(recipe, language, data, add, accept, compare_joint, progress, say) -
     project = load_data(updated).require_valid()  # the new data is checked before any training
     say(f"{'adding' if add else 'updating'} {language}: {_count(project, language)} examples now")
     trained = train(updated, [language], progress=progress, say=say)[0]
-    new_name = _remerge(updated, current, progress, say)
+    new_name = _remerge(updated, current, language, progress, say)
     old_name = _ref(current)
     metric = primary_metric(updated)
     codes = list(project.languages)
@@ -153,9 +153,9 @@ def _count(project, language: str) -> int:
     return len(d.train) + len(d.validation) + len(d.test)
 
 
-def _remerge(recipe: Recipe, current: dict, progress: bool, say) -> str:
-    """The current experts merged with the settings of the merge in service (recorded, not
-    served); a merge of exactly these experts and settings made before is reused."""
+def _remerge(recipe: Recipe, current: dict, language: str, progress: bool, say) -> str:
+    """The served merge's experts, with `language`'s newest expert, merged with the settings of
+    the merge in service (recorded, not served); the same merge made before is reused."""
     params = current["params"]
     overrides = {k: params[k] for k in MERGE_SETTINGS if k in params}
     overrides["method"] = current["method"]
@@ -167,7 +167,17 @@ def _remerge(recipe: Recipe, current: dict, progress: bool, say) -> str:
     )  # fmt: skip
     registry = Registry(recipe.run_dir)
     try:
-        experts = {code: registry.latest("expert", code) for code in recipe.languages}
+        # the served merge's experts, and the newest of the language being updated or added
+        served = {
+            e["id"]: e for e in registry.trained("expert") if e["id"] in current["expert_ids"]
+        }
+        by_language = {e["language"]: e for e in served.values()}
+        experts = {
+            code: by_language.get(code)
+            if code != language and code in by_language
+            else registry.latest("expert", code)  # the updated language, or one not served yet
+            for code in recipe.languages
+        }
         missing = [code for code, e in experts.items() if e is None]
         if missing:
             raise ConfigError(f"no expert for {', '.join(missing)}: run `langmerge train` first")
@@ -179,7 +189,8 @@ def _remerge(recipe: Recipe, current: dict, progress: bool, say) -> str:
     if done:
         say(f"re-merge: already made ({done[-1]['path']})")
         return f"merged:{name}#{done[-1]['id']}"
-    summary, out = merge_recipe(recipe, None, overrides, progress=progress, name=name)
+    summary, out = merge_recipe(recipe, None, overrides, progress=progress, name=name,
+                                experts=experts)  # fmt: skip
     say(f"re-merge with {current['method']}: {out} ({summary['seconds']:.1f} s)")
     registry = Registry(recipe.run_dir)
     try:
@@ -280,3 +291,25 @@ def _guard_message(outcome: Outcome, failed: list[dict]) -> str:
         f"{outcome.metric}. Pass --accept to serve it anyway; the current model stays "
         f"{outcome.old_merge}"
     )
+
+
+def demo_story(recipe_path: Path, progress: bool, say: Callable[[str], None],
+               show: Callable[[Outcome], None]) -> list[Outcome]:  # fmt: skip
+    """The demo's maintenance: German gets the data held back from it, then Portuguese is
+    added; each step's shifts and saving are shown, and a step the guard refuses stays out of
+    service (the demo goes on)."""
+    from langmerge.data.demo import SPARE, UPDATED
+
+    data = Path(recipe_path).parent / "data"
+    outcomes = []
+    for language, path, add in ((UPDATED, data / f"{UPDATED}-update.jsonl", False),
+                                (SPARE, data / f"{SPARE}.jsonl", True)):  # fmt: skip
+        say(f"maintenance: {'adding' if add else 'updating'} {language} with {path.name}")
+        try:
+            outcome = update(recipe_path, language, path, add=add, progress=progress, say=say)
+        except GuardError as e:
+            outcome = e.outcome
+            say(f"the guard kept the new merge out of service: {e}")
+        show(outcome)
+        outcomes.append(outcome)
+    return outcomes

@@ -55,18 +55,21 @@ def merge_recipe(
     progress: bool = True,
     name: str | None = None,
     serve: str | None = None,
+    experts: dict[str, dict] | None = None,
 ) -> tuple[dict, Path]:
     """Merge the recipe's current experts; returns the merge summary and the output path. The
     summary's `stale_experts` names experts trained with other recipe settings than today's.
     `name` labels the merge in the registry (`merged:NAME`; default: the method); with `serve`
-    (the reason) the merge goes into service."""
+    (the reason) the merge goes into service; `experts` (language → registry row) chooses the
+    expert versions instead of the newest."""
     if not (Path(recipe.run_dir) / DB_NAME).is_file():
         raise ConfigError(
             f"no experts trained yet in {recipe.run_dir}: run `langmerge train RECIPE --all` first"
         )
     registry = Registry(recipe.run_dir)
     try:
-        experts = {code: registry.latest("expert", code) for code in recipe.languages}
+        if experts is None:  # default: the newest expert of every language
+            experts = {code: registry.latest("expert", code) for code in recipe.languages}
         missing = [code for code, e in experts.items() if e is None]
         if missing:
             raise ConfigError(
