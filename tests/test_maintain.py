@@ -178,3 +178,30 @@ def test_a_refused_update_does_not_slip_into_the_next_merge(fresh, cli, monkeypa
         served[i]["language"]: served[i]["version"] for i in reg.current_merge()["expert_ids"]
     }
     assert versions == {"en": 1, "de": 1, "fr": 1, "pt": 1}  # de v2 was refused: not served
+
+
+def test_continue_trains_the_served_expert_further_on_the_new_examples_only(fresh, cli):
+    import json
+
+    relax_guard(fresh, 100.0)
+    code, text = cli("update", fresh, "--lang", "de", "--data", fresh.parent / "new_de.jsonl",
+                     "--mode", "continue", "--quiet")  # fmt: skip
+    assert code == 0, text
+    flat = " ".join(text.split())
+    assert "training v1 further on" in flat
+    reg = registry(fresh)
+    v2 = reg.latest("expert", "de")
+    meta = json.loads((load_recipe(fresh).run_dir / "experts/de/v2/langmerge.json").read_text())
+    assert meta["continued_from"].endswith("experts/de/v1")
+    (job,) = [r for r in reg.ledger() if r["id"] == v2["job_id"]]
+    new_examples = int(flat.split("further on ")[1].split()[0])
+    assert job["examples"] == 2 * new_examples < 2 * 30  # 2 epochs of the new examples only
+
+
+def test_compare_joint_measures_the_retrain(fresh):
+    relax_guard(fresh, 100.0)
+    outcome = maintain.update(fresh, "de", fresh.parent / "new_de.jsonl", compare_joint=True,
+                              progress=False)  # fmt: skip
+    joint = registry(fresh).latest("joint")
+    assert joint["version"] == 2 and outcome.cost["joint_retrain"]["source"] == "measured"
+    assert outcome.cost["joint_retrain"]["wall_s"] == pytest.approx(joint["wall_s"])

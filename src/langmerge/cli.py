@@ -302,10 +302,13 @@ def update(
     compare_joint: Annotated[
         bool, typer.Option(help="also retrain the joint model, to measure the saving")
     ] = False,
+    mode: Annotated[
+        str, typer.Option(help="retrain (from the base, all data) or continue (new data only)")
+    ] = "retrain",
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """Add data to one language: retrain its expert, re-merge, evaluate, guard the others."""
-    _maintain(recipe, lang, data, False, accept, compare_joint, quiet)
+    _maintain(recipe, lang, data, False, accept, compare_joint, quiet, mode)
 
 
 @app.command("add-language")
@@ -325,13 +328,13 @@ def add_language(
     _maintain(recipe, lang, data, True, accept, compare_joint, quiet)
 
 
-def _maintain(recipe, lang, data, add, accept, compare_joint, quiet) -> None:
+def _maintain(recipe, lang, data, add, accept, compare_joint, quiet, mode="retrain") -> None:
     from langmerge.maintain import GuardError
     from langmerge.maintain import update as run_update
 
     say = lambda m: out.print(m, highlight=False)  # noqa: E731
     try:
-        outcome = run_update(recipe, lang, data, add=add, accept=accept,
+        outcome = run_update(recipe, lang, data, add=add, accept=accept, mode=mode,
                              compare_joint=compare_joint, progress=not quiet, say=say)  # fmt: skip
     except GuardError as e:
         _print_outcome(e.outcome)

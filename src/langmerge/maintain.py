@@ -24,7 +24,7 @@ from langmerge.evaluate.job import evaluate, primary_metric
 from langmerge.merge.recipe_merge import merge_key, merge_recipe, recipe_merge_config
 from langmerge.recipe import LANGUAGE_CODE, Recipe, load_recipe, with_data
 from langmerge.registry import DB_NAME, Registry
-from langmerge.train.jobs import train
+from langmerge.train.jobs import Continuation, train
 
 MERGE_SETTINGS = ("density", "lam", "seed", "normalize", "gamma", "epsilon", "t", "rescale",
                   "space")  # fmt: skip
@@ -53,14 +53,21 @@ class Outcome:
 
 def update(recipe_path: Path, language: str, data: Path, add: bool = False, accept: bool = False,
            compare_joint: bool = False, progress: bool = True,
-           say: Callable[[str], None] = lambda _: None) -> Outcome:  # fmt: skip
+           say: Callable[[str], None] = lambda _: None,
+           mode: str = "retrain") -> Outcome:  # fmt: skip
     """Add the examples in `data` to `language` (or, with `add`, a new language with them),
-    retrain its expert, re-merge, evaluate and guard. Raises GuardError (after recording the
-    new merge, not in service) when a language got worse and `accept` is not given."""
+    retrain its expert (`mode` retrain: from the base on all its data; continue: the served
+    version further, on the new examples only), re-merge, evaluate and guard. Raises GuardError
+    (after recording the new merge, not in service) when a language got worse and `accept` is
+    not given."""
+    if mode not in ("retrain", "continue"):
+        raise ConfigError(f"--mode is retrain or continue, not {mode!r}")
+    if mode == "continue" and add:
+        raise ConfigError("a new language has no earlier expert to continue: use retrain")
     recipe = load_recipe(recipe_path)
     _check_request(recipe, language, data, add, _kept_path(Path(data), Path(recipe.run_dir)))
     with _one_at_a_time(Path(recipe.run_dir)):
-        return _update(recipe, language, data, add, accept, compare_joint, progress, say)
+        return _update(recipe, language, data, add, accept, compare_joint, progress, say, mode)
 
 
 def _check_request(recipe: Recipe, language: str, data: Path, add: bool, kept: Path) -> None:
@@ -92,7 +99,7 @@ def _one_at_a_time(run_dir: Path) -> Iterator[None]:
         yield
 
 
-def _update(recipe, language, data, add, accept, compare_joint, progress, say) -> Outcome:
+def _update(recipe, language, data, add, accept, compare_joint, progress, say, mode) -> Outcome:
     registry = Registry(recipe.run_dir)
     try:
         current = registry.current_merge()
@@ -104,7 +111,8 @@ def _update(recipe, language, data, add, accept, compare_joint, progress, say) -
     updated = with_data(recipe, language, copy)
     project = load_data(updated).require_valid()  # the new data is checked before any training
     say(f"{'adding' if add else 'updating'} {language}: {_count(project, language)} examples now")
-    trained = train(updated, [language], progress=progress, say=say)[0]
+    continuation = _continuation(recipe, project, language, current) if mode == "continue" else None
+    trained = train(updated, [language], progress=progress, say=say, continue_from=continuation)[0]
     new_name = _remerge(updated, current, language, progress, say)
     old_name = _ref(current)
     metric = primary_metric(updated)
@@ -121,6 +129,24 @@ def _update(recipe, language, data, add, accept, compare_joint, progress, say) -
     if not serve:
         raise GuardError(_guard_message(outcome, failed), outcome)
     return outcome
+
+
+def _continuation(recipe: Recipe, project, language: str, current: dict) -> Continuation:
+    """The served expert of `language` and the training examples the update brings."""
+    before = {e.text for e in load_data(recipe, [language]).languages[language].train}
+    new = [e for e in project.languages[language].train if e.text not in before]
+    registry = Registry(recipe.run_dir)
+    try:
+        served = [
+            e for e in registry.trained("expert", language) if e["id"] in current["expert_ids"]
+        ]
+    finally:
+        registry.close()
+    if not served:
+        raise ConfigError(f"nothing to continue: the merge in service has no {language} expert")
+    if not new:
+        raise ConfigError("nothing to continue: the new data adds no training examples")
+    return Continuation(Path(served[0]["path"]), new)
 
 
 def _ref(merge: dict) -> str:

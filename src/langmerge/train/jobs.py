@@ -37,6 +37,14 @@ from langmerge.registry import Registry, TrainedModel
 METADATA = "langmerge.json"
 
 
+@dataclass(frozen=True)
+class Continuation:
+    """Train an expert further: from the adapter of an earlier version, on these examples."""
+
+    adapter: Path
+    examples: list
+
+
 @dataclass
 class Trained:
     """What one `train` request did for one model."""
@@ -59,8 +67,10 @@ def train(
     force: bool = False,
     progress: bool = True,
     say: Callable[[str], None] = lambda _: None,
+    continue_from: Continuation | None = None,
 ) -> list[Trained]:
-    """Train the experts of `languages` (one after another), or the joint model."""
+    """Train the experts of `languages` (one after another), or the joint model. With
+    `continue_from`, the one expert trains further from an earlier version, on given examples."""
     if not joint and not languages:
         raise ValueError("name the languages to train, or ask for the joint model")
     # a label set taken from the data needs every language's data, whatever is trained
@@ -76,7 +86,8 @@ def train(
     try:
         registry.mark_abandoned()
         targets = [None] if joint else languages
-        return [_train_one(recipe, registry, data, t, force, progress, say) for t in targets]
+        return [_train_one(recipe, registry, data, t, force, progress, say, continue_from)
+                for t in targets]  # fmt: skip
     finally:
         registry.close()
 
@@ -97,6 +108,7 @@ def _train_one(
     force: bool,
     progress: bool,
     say: Callable[[str], None],
+    continue_from: Continuation | None = None,
 ) -> Trained:
     kind, _, name = _identity(data, language)
     recipe_hash = recipe.digest()
@@ -110,14 +122,14 @@ def _train_one(
         return None
 
     folder = Path(recipe.run_dir) / ("joint" if language is None else f"experts/{language}")
-    work = folder / f".train-{recipe_hash}-{data_hash}"
+    work = folder / f".train-{recipe_hash}-{data_hash}{'-continued' if continue_from else ''}"
     if (hit := cached()) is not None:
         return hit
     with _exclusive(work, name):
         # another process may have finished this very model while we waited for nothing
         if (hit := cached()) is not None:
             return hit
-        return _run_job(recipe, registry, data, language, work, progress, say)
+        return _run_job(recipe, registry, data, language, work, progress, say, continue_from)
 
 
 def _identity(data: ProjectData, language: str | None) -> tuple[str, list[str], str]:
@@ -150,6 +162,7 @@ def _run_job(
     work: Path,
     progress: bool,
     say: Callable[[str], None],
+    continue_from: Continuation | None = None,
 ) -> Trained:
     """Train in `work` (resuming from its checkpoints), score, then move the adapter into place
     and record it in one registry transaction. A failed job keeps the cost it had run up."""
@@ -158,7 +171,7 @@ def _run_job(
 
     kind, languages, name = _identity(data, language)
     recipe_hash = recipe.digest()
-    data_hash = work.name.split("-")[-1]
+    data_hash = work.name.split("-")[2]
     job = registry.start_job(kind, languages, recipe_hash, data_hash)
     meter, counts = Meter(), Counts()
 
@@ -173,10 +186,17 @@ def _run_job(
             examples = data.languages[code].split(split)
             return encode(examples, tokenizer, recipe.task, data.labels, recipe.training.max_length)
 
-        train_set = [x for code in languages for x in encoded("train", code)]
-        say(f"{name}: training on {len(train_set)} examples")
+        if continue_from is None:
+            train_set = [x for code in languages for x in encoded("train", code)]
+            say(f"{name}: training on {len(train_set)} examples")
+        else:
+            train_set = encode(continue_from.examples, tokenizer, recipe.task, data.labels,
+                               recipe.training.max_length)  # fmt: skip
+            say(f"{name}: training {continue_from.adapter.name} further on "
+                f"{len(train_set)} new examples")  # fmt: skip
+        start = continue_from.adapter if continue_from else None
         result = fit(base_dir, recipe, train_set, tokenizer.pad_token_id, work / "checkpoints",
-                     progress, counts)  # fmt: skip
+                     progress, counts, start)  # fmt: skip
         if result.resumed_from is not None:
             say(f"{name}: resumed from the checkpoint at step {result.resumed_from}")
         scores = {
@@ -193,6 +213,7 @@ def _run_job(
                 "base_dir": str(base_dir), "task": recipe.task.model_dump(),
                 "labels": data.labels, "recipe_hash": recipe_hash, "data_hash": data_hash,
                 "steps": result.steps, "train_loss": result.loss, "validation": scores,
+                "continued_from": str(continue_from.adapter) if continue_from else None,
             })  # fmt: skip
             final = work.parent / f"v{version}"
             if final.exists():  # no row refers to it: left by a crash before its registry write

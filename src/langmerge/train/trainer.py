@@ -46,8 +46,9 @@ class FitResult:
     loss: float | None  # mean training loss over the whole run, resumed parts included
 
 
-def build_peft_model(base_dir: Path, recipe: Recipe, pad_id: int):
-    """The base with fresh LoRA adapters; their initialisation is drawn from the recipe's seed."""
+def build_peft_model(base_dir: Path, recipe: Recipe, pad_id: int, start: Path | None = None):
+    """The base with fresh LoRA adapters (their initialisation drawn from the recipe's seed),
+    or with the trained adapters in `start`, to train further."""
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import set_seed
 
@@ -64,7 +65,12 @@ def build_peft_model(base_dir: Path, recipe: Recipe, pad_id: int):
         task_type=TaskType.SEQ_CLS if kind == "classification" else TaskType.CAUSAL_LM,
     )
     set_seed(recipe.training.seed)
-    model = get_peft_model(model, config)
+    if start is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, start, is_trainable=True)
+    else:
+        model = get_peft_model(model, config)
     for p in model.parameters():  # a trained head loaded in half precision: train it in fp32
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
@@ -79,12 +85,14 @@ def fit(
     work: Path,
     progress: bool = True,
     counts: Counts | None = None,
+    start: Path | None = None,
 ) -> FitResult:
     """Train adapters on the encoded examples `train`; checkpoints go to `work`, and a run that
-    finds checkpoints there resumes from the newest. `counts` is updated as training goes."""
+    finds checkpoints there resumes from the newest. `counts` is updated as training goes;
+    `start` is a trained adapter to continue from."""
     t = recipe.training
     counts = counts if counts is not None else Counts()
-    model = build_peft_model(base_dir, recipe, pad_id)
+    model = build_peft_model(base_dir, recipe, pad_id, start)
     n_linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     counts.flops_per_token = training_flops(n_linear, n_trainable, 1)
