@@ -291,17 +291,19 @@ def demo(
         raise Interrupted("interrupted; the model in service is unchanged") from None
 
 
+AcceptOption = Annotated[bool, typer.Option(help="serve the new merge even if a language dropped")]
+CompareJointOption = Annotated[
+    bool, typer.Option(help="also retrain the joint model, to measure the saving")
+]
+
+
 @app.command()
 def update(
     recipe: Annotated[Path, typer.Argument(help="the recipe (YAML)")],
     lang: Annotated[str, typer.Option("--lang", help="the language that gets new data")],
     data: Annotated[Path, typer.Option(help="the new examples (a file, split like `data:`)")],
-    accept: Annotated[
-        bool, typer.Option(help="serve the new merge even if a language dropped")
-    ] = False,
-    compare_joint: Annotated[
-        bool, typer.Option(help="also retrain the joint model, to measure the saving")
-    ] = False,
+    accept: AcceptOption = False,
+    compare_joint: CompareJointOption = False,
     mode: Annotated[
         str, typer.Option(help="retrain (from the base, all data) or continue (new data only)")
     ] = "retrain",
@@ -316,12 +318,8 @@ def add_language(
     recipe: Annotated[Path, typer.Argument(help="the recipe (YAML)")],
     lang: Annotated[str, typer.Option("--lang", help="the new language's code")],
     data: Annotated[Path, typer.Option(help="its examples (a file, split like `data:`)")],
-    accept: Annotated[
-        bool, typer.Option(help="serve the new merge even if a language dropped")
-    ] = False,
-    compare_joint: Annotated[
-        bool, typer.Option(help="also retrain the joint model, to measure the saving")
-    ] = False,
+    accept: AcceptOption = False,
+    compare_joint: CompareJointOption = False,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """Add a language: train its expert, re-merge with it, evaluate, guard the others."""

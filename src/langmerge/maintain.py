@@ -10,11 +10,9 @@ are found in the registry and reused). One maintenance at a time per run directo
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import shutil
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from langmerge.data.prepare import load_data
 from langmerge.errors import ConfigError, InputError, LangmergeError
 from langmerge.evaluate.job import evaluate, primary_metric
 from langmerge.merge.recipe_merge import merge_key, merge_recipe, recipe_merge_config
+from langmerge.processes import exclusive
 from langmerge.recipe import LANGUAGE_CODE, Recipe, load_recipe, with_data
 from langmerge.registry import DB_NAME, Registry
 from langmerge.train.jobs import Continuation, train
@@ -66,7 +65,9 @@ def update(recipe_path: Path, language: str, data: Path, add: bool = False, acce
         raise ConfigError("a new language has no earlier expert to continue: use retrain")
     recipe = load_recipe(recipe_path)
     _check_request(recipe, language, data, add, _kept_path(Path(data), Path(recipe.run_dir)))
-    with _one_at_a_time(Path(recipe.run_dir)):
+    run_dir = Path(recipe.run_dir)
+    busy = f"another update is running on {run_dir}; wait for it to finish"
+    with exclusive(run_dir / ".maintenance.lock", busy):
         return _update(recipe, language, data, add, accept, compare_joint, progress, say, mode)
 
 
@@ -85,18 +86,6 @@ def _check_request(recipe: Recipe, language: str, data: Path, add: bool, kept: P
         raise InputError(f"the data file {data} does not exist")
     if not (Path(recipe.run_dir) / DB_NAME).is_file():
         raise ConfigError(f"nothing trained yet in {recipe.run_dir}: run `langmerge run` first")
-
-
-@contextmanager
-def _one_at_a_time(run_dir: Path) -> Iterator[None]:
-    with open(run_dir / ".maintenance.lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise InputError(
-                f"another update is running on {run_dir}; wait for it to finish"
-            ) from None
-        yield
 
 
 def _update(recipe, language, data, add, accept, compare_joint, progress, say, mode) -> Outcome:

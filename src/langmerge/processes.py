@@ -1,7 +1,11 @@
-"""Whether a process still runs: how crash leftovers (temporary outputs, running jobs) are told
-apart from work in progress."""
+"""Processes and one another: whether a process still runs (how crash leftovers are told apart
+from work in progress), and locks that let one process at a time do a given job."""
 
+import fcntl
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 
 def alive(pid: int) -> bool:
@@ -13,3 +17,18 @@ def alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+@contextmanager
+def exclusive(lock: Path, busy: str) -> Iterator[None]:
+    """Hold the lock file `lock` for the block; if another process holds it, raise InputError
+    with the message `busy` at once (no waiting). The lock goes with the process, even killed."""
+    from langmerge.errors import InputError
+
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(busy) from None
+        yield

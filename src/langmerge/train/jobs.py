@@ -9,11 +9,9 @@ in one registry transaction.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +27,8 @@ from langmerge.backbones import (
 from langmerge.cost import Meter
 from langmerge.data.encode import encode
 from langmerge.data.prepare import ProjectData, load_data
-from langmerge.errors import InputError
 from langmerge.merge.writer import write_json
+from langmerge.processes import exclusive
 from langmerge.recipe import Recipe
 from langmerge.registry import Registry, TrainedModel
 
@@ -125,7 +123,8 @@ def _train_one(
     work = folder / f".train-{recipe_hash}-{data_hash}{'-continued' if continue_from else ''}"
     if (hit := cached()) is not None:
         return hit
-    with _exclusive(work, name):
+    busy = f"another langmerge process is training {name} in this run directory; wait for it"
+    with exclusive(work / "lock", busy):
         # another process may have finished this very model while we waited for nothing
         if (hit := cached()) is not None:
             return hit
@@ -137,21 +136,6 @@ def _identity(data: ProjectData, language: str | None) -> tuple[str, list[str], 
     if language is None:
         return "joint", list(data.languages), "the joint model"
     return "expert", [language], f"expert {language}"
-
-
-@contextmanager
-def _exclusive(work: Path, name: str) -> Iterator[None]:
-    """Hold `work`'s lock: one process at a time trains a given model (others fail at once)."""
-    work.mkdir(parents=True, exist_ok=True)
-    with open(work / "lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise InputError(
-                f"another langmerge process is training {name} in this run directory; "
-                "wait for it to finish"
-            ) from None
-        yield
 
 
 def _run_job(
