@@ -63,6 +63,7 @@ def test_the_guard_keeps_a_worse_merge_out_of_service_until_accepted(fresh, cli,
     assert code == 1 and "recorded but not in service" in text and "fr -5.0" in text
     reg = registry(fresh)
     assert reg.current_merge()["id"] == 1 and len(reg.merges()) == 2
+    assert load_recipe(fresh).languages["de"].more == []  # the project's data is as it was
     before = len(reg.ledger())
     code, text = cli("update", fresh, "--lang", "de", "--data", new, "--quiet", "--accept")
     assert code == 0 and "merged:ties#2 is now the current merge" in " ".join(text.split())
@@ -73,6 +74,10 @@ def test_the_guard_keeps_a_worse_merge_out_of_service_until_accepted(fresh, cli,
     code, text = cli("rollback", fresh)
     assert code == 0 and "merge 1 (ties) is now the current merge" in text
     assert registry(fresh).current_merge()["id"] == 1
+    code, text = cli("rollback", fresh)  # nothing was served before merge 1
+    assert code == 1 and "nothing to roll back to" in text
+    assert cli("rollback", fresh, "--to", "2")[0] == 0
+    assert registry(fresh).current_merge()["id"] == 2
 
 
 @pytest.mark.parametrize("phase", ["fit", "merge_recipe", "evaluate"])
@@ -196,6 +201,8 @@ def test_continue_trains_the_served_expert_further_on_the_new_examples_only(fres
     (job,) = [r for r in reg.ledger() if r["id"] == v2["job_id"]]
     new_examples = int(flat.split("further on ")[1].split()[0])
     assert job["examples"] == 2 * new_examples < 2 * 30  # 2 epochs of the new examples only
+    code, text = cli("train", fresh, "--lang", "de", "--quiet")  # a retrain is another model
+    assert code == 0 and "expert de: v3" in text
 
 
 def test_compare_joint_measures_the_retrain(fresh):
@@ -205,3 +212,16 @@ def test_compare_joint_measures_the_retrain(fresh):
     joint = registry(fresh).latest("joint")
     assert joint["version"] == 2 and outcome.cost["joint_retrain"]["source"] == "measured"
     assert outcome.cost["joint_retrain"]["wall_s"] == pytest.approx(joint["wall_s"])
+
+
+def test_a_refused_new_language_stays_out_of_the_project(fresh, cli, monkeypatch):
+    real_guard = maintain.guard
+    monkeypatch.setattr(maintain, "guard", lambda *a: [{**r, "ok": False} for r in real_guard(*a)])
+    pt = [{"text": r["text"], "label": r["label"]} for r in sentences("fr", 30, seed=9)]
+    write_jsonl(fresh.parent / "pt.jsonl", pt)
+    assert cli("add-language", fresh, "--lang", "pt", "--data", fresh.parent / "pt.jsonl")[0] == 1
+    monkeypatch.undo()
+    assert "pt" not in load_recipe(fresh).languages
+    relax_guard(fresh, 100.0)
+    assert cli("update", fresh, "--lang", "de", "--data", fresh.parent / "new_de.jsonl")[0] == 0
+    assert len(registry(fresh).current_merge()["expert_ids"]) == 3  # en, de v2, fr: no pt

@@ -516,10 +516,27 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
-    except click.ClickException as e:
+    except _CLICK_ERRORS as e:  # a mistyped command line: the usage and the mistake
         e.show()
         sys.exit(e.exit_code)
     sys.exit(0)
+
+
+def _click_errors() -> tuple[type[Exception], ...]:
+    """Click's usage errors, and those of the copy of click that newer Typer versions carry."""
+    import click
+
+    errors: list[type[Exception]] = [click.ClickException]
+    try:
+        from typer._click.exceptions import ClickException  # Typer ≥ 0.26 vendors click
+
+        errors.append(ClickException)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+_CLICK_ERRORS = _click_errors()
 
 
 if __name__ == "__main__":

@@ -85,17 +85,24 @@ def history_rows(path: Path) -> dict[str, list[dict]]:
 
 
 def rollback(path: Path, to: int | None = None) -> dict:
-    """Serve merge `to`, or else the merge that was in service before the current one."""
+    """Serve merge `to`, or else the merge served before the current one (repeated rollbacks go
+    further back: each rollback undoes one step of the serving history)."""
     registry = _registry(path)
     try:
-        current = registry.current_merge()
         if to is None:
-            earlier = [s["merge_id"] for s in registry.serving()
-                       if current is None or s["merge_id"] != current["id"]]  # fmt: skip
-            if not earlier:
+            stack: list[int] = []
+            for event in registry.serving():
+                if event["reason"] == "rollback":
+                    if stack:
+                        stack.pop()
+                else:
+                    stack.append(event["merge_id"])
+            if len(stack) < 2:
                 raise ConfigError("no earlier merge was in service: nothing to roll back to")
-            to = earlier[-1]
-        registry.serve(to, "rollback")
+            to = stack[-2]
+            registry.serve(to, "rollback")
+        else:
+            registry.serve(to, f"served merge {to} by hand")
         return next(m for m in registry.merges() if m["id"] == to)
     finally:
         registry.close()

@@ -96,9 +96,11 @@ def _update(recipe, language, data, add, accept, compare_joint, progress, say, m
         registry.close()
     if current is None:
         raise ConfigError("no merge is in service: run `langmerge run` or `langmerge merge` first")
+    # the user's file is checked before anything is kept or trained
+    load_data(with_data(recipe, language, Path(data).absolute())).require_valid()
     copy = _keep(Path(data), Path(recipe.run_dir))
     updated = with_data(recipe, language, copy)
-    project = load_data(updated).require_valid()  # the new data is checked before any training
+    project = load_data(updated).require_valid()
     say(f"{'adding' if add else 'updating'} {language}: {_count(project, language)} examples now")
     continuation = _continuation(recipe, project, language, current) if mode == "continue" else None
     trained = train(updated, [language], progress=progress, say=say, continue_from=continuation)[0]
@@ -187,11 +189,11 @@ def _remerge(recipe: Recipe, current: dict, language: str, progress: bool, say) 
             e["id"]: e for e in registry.trained("expert") if e["id"] in current["expert_ids"]
         }
         by_language = {e["language"]: e for e in served.values()}
+        # the served languages, and the one updated or added: nothing else slips in
+        codes = [c for c in recipe.languages if c in by_language or c == language]
         experts = {
-            code: by_language.get(code)
-            if code != language and code in by_language
-            else registry.latest("expert", code)  # the updated language, or one not served yet
-            for code in recipe.languages
+            code: registry.latest("expert", code) if code == language else by_language[code]
+            for code in codes
         }
         missing = [code for code, e in experts.items() if e is None]
         if missing:
@@ -286,15 +288,18 @@ def saving(recipe, project, trained, merge_id: int, compare_joint: bool, progres
 
 
 def _finish(recipe, language, add, copy, merge_id, serve, overridden) -> None:
-    """Record the data addition and, if it passed (or was accepted), serve the new merge — in
-    one registry transaction."""
+    """If the update passed (or was accepted): record the data addition and serve the new
+    merge, in one registry transaction. A refused update records neither, so the project stays
+    as it was (the new expert and merge remain in the registry, unserved; `--accept` reuses
+    them)."""
+    if not serve:
+        return
     kind = "add" if add else "update"
     reason = f"{kind} {language}" + (" (guard overridden)" if overridden else "")
     registry = Registry(recipe.run_dir)
     try:
         digest = hashlib.sha256(copy.read_bytes()).hexdigest()
-        registry.record_addition(language, kind, str(copy), digest,
-                                 (merge_id, reason) if serve else None)  # fmt: skip
+        registry.record_addition(language, kind, str(copy), digest, (merge_id, reason))
     finally:
         registry.close()
 

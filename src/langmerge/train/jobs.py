@@ -9,6 +9,7 @@ in one registry transaction.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from collections.abc import Callable
@@ -111,6 +112,8 @@ def _train_one(
     kind, _, name = _identity(data, language)
     recipe_hash = recipe.digest()
     data_hash = data.joint_digest() if language is None else data.languages[language].digest
+    if continue_from is not None:  # not the model a retrain on this data would make
+        data_hash = hashlib.sha256(f"{data_hash}+{continue_from.adapter}".encode()).hexdigest()[:16]
 
     def cached() -> Trained | None:
         hit = None if force else registry.find_trained(kind, language, recipe_hash, data_hash)
@@ -120,7 +123,7 @@ def _train_one(
         return None
 
     folder = Path(recipe.run_dir) / ("joint" if language is None else f"experts/{language}")
-    work = folder / f".train-{recipe_hash}-{data_hash}{'-continued' if continue_from else ''}"
+    work = folder / f".train-{recipe_hash}-{data_hash}"
     if (hit := cached()) is not None:
         return hit
     busy = f"another langmerge process is training {name} in this run directory; wait for it"
@@ -155,7 +158,7 @@ def _run_job(
 
     kind, languages, name = _identity(data, language)
     recipe_hash = recipe.digest()
-    data_hash = work.name.split("-")[2]
+    data_hash = work.name.split("-")[-1]
     job = registry.start_job(kind, languages, recipe_hash, data_hash)
     meter, counts = Meter(), Counts()
 
