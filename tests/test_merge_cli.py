@@ -25,19 +25,16 @@ def weights_of(path):
 def test_full_model_ties_equals_the_method_tensor_by_tensor(models, tmp_path, cli):
     out = tmp_path / "merged"
     code, text = cli(
-        "merge",
-        "--method",
-        "ties",
-        "--density",
-        "0.5",
-        "--weights",
-        "1,0.5,2",
-        "--base",
-        models["base"],
-        "--experts",
-        *[models[f"full_{x}"] for x in EXPERTS],
-        "-o",
-        out,
+        *merge_args(
+            "ties",
+            models["base"],
+            [models[f"full_{x}"] for x in EXPERTS],
+            out,
+            "--density",
+            "0.5",
+            "--weights",
+            "1,0.5,2",
+        )
     )
     assert code == 0, text
     merged, base = weights_of(out), weights_of(models["base"])
@@ -134,17 +131,14 @@ def test_merged_lora_model_gives_base_plus_merged_delta_logits(
 
     out = tmp_path / method
     code, text = cli(
-        "merge",
-        "--method",
-        method,
-        "--density",
-        density,
-        "--base",
-        models["base"],
-        "--experts",
-        *[models[f"lora_{x}"] for x in EXPERTS],
-        "-o",
-        out,
+        *merge_args(
+            method,
+            models["base"],
+            [models[f"lora_{x}"] for x in EXPERTS],
+            out,
+            "--density",
+            density,
+        )
     )
     assert code == 0, text
     if method == "knots_ties":  # lm_head is a modules_to_save tensor: no LoRA, so plain ties
@@ -224,21 +218,18 @@ def test_factor_space_adapter_matches_peft(models, tmp_path, cli):
     out = tmp_path / "factors"
     plain = [models[f"plain_{x}"] for x in EXPERTS]
     code, text = cli(
-        "merge",
-        "--method",
-        "ties",
-        "--density",
-        "0.5",
-        "--space",
-        "factors",
-        "--base",
-        models["base"],
-        "--experts",
-        *plain,
-        "-o",
-        out,
-        "--emit",
-        "adapter",
+        *merge_args(
+            "ties",
+            models["base"],
+            plain,
+            out,
+            "--density",
+            "0.5",
+            "--space",
+            "factors",
+            "--emit",
+            "adapter",
+        )
     )
     assert code == 0, text
     model = peft_weighted_merge(models["base"], plain, [1.0, 1.0, 1.0], "ties", 0.5)
@@ -342,21 +333,18 @@ def test_factor_space_matches_peft_on_embedding_loras_with_negative_weights(mode
     weights = [1.0, -0.5, 2.0]
     out = tmp_path / "factors_emb"
     code, text = cli(
-        "merge",
-        "--method",
-        "linear",
-        "--space",
-        "factors",
-        "--weights",
-        "1,-0.5,2",
-        "--base",
-        models["base"],
-        "--experts",
-        *experts,
-        "-o",
-        out,
-        "--emit",
-        "adapter",
+        *merge_args(
+            "linear",
+            models["base"],
+            experts,
+            out,
+            "--space",
+            "factors",
+            "--weights",
+            "1,-0.5,2",
+            "--emit",
+            "adapter",
+        )
     )
     assert code == 0, text
     model = peft_weighted_merge(models["base"], experts, weights, "linear")

@@ -144,18 +144,14 @@ def test_density_outside_unit_interval(models, tmp_path, cli, density):
 
 def test_weights_summing_to_zero_for_a_normalized_merge(models, tmp_path, cli):
     code, text = cli(
-        "merge",
-        "--method",
-        "linear",
-        "--weights",
-        "1,-1",
-        "--base",
-        models["base"],
-        "--experts",
-        models["full_en"],
-        models["full_de"],
-        "-o",
-        tmp_path / "out",
+        *merge_args(
+            "linear",
+            models["base"],
+            [models["full_en"], models["full_de"]],
+            tmp_path / "out",
+            "--weights",
+            "1,-1",
+        )
     )
     assert code == 1 and "sum to zero" in text
 
@@ -271,34 +267,27 @@ def test_force_never_replaces_an_input(models, tmp_path, cli):
 
 def test_factor_space_refuses_what_peft_cannot_express(models, tmp_path, cli):
     code, text = cli(
-        "merge",
-        "--method",
-        "ties",
-        "--space",
-        "factors",
-        "--lambda",
-        "0.5",
-        "--base",
-        models["base"],
-        "--experts",
-        models["plain_en"],
-        models["plain_de"],
-        "-o",
-        tmp_path / "out",
+        *merge_args(
+            "ties",
+            models["base"],
+            [models["plain_en"], models["plain_de"]],
+            tmp_path / "out",
+            "--space",
+            "factors",
+            "--lambda",
+            "0.5",
+        )
     )
     assert code == 1 and "add_weighted_adapter" in text and "lambda" in text
     code, text = cli(
-        "merge",
-        "--method",
-        "knots_ties",
-        "--space",
-        "factors",
-        "--base",
-        models["base"],
-        "--experts",
-        models["plain_en"],
-        "-o",
-        tmp_path / "out",
+        *merge_args(
+            "knots_ties",
+            models["base"],
+            [models["plain_en"]],
+            tmp_path / "out",
+            "--space",
+            "factors",
+        )
     )
     assert code == 1 and "space 'factors' supports" in text
 
