@@ -26,6 +26,12 @@ def registry(path):
     return Registry(load_recipe(path).run_dir)
 
 
+def write_portuguese(path):
+    """pt.jsonl next to the recipe: 30 labelled texts for a new language."""
+    pt = [{"text": r["text"], "label": r["label"]} for r in sentences("fr", 30, seed=9)]
+    write_jsonl(path.parent / "pt.jsonl", pt)
+
+
 def relax_guard(path, max_drop):
     path.write_text(path.read_text() + f"guard: {{max_drop: {max_drop}}}\n")
 
@@ -86,7 +92,9 @@ def test_an_interruption_leaves_the_served_model_and_a_rerun_finishes(fresh, cli
     import langmerge.train.trainer as trainer
 
     relax_guard(fresh, 100.0)
-    target = trainer if phase == "fit" else maintain
+    import langmerge.merge.recipe_merge as merging
+
+    target = {"fit": trainer, "merge_recipe": merging, "evaluate": maintain}[phase]
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -114,8 +122,7 @@ def test_one_update_at_a_time(fresh, cli):
 
 def test_adding_a_language(fresh, cli):
     relax_guard(fresh, 100.0)
-    pt = [{"text": r["text"], "label": r["label"]} for r in sentences("fr", 30, seed=9)]
-    write_jsonl(fresh.parent / "pt.jsonl", pt)
+    write_portuguese(fresh)
     code, text = cli("add-language", fresh, "--lang", "pt", "--data", fresh.parent / "pt.jsonl",
                      "--quiet")  # fmt: skip
     assert code == 0, text
@@ -172,8 +179,7 @@ def test_a_refused_update_does_not_slip_into_the_next_merge(fresh, cli, monkeypa
     assert cli("update", fresh, "--lang", "de", "--data", fresh.parent / "new_de.jsonl")[0] == 1
     monkeypatch.undo()
     relax_guard(fresh, 100.0)
-    pt = [{"text": r["text"], "label": r["label"]} for r in sentences("fr", 30, seed=9)]
-    write_jsonl(fresh.parent / "pt.jsonl", pt)
+    write_portuguese(fresh)
     code, text = cli("add-language", fresh, "--lang", "pt", "--data", fresh.parent / "pt.jsonl",
                      "--quiet")  # fmt: skip
     assert code == 0, text
@@ -217,8 +223,7 @@ def test_compare_joint_measures_the_retrain(fresh):
 def test_a_refused_new_language_stays_out_of_the_project(fresh, cli, monkeypatch):
     real_guard = maintain.guard
     monkeypatch.setattr(maintain, "guard", lambda *a: [{**r, "ok": False} for r in real_guard(*a)])
-    pt = [{"text": r["text"], "label": r["label"]} for r in sentences("fr", 30, seed=9)]
-    write_jsonl(fresh.parent / "pt.jsonl", pt)
+    write_portuguese(fresh)
     assert cli("add-language", fresh, "--lang", "pt", "--data", fresh.parent / "pt.jsonl")[0] == 1
     monkeypatch.undo()
     assert "pt" not in load_recipe(fresh).languages

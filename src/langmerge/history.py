@@ -3,6 +3,7 @@ service, and putting an earlier merge back."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -41,8 +42,6 @@ def status_rows(path: Path) -> dict[str, list[dict]]:
         ).fetchall()
     finally:
         registry.close()
-    import json
-
     latest = {code: json.loads(m) for code, m in scores}
     for row in rows:
         m = latest.get(row["language"], {})

@@ -19,7 +19,7 @@ from pathlib import Path
 from langmerge.data.prepare import load_data
 from langmerge.errors import ConfigError, InputError, LangmergeError
 from langmerge.evaluate.job import evaluate, primary_metric
-from langmerge.merge.recipe_merge import merge_key, merge_recipe, recipe_merge_config
+from langmerge.merge.recipe_merge import merge_once
 from langmerge.processes import exclusive
 from langmerge.recipe import LANGUAGE_CODE, Recipe, load_recipe, with_data
 from langmerge.registry import DB_NAME, Registry
@@ -198,23 +198,10 @@ def _remerge(recipe: Recipe, current: dict, language: str, progress: bool, say) 
         missing = [code for code, e in experts.items() if e is None]
         if missing:
             raise ConfigError(f"no expert for {', '.join(missing)}: run `langmerge train` first")
-        key = merge_key(recipe_merge_config(recipe, experts, overrides))
-        done = [m for m in registry.merges()
-                if m["params"].get("key") == key and Path(m["path"]).is_dir()]  # fmt: skip
     finally:
         registry.close()
-    if done:
-        say(f"re-merge: already made ({done[-1]['path']})")
-        return f"merged:{name}#{done[-1]['id']}"
-    summary, out = merge_recipe(recipe, None, overrides, progress=progress, name=name,
-                                experts=experts)  # fmt: skip
-    say(f"re-merge with {current['method']}: {out} ({summary['seconds']:.1f} s)")
-    registry = Registry(recipe.run_dir)
-    try:
-        made = [m for m in registry.merges() if m["path"] == str(out)][-1]
-    finally:
-        registry.close()
-    return f"merged:{name}#{made['id']}"
+    merge_id = merge_once(recipe, experts, overrides, name, progress, say)
+    return f"merged:{name}#{merge_id}"
 
 
 def guard(

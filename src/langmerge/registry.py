@@ -226,35 +226,29 @@ class Registry:
         """Close a running job with its measured cost (one ledger row); `then` records what the
         job made in the same transaction."""
         with self.transaction() as db:
-            (started,) = self._running(db, job_id)
-            ended = time.time()
-            wall = ended - started
-            db.execute(
-                "UPDATE jobs SET status='done', ended=?, wall_s=?, cpu_s=?, device_kind=?, "
-                "device_count=?, device_s=?, tokens=?, examples=?, peak_memory_bytes=?, flops=? "
-                "WHERE id=?",
-                (ended, wall, cost.cpu_s, cost.device_kind, cost.device_count,
-                 wall * cost.device_count, cost.tokens, cost.examples, cost.peak_memory_bytes,
-                 cost.flops, job_id),
-            )  # fmt: skip
+            self._close(db, job_id, "done", cost, None)
             if then is not None:
                 then(db)
 
     def fail_job(self, job_id: int, error: str, cost: Cost | None = None) -> None:
         """Close a running job as failed, with what it consumed until then when measured."""
-        cost = cost or Cost()
         with self.transaction() as db:
-            (started,) = self._running(db, job_id)
-            ended = time.time()
-            wall = ended - started
-            db.execute(
-                "UPDATE jobs SET status='failed', ended=?, error=?, wall_s=?, cpu_s=?, "
-                "device_kind=?, device_count=?, device_s=?, tokens=?, examples=?, "
-                "peak_memory_bytes=?, flops=? WHERE id=?",
-                (ended, error, wall, cost.cpu_s, cost.device_kind, cost.device_count,
-                 wall * cost.device_count, cost.tokens, cost.examples, cost.peak_memory_bytes,
-                 cost.flops, job_id),
-            )  # fmt: skip
+            self._close(db, job_id, "failed", cost or Cost(), error)
+
+    def _close(
+        self, db: sqlite3.Connection, job_id: int, status: str, cost: Cost, error: str | None
+    ) -> None:
+        (started,) = self._running(db, job_id)
+        ended = time.time()
+        wall = ended - started
+        db.execute(
+            "UPDATE jobs SET status=?, ended=?, error=?, wall_s=?, cpu_s=?, device_kind=?, "
+            "device_count=?, device_s=?, tokens=?, examples=?, peak_memory_bytes=?, flops=? "
+            "WHERE id=?",
+            (status, ended, error, wall, cost.cpu_s, cost.device_kind, cost.device_count,
+             wall * cost.device_count, cost.tokens, cost.examples, cost.peak_memory_bytes,
+             cost.flops, job_id),
+        )  # fmt: skip
 
     def mark_abandoned(self) -> int:
         """Mark as failed the running jobs whose process is gone (killed, crashed)."""

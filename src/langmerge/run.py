@@ -16,7 +16,7 @@ from pathlib import Path
 from langmerge.data.prepare import load_data
 from langmerge.evaluate.job import evaluate, primary_metric, require_split
 from langmerge.evaluate.models import resolve
-from langmerge.merge.recipe_merge import merge_key, merge_recipe, recipe_merge_config
+from langmerge.merge.recipe_merge import merge_once
 from langmerge.recipe import MergeVariant, Recipe
 from langmerge.registry import Registry
 from langmerge.train.jobs import train
@@ -75,29 +75,15 @@ def run(
 
 
 def _merge(recipe: Recipe, variant: MergeVariant, progress: bool, say) -> str:
-    """Make the merge `variant` of the current experts unless the registry already has exactly
-    it (same experts, same settings, its directory still there)."""
-    name = variant.name()
+    """The merge `variant` of the current experts (made unless the registry has it); its name."""
     overrides = {"method": variant.method, "density": variant.density, "lam": variant.lam}
     registry = Registry(recipe.run_dir)
     try:
         experts = {code: registry.latest("expert", code) for code in recipe.languages}
-        key = merge_key(recipe_merge_config(recipe, experts, overrides))
-        done = [
-            m
-            for m in registry.merges()
-            if m["params"].get("name") == name
-            and m["params"].get("key") == key
-            and Path(m["path"]).is_dir()
-        ]
     finally:
         registry.close()
-    if done:
-        say(f"merge {name}: up to date ({done[-1]['path']})")
-        return name
-    summary, out = merge_recipe(recipe, None, overrides, progress=progress, name=name)
-    say(f"merge {name}: {out} ({summary['seconds']:.1f} s)")
-    return name
+    merge_once(recipe, experts, overrides, variant.name(), progress, say)
+    return variant.name()
 
 
 def _serve_first(recipe: Recipe, name: str, say) -> None:

@@ -4,6 +4,7 @@ recipe's merge settings, and record the merge and its cost in the run directory'
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 from langmerge.cost import Meter
@@ -95,7 +96,9 @@ def merge_recipe(
         params["weights"] = dict(zip(experts, cfg.weights))
         params["name"] = name or cfg.method
         params["key"] = merge_key(cfg)
-        registry.finish_merge(job, meter.cost(), cfg.method, params, ids, str(out), serve)
+        summary["merge_id"] = registry.finish_merge(
+            job, meter.cost(), cfg.method, params, ids, str(out), serve
+        )
         summary["stale_experts"] = [
             f"{code} v{e['version']}"
             for code, e in experts.items()
@@ -104,3 +107,35 @@ def merge_recipe(
         return summary, out
     finally:
         registry.close()
+
+
+def merge_once(
+    recipe: Recipe,
+    experts: dict[str, dict],
+    overrides: dict,
+    name: str,
+    progress: bool = True,
+    say: Callable[[str], None] = lambda _: None,
+) -> int:
+    """The id of the merge `name` of `experts` (language → registry row) with these settings:
+    the one the registry already has (its files still there), else a new one, recorded and not
+    served."""
+    key = merge_key(recipe_merge_config(recipe, experts, overrides))
+    registry = Registry(recipe.run_dir)
+    try:
+        done = [
+            m
+            for m in registry.merges()
+            if m["params"].get("name") == name
+            and m["params"].get("key") == key
+            and Path(m["path"]).is_dir()
+        ]
+    finally:
+        registry.close()
+    if done:
+        say(f"merge {name}: up to date ({done[-1]['path']})")
+        return done[-1]["id"]
+    summary, out = merge_recipe(recipe, None, overrides, progress=progress, name=name,
+                                experts=experts)  # fmt: skip
+    say(f"merge {name}: {out} ({summary['seconds']:.1f} s)")
+    return summary["merge_id"]

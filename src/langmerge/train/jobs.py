@@ -131,7 +131,9 @@ def _train_one(
         # another process may have finished this very model while we waited for nothing
         if (hit := cached()) is not None:
             return hit
-        return _run_job(recipe, registry, data, language, work, progress, say, continue_from)
+        hashes = (recipe_hash, data_hash)
+        return _run_job(recipe, registry, data, language, hashes, work, progress, say,
+                        continue_from)  # fmt: skip
 
 
 def _identity(data: ProjectData, language: str | None) -> tuple[str, list[str], str]:
@@ -146,6 +148,7 @@ def _run_job(
     registry: Registry,
     data: ProjectData,
     language: str | None,
+    hashes: tuple[str, str],
     work: Path,
     progress: bool,
     say: Callable[[str], None],
@@ -157,8 +160,7 @@ def _run_job(
     from langmerge.train.trainer import Counts, fit
 
     kind, languages, name = _identity(data, language)
-    recipe_hash = recipe.digest()
-    data_hash = work.name.split("-")[-1]
+    recipe_hash, data_hash = hashes
     job = registry.start_job(kind, languages, recipe_hash, data_hash)
     meter, counts = Meter(), Counts()
 
