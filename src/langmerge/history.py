@@ -58,6 +58,8 @@ def history_rows(path: Path) -> dict[str, list[dict]]:
         experts = registry.trained("expert")
         merges = registry.merges()
         serving = registry.serving()
+        sweeps = registry.sweeps()
+        steps = registry.steps()
         jobs = {r["id"]: r for r in registry.ledger()}
     finally:
         registry.close()
@@ -79,6 +81,18 @@ def history_rows(path: Path) -> dict[str, list[dict]]:
             {"when": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["at"])),
              "merge": s["merge_id"], "why": s["reason"]}
             for s in serving
+        ],
+        "maintenance steps": [
+            {"step": i, "what": f"{s['kind']} {s['language']}", "new merge": s["merge_id"],
+             "outcome": "served" if s["served"] else "refused by the guard",
+             "wall s": f"{s['result']['cost']['update']['wall_s']:.1f}"}
+            for i, s in enumerate(steps, 1)
+        ],
+        "sweeps": [
+            {"sweep": s["id"], "points": len(s["points"]), "best by": s["select"],
+             "winner": s["winner"], "validation": f"{s['winner_score']:.3f}",
+             "served": s.get("served", "no"), "wall s": f"{jobs[s['job_id']]['wall_s']:.1f}"}
+            for s in sweeps
         ],
     }  # fmt: skip
 

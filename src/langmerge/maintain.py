@@ -115,7 +115,9 @@ def _update(recipe, language, data, add, accept, compare_joint, progress, say, m
     serve = not failed or accept
     new_id = int(new_name.rsplit("#", 1)[1])
     cost = saving(updated, project, trained, new_id, compare_joint, progress, say)
-    _finish(updated, language, add, copy, new_id, serve, accept and bool(failed))
+    result = {"cost": cost, "shifts": shifts, "metric": metric, "old_merge": old_name,
+              "new_merge": new_name, "guard_overridden": accept and bool(failed)}  # fmt: skip
+    _finish(updated, language, add, copy, new_id, serve, accept and bool(failed), result)
     outcome = Outcome(language, old_name, new_name, metric, shifts, serve, cost)
     if not serve:
         raise GuardError(_guard_message(outcome, failed), outcome)
@@ -274,19 +276,19 @@ def saving(recipe, project, trained, merge_id: int, compare_joint: bool, progres
     return out
 
 
-def _finish(recipe, language, add, copy, merge_id, serve, overridden) -> None:
-    """If the update passed (or was accepted): record the data addition and serve the new
-    merge, in one registry transaction. A refused update records neither, so the project stays
-    as it was (the new expert and merge remain in the registry, unserved; `--accept` reuses
-    them)."""
-    if not serve:
-        return
+def _finish(recipe, language, add, copy, merge_id, serve, overridden, outcome: dict) -> None:
+    """Record the step and, if it passed (or was accepted), the data addition and the new
+    merge in service, in one registry transaction. A refused update records no addition, so
+    the project stays as it was (the new expert and merge remain in the registry, unserved;
+    `--accept` reuses them)."""
     kind = "add" if add else "update"
     reason = f"{kind} {language}" + (" (guard overridden)" if overridden else "")
     registry = Registry(recipe.run_dir)
     try:
-        digest = hashlib.sha256(copy.read_bytes()).hexdigest()
-        registry.record_addition(language, kind, str(copy), digest, (merge_id, reason))
+        addition = None
+        if serve:
+            addition = (str(copy), hashlib.sha256(copy.read_bytes()).hexdigest(), reason)
+        registry.record_step(language, kind, merge_id, outcome, addition)
     finally:
         registry.close()
 

@@ -14,11 +14,11 @@ import string
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from langmerge.errors import ConfigError
 from langmerge.merge.config import MethodName
-from langmerge.registry import read_additions
+from langmerge.registry import read_additions, read_sweep_choice
 from langmerge.yamlfile import read_mapping, validate
 
 LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})*$")  # BCP 47: en, pt-BR, zh-Hant
@@ -214,6 +214,53 @@ class MergeSettings(_Strict):
         return self
 
 
+class SweepMethod(_Strict):
+    """One method of the sweep's grid and the densities it is tried at."""
+
+    method: MethodName
+    density: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
+
+    @field_validator("density", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, int | float) else v
+
+    @field_validator("density")
+    @classmethod
+    def _in_range(cls, v: list[float]) -> list[float]:
+        bad = [d for d in v if not 0.0 < d <= 1.0]
+        if bad:
+            raise ValueError(f"densities must be in (0, 1], got {bad}")
+        return v
+
+
+DENSITIES = [0.2, 0.5, 0.8, 1.0]
+DEFAULT_GRID = [
+    SweepMethod(method="linear"),
+    SweepMethod(method="ties", density=DENSITIES),
+    SweepMethod(method="dare_ties", density=DENSITIES),
+    SweepMethod(method="knots_ties"),
+]
+
+
+class Sweep(_Strict):
+    """`langmerge sweep`: the grid of merges tried on validation data, and how one is chosen.
+    λ applies to the methods that scale their result (not linear); a method's densities apply
+    only when it sparsifies."""
+
+    grid: list[SweepMethod] = Field(default_factory=lambda: list(DEFAULT_GRID), min_length=1)
+    lam: list[float] = Field(default_factory=lambda: [0.8, 1.0, 1.2], alias="lambda", min_length=1)
+    weights: list[dict[str, float]] = Field(default_factory=list)  # alternatives to equal weights
+    select: Literal["mean", "worst"] = "mean"  # by the languages' mean or the worst language
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @field_validator("grid", mode="before")
+    @classmethod
+    def _names_or_mappings(cls, v: Any) -> Any:
+        return [{"method": x} if isinstance(x, str) else x for x in v] if isinstance(v, list) else v
+
+
 class Guard(_Strict):
     """Maintenance's regression guard: how far a language other than the updated one may drop
     (in points of the primary metric ×100) before a new merge is kept out of service."""
@@ -242,9 +289,11 @@ class Recipe(_Strict):
     lora: Lora = Lora()
     training: Training = Training()
     merge: MergeSettings = MergeSettings()
+    sweep: Sweep = Sweep()
     evaluation: Evaluation = Evaluation()
     guard: Guard = Guard()
     run_dir: Path = Path("runs")
+    _sweep: dict | None = PrivateAttr(None)  # the sweep whose choice replaced `merge:` settings
 
     @field_validator("languages", mode="before")
     @classmethod
@@ -277,9 +326,12 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _merge_weights_name_languages(self) -> Recipe:
-        unknown = set(self.merge.weights or {}) - set(self.languages)
+        named = set(self.merge.weights or {}).union(*self.sweep.weights)
+        unknown = named - set(self.languages)
         if unknown:
-            raise ValueError(f"merge.weights names languages the recipe lacks: {sorted(unknown)}")
+            raise ValueError(
+                f"merge.weights or sweep.weights name languages the recipe lacks: {sorted(unknown)}"
+            )
         return self
 
     def digest(self) -> str:
@@ -307,6 +359,7 @@ def load_recipe(path: Path) -> Recipe:
     recipe = _resolve(validate(Recipe, data, f"recipe {path}"), path.parent)
     for added in read_additions(recipe.run_dir):  # data that maintenance added
         recipe = with_data(recipe, added["language"], Path(added["path"]))
+    recipe = with_sweep_choice(recipe, read_sweep_choice(recipe.run_dir))
     sources = {code: recipe.source(code) for code in recipe.languages}
     for code, lang in sources.items():
         for f in lang.files():
@@ -330,6 +383,27 @@ def with_data(recipe: Recipe, language: str, path: Path) -> Recipe:
     else:
         languages[language] = LanguageData(data=path)
     return recipe.model_copy(update={"languages": languages})
+
+
+CHOSEN = ("method", "density", "lam", "weights")  # the merge settings a sweep chooses
+
+
+def merge_settings(recipe: Recipe) -> dict:
+    """The recipe file's own choice of merge (method, density, λ, weights), as JSON values."""
+    if recipe._sweep is not None:
+        return recipe._sweep["recipe_merge"]
+    return recipe.merge.model_dump(mode="json", include=set(CHOSEN))
+
+
+def with_sweep_choice(recipe: Recipe, sweep: dict | None) -> Recipe:
+    """The recipe with the merge settings `langmerge sweep` chose, unless the recipe file's
+    `merge:` settings changed since that sweep: then the file's edit wins."""
+    if sweep is None or sweep.get("recipe_merge") != merge_settings(recipe):
+        return recipe
+    merge = recipe.merge.model_copy(update={k: sweep["choice"][k] for k in CHOSEN})
+    out = recipe.model_copy(update={"merge": merge})
+    out._sweep = sweep
+    return out
 
 
 def _resolve(recipe: Recipe, root: Path) -> Recipe:

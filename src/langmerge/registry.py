@@ -22,7 +22,7 @@ from pathlib import Path
 from langmerge.errors import LangmergeError
 from langmerge.processes import alive
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 DB_NAME = "registry.sqlite"
 
 MIGRATIONS: dict[int, str] = {
@@ -111,6 +111,55 @@ MIGRATIONS: dict[int, str] = {
         reason TEXT NOT NULL
     );
     """,
+    5: """
+    CREATE TABLE jobs_v5 (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL CHECK (kind IN ('expert', 'joint', 'merge', 'evaluate', 'sweep')),
+        languages TEXT NOT NULL,
+        recipe_hash TEXT NOT NULL,
+        data_hash TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed')),
+        pid INTEGER NOT NULL,
+        started REAL NOT NULL,
+        ended REAL,
+        wall_s REAL,
+        cpu_s REAL,
+        device_kind TEXT,
+        device_count INTEGER,
+        device_s REAL,
+        tokens INTEGER,
+        examples INTEGER,
+        peak_memory_bytes INTEGER,
+        flops REAL,
+        error TEXT
+    );
+    INSERT INTO jobs_v5 SELECT * FROM jobs;
+    DROP TABLE jobs;
+    ALTER TABLE jobs_v5 RENAME TO jobs;
+    CREATE TABLE steps (
+        id INTEGER PRIMARY KEY,
+        language TEXT NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('update', 'add')),
+        merge_id INTEGER NOT NULL REFERENCES merges(id),
+        served INTEGER NOT NULL,
+        at REAL NOT NULL,
+        result TEXT NOT NULL                  -- JSON: cost comparison, per-language shifts
+    );
+    CREATE TABLE sweep_points (
+        key TEXT PRIMARY KEY,                 -- merge settings, experts, validation data
+        name TEXT NOT NULL,                   -- e.g. ties-d0.5-l1
+        settings TEXT NOT NULL,               -- JSON: method, density, lambda, weights
+        expert_ids TEXT NOT NULL,             -- JSON list of experts.id
+        metrics TEXT NOT NULL,                -- JSON: language → validation metrics
+        seconds REAL NOT NULL,                -- merge in memory + evaluation
+        job_id INTEGER NOT NULL REFERENCES jobs(id)
+    );
+    CREATE TABLE sweeps (
+        id INTEGER PRIMARY KEY,
+        job_id INTEGER NOT NULL REFERENCES jobs(id),
+        result TEXT NOT NULL                  -- JSON: points, selection, winner, test scores
+    );
+    """,
 }
 
 
@@ -144,8 +193,8 @@ class Registry:
         try:
             self._refuse_newer()  # before anything, even the journal mode, changes the file
             self._wal(timeout)
+            self._migrate()  # before foreign keys are enforced: migration 5 rebuilds `jobs`
             self.db.execute("PRAGMA foreign_keys=ON")
-            self._migrate()
         except sqlite3.DatabaseError as e:
             self.db.close()
             raise RegistryError(f"cannot use the registry {self.path}: {e}") from None
@@ -335,9 +384,10 @@ class Registry:
         """Every finished `kind` model (of `language`), oldest first, with its job's cost."""
         table, where, args = _model_query(kind, language, alias="m")
         cur = self.db.execute(
-            f"SELECT m.*, j.wall_s, j.cpu_s, j.device_kind, j.device_s, j.tokens, j.examples, "
-            f"j.peak_memory_bytes, j.flops FROM {table} m JOIN jobs j ON j.id = m.job_id "
-            f"{where}{' AND' if where else ' WHERE'} j.status='done' ORDER BY m.id",
+            f"SELECT m.*, j.wall_s, j.ended, j.cpu_s, j.device_kind, j.device_s, j.tokens, "
+            f"j.examples, j.peak_memory_bytes, j.flops FROM {table} m "
+            f"JOIN jobs j ON j.id = m.job_id {where}{' AND' if where else ' WHERE'} "
+            "j.status='done' ORDER BY m.id",
             args,
         )
         names = [c[0] for c in cur.description]
@@ -419,13 +469,29 @@ class Registry:
         cur = self.db.execute("SELECT merge_id, at, reason FROM serving ORDER BY id")
         return [{"merge_id": m, "at": at, "reason": r} for m, at, r in cur.fetchall()]
 
-    def record_addition(
-        self, language: str, kind: str, path: str, sha256: str, serve: tuple[int, str] | None
+    def record_step(
+        self,
+        language: str,
+        kind: str,
+        merge_id: int,
+        result: dict,
+        addition: tuple[str, str, str] | None,
     ) -> None:
-        """Record data added to `language` (kind `update`, or `add` for a new language) and,
-        with `serve` = (merge id, reason), put that merge in service — in one transaction.
-        The same file added to the same language twice is recorded once."""
+        """Record one maintenance step (kind `update`, or `add` for a new language) whose new
+        merge is `merge_id`, with its `result` (cost, shifts). With `addition` = (data path,
+        sha256, reason) the step passed: its data is recorded as added to `language` and the
+        merge put in service — all in one transaction. The same file added to the same language
+        twice is recorded once."""
         with self.transaction() as db:
+            db.execute(
+                "INSERT INTO steps (language, kind, merge_id, served, at, result) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (language, kind, merge_id, int(addition is not None), time.time(),
+                 json.dumps(result)),
+            )  # fmt: skip
+            if addition is None:
+                return
+            path, sha256, reason = addition
             known = db.execute(
                 "SELECT 1 FROM additions WHERE language=? AND sha256=?", (language, sha256)
             ).fetchone()
@@ -435,8 +501,17 @@ class Registry:
                     "VALUES (?, ?, ?, ?, ?)",
                     (language, kind, path, sha256, time.time()),
                 )
-            if serve is not None:
-                self._serve(db, *serve)
+            self._serve(db, merge_id, reason)
+
+    def steps(self) -> list[dict]:
+        """Every maintenance step, served or refused, oldest first, with its result."""
+        cur = self.db.execute("SELECT * FROM steps ORDER BY id")
+        names = [c[0] for c in cur.description]
+        rows = [dict(zip(names, row)) for row in cur.fetchall()]
+        for row in rows:
+            row["result"] = json.loads(row.pop("result"))
+            row["served"] = bool(row["served"])
+        return rows
 
     def finish_evaluation(
         self, job_id: int, cost: Cost, model: str, split: str, results: dict[str, tuple[str, dict]]
@@ -454,15 +529,71 @@ class Registry:
 
         self.finish_job(job_id, cost, then=insert)
 
-    def evaluation(self, model: str, language: str, split: str, data_hash: str) -> dict | None:
-        """The newest metrics of `model` on this language's split of exactly this data, or None."""
+    def evaluation(
+        self, model: str, language: str, split: str, data_hash: str | None
+    ) -> dict | None:
+        """The newest metrics of `model` on this language's split of exactly this data (of any
+        data when `data_hash` is None), or None."""
         row = self.db.execute(
             "SELECT e.metrics FROM evaluations e JOIN jobs j ON j.id = e.job_id "
-            "WHERE e.model=? AND e.language=? AND e.split=? AND e.data_hash=? AND "
-            "j.status='done' ORDER BY e.id DESC LIMIT 1",
-            (model, language, split, data_hash),
+            "WHERE e.model=? AND e.language=? AND e.split=? AND (? IS NULL OR e.data_hash=?) "
+            "AND j.status='done' ORDER BY e.id DESC LIMIT 1",
+            (model, language, split, data_hash, data_hash),
         ).fetchone()
         return json.loads(row[0]) if row else None
+
+    # ---- sweeps ----------------------------------------------------------------------------
+
+    def sweep_point(self, key: str) -> dict | None:
+        """A sweep point evaluated before (by any sweep), or None."""
+        cur = self.db.execute("SELECT * FROM sweep_points WHERE key=?", (key,))
+        row = cur.fetchone()
+        if row is None:
+            return None
+        out = dict(zip([c[0] for c in cur.description], row))
+        for k in ("settings", "expert_ids", "metrics"):
+            out[k] = json.loads(out[k])
+        return out
+
+    def record_sweep_point(
+        self, job_id: int, key: str, name: str, settings: dict, expert_ids: list[int],
+        metrics: dict, seconds: float,
+    ) -> None:  # fmt: skip
+        """Keep one evaluated point at once, so an interrupted sweep resumes after it."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO sweep_points "
+                "(key, name, settings, expert_ids, metrics, seconds, job_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (key, name, json.dumps(settings), json.dumps(expert_ids), json.dumps(metrics),
+                 seconds, job_id),
+            )  # fmt: skip
+
+    def finish_sweep(self, job_id: int, cost: Cost, result: dict) -> int:
+        """Close a sweep job and record its result; returns the sweep's id."""
+        ids: list[int] = []
+
+        def insert(db: sqlite3.Connection) -> None:
+            cur = db.execute(
+                "INSERT INTO sweeps (job_id, result) VALUES (?, ?)", (job_id, json.dumps(result))
+            )
+            ids.append(int(cur.lastrowid))
+
+        self.finish_job(job_id, cost, then=insert)
+        return ids[0]
+
+    def conclude_sweep(self, sweep_id: int, result: dict, serve: tuple[int, str] | None) -> None:
+        """Record what a sweep decided (its final `result`); with `serve` = (merge id, reason)
+        that merge goes into service, in the same transaction."""
+        with self.transaction() as db:
+            db.execute("UPDATE sweeps SET result=? WHERE id=?", (json.dumps(result), sweep_id))
+            if serve is not None:
+                self._serve(db, *serve)
+
+    def sweeps(self) -> list[dict]:
+        """Finished sweeps, oldest first: id, job id and result."""
+        cur = self.db.execute("SELECT id, job_id, result FROM sweeps ORDER BY id")
+        return [{"id": i, "job_id": j, **json.loads(r)} for i, j, r in cur.fetchall()]
 
     def merges(self) -> list[dict]:
         cur = self.db.execute(
@@ -528,6 +659,22 @@ def read_additions(run_dir: Path) -> list[dict]:
     try:
         cur = db.execute("SELECT language, kind, path, sha256 FROM additions ORDER BY id")
         return [dict(zip(("language", "kind", "path", "sha256"), r)) for r in cur.fetchall()]
+    except sqlite3.DatabaseError as e:
+        raise RegistryError(f"cannot read the registry {path}: {e}") from None
+    finally:
+        db.close()
+
+
+def read_sweep_choice(run_dir: Path) -> dict | None:
+    """The newest sweep's result (its winner and the recipe's merge settings it replaced), read
+    without changing the registry; None without one."""
+    path = Path(run_dir) / DB_NAME
+    if not path.is_file() or not 5 <= (schema_version(run_dir) or 0) <= SCHEMA_VERSION:
+        return None
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT result FROM sweeps ORDER BY id DESC LIMIT 1").fetchone()
+        return json.loads(row[0]) if row else None
     except sqlite3.DatabaseError as e:
         raise RegistryError(f"cannot read the registry {path}: {e}") from None
     finally:

@@ -103,14 +103,16 @@ def mean(scores: dict[str, dict], metric: str, codes: list[str]) -> float:
     return sum(scores[c][metric] for c in codes) / len(codes)
 
 
-def cost_table(recipe: Recipe, codes: list[str]) -> dict:
-    """DESIGN §5 from the ledger only: the current experts one after another and with K
-    parallel workers (projected by a longest-first schedule of their measured times), the
-    joint model, and the merges."""
+def cost_table(
+    recipe: Recipe, codes: list[str], experts: dict | None = None, joint: dict | None = None
+) -> dict:
+    """DESIGN §5 from the ledger only: the experts (default: the current ones) one after another
+    and with K parallel workers (projected by a longest-first schedule of their measured times),
+    the joint model (default: the newest), and the merges."""
     registry = Registry(recipe.run_dir)
     try:
-        experts = {c: registry.latest("expert", c) for c in codes}
-        joint = registry.latest("joint")
+        experts = experts or {c: registry.latest("expert", c) for c in codes}
+        joint = joint or registry.latest("joint")
         names = {v.name() for v in recipe.merge.compare}
         merge_walls = {  # the newest merge of each name the recipe compares
             m["params"]["name"]: m["wall_s"]
@@ -173,9 +175,9 @@ def quality_rows(study: Study) -> list[dict]:
     return rows
 
 
-def cost_rows(study: Study) -> list[dict]:
-    """The cost table: experts serial and in parallel, joint, merge, as seconds and vs joint."""
-    c = study.cost
+def cost_rows(c: dict) -> list[dict]:
+    """The cost table of `cost_table`: experts serial and in parallel, joint, merge, as seconds
+    and vs joint."""
     return [
         {"job": "experts, one after another", "wall s": f"{c['experts_serial_s']:.1f}",
          "vs joint": f"{c['experts_serial_s'] / c['joint_s']:.2f}×"},
@@ -216,7 +218,7 @@ def write_report(recipe: Recipe, study: Study) -> Path:
         "",
         "## Cost (from the ledger)",
         "",
-        *_markdown(cost_rows(study)),
+        *_markdown(cost_rows(study.cost)),
         "",
         f"Parallel figures are {study.cost['makespan_source']}.",
         "",

@@ -80,6 +80,8 @@ def write_demo_project(
             "linear", {"method": "ties", "density": 1.0},
             {"method": "dare_ties", "density": 0.5}, {"method": "knots_ties", "density": 1.0},
         ]},
+        "sweep": {"grid": ["linear", {"method": "ties", "density": [0.5, 1.0]}],
+                  "lambda": [1.0]} if quick else {},
         "run_dir": "run-quick" if quick else "run",
     }  # fmt: skip
     path = directory / "recipe.yaml"

@@ -1,0 +1,325 @@
+"""`langmerge sweep`: choose the merge on validation data. Every point of the recipe's grid
+(method × density × λ × weights) is merged in memory from the current experts — never written
+to disk — and scored per language; the best point by the languages' mean (or worst) score
+becomes the recipe's merge setting, and goes into service only if it beats the merge in service
+on the same validation data. Points are kept in the registry as they finish: an interrupted
+sweep resumes, and a point already scored with the same experts and data is not redone."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from langmerge.backbones import load_tokenizer, model_class, quiet_transformers
+from langmerge.cost import Meter
+from langmerge.data.prepare import ProjectData, load_data
+from langmerge.errors import ConfigError, InputError
+from langmerge.evaluate.job import evaluate, evaluation_key, primary_metric, require_split, score
+from langmerge.merge.io import ModelFiles, check_finite, load_adapter
+from langmerge.merge.methods import check_inputs, get_method
+from langmerge.merge.recipe_merge import merge_key, merge_once, recipe_merge_config
+from langmerge.merge.stream import adapter_merge, check_adapters
+from langmerge.processes import exclusive
+from langmerge.progress import progress_bar
+from langmerge.recipe import CHOSEN, Recipe, Sweep, merge_settings
+from langmerge.registry import DB_NAME, Registry
+
+
+@dataclass(frozen=True)
+class Point:
+    """One merge setting of the grid."""
+
+    method: str
+    density: float = 1.0
+    lam: float = 1.0
+    weights: tuple[tuple[str, float], ...] = ()  # () = every language weight 1
+
+    def name(self) -> str:
+        """ties-d0.5-l1.2 (+ -w2 for the second weighting of the grid's `weights`)."""
+        parts = [self.method]
+        if get_method(self.method).sparsify != "none":
+            parts.append(f"d{self.density:g}")
+        parts.append(f"l{self.lam:g}")
+        return "-".join(parts)
+
+    def settings(self) -> dict:
+        return {"method": self.method, "density": self.density, "lam": self.lam,
+                "weights": dict(self.weights) or None}  # fmt: skip
+
+
+def grid(sweep: Sweep) -> list[tuple[str, Point]]:
+    """The sweep's points with their names, simplest first: equal weights before the grid's
+    weightings, then the grid's order of methods, λ nearest 1, density highest. Of points with
+    equal scores the sweep picks the simplest."""
+    points: dict[str, tuple[tuple, Point]] = {}
+    weightings = [()] + [tuple(sorted(w.items())) for w in sweep.weights]
+    for i, weights in enumerate(weightings):
+        for j, entry in enumerate(sweep.grid):
+            method = get_method(entry.method)
+            densities = entry.density if method.sparsify != "none" else [1.0]
+            lams = sweep.lam if method.combine != "slerp" else [1.0]
+            for d in densities:
+                for lam in lams:
+                    p = Point(method.name, d, lam, weights)
+                    order = (i, j, abs(lam - 1.0), -lam, -d)
+                    points.setdefault(p.name() + (f"-w{i}" if i else ""), (order, p))
+    ranked = sorted(points.items(), key=lambda item: item[1][0])
+    return [(name, p) for name, (_, p) in ranked]
+
+
+def selection_score(metrics: dict[str, dict], metric: str, select: str) -> float:
+    """A point's score: the mean or the worst of `metric` over the languages."""
+    values = [m[metric] for m in metrics.values()]
+    return min(values) if select == "worst" else sum(values) / len(values)
+
+
+def choose(scored: list[tuple[str, dict[str, dict]]], metric: str, select: str) -> str:
+    """The name of the best point of `scored` (name, language → metrics), simplest first: of
+    equal scores the earlier wins."""
+    order = range(len(scored))
+    best = max(order, key=lambda i: (selection_score(scored[i][1], metric, select), -i))
+    return scored[best][0]
+
+
+def sweep(
+    recipe: Recipe,
+    progress: bool = True,
+    say: Callable[[str], None] = lambda _: None,
+) -> dict:
+    """Run the recipe's sweep (see the module docstring); returns the recorded result."""
+    if not (Path(recipe.run_dir) / DB_NAME).is_file():
+        raise ConfigError(f"nothing trained yet in {recipe.run_dir}: run `langmerge run` first")
+    data = load_data(recipe).require_valid()
+    codes = list(data.languages)
+    require_split(data, codes, "validation")
+    points = grid(recipe.sweep)
+    for _, p in points:
+        check_inputs(get_method(p.method), len(codes), None)
+    run_dir = Path(recipe.run_dir)
+    busy = f"another update or sweep is running on {run_dir}; wait for it to finish"
+    with exclusive(run_dir / ".maintenance.lock", busy):
+        return _sweep(recipe, data, codes, points, progress, say)
+
+
+def _sweep(recipe, data: ProjectData, codes, points, progress, say) -> dict:
+    registry = Registry(recipe.run_dir)
+    try:
+        experts = {code: registry.latest("expert", code) for code in codes}
+        missing = [c for c, e in experts.items() if e is None]
+        if missing:
+            raise ConfigError(
+                f"no trained expert for {', '.join(missing)}: run `langmerge train RECIPE --all`"
+            )
+        metric, select = primary_metric(recipe), recipe.sweep.select
+        keys = {c: evaluation_key(recipe, data.languages[c].digest) for c in codes}
+        configs = {name: _config(recipe, experts, p) for name, p in points}
+        point_keys = {name: _point_key(cfg, keys) for name, cfg in configs.items()}
+        found = {n: registry.sweep_point(k) for n, k in point_keys.items()}
+        todo = [(n, p) for n, p in points if found[n] is None]
+        say(f"sweep: {len(points)} points, {len(points) - len(todo)} already scored")
+        job = registry.start_job("sweep", codes, recipe.digest(), _digest(keys))
+        meter = Meter()
+        tokens = examples = 0
+        try:
+            merger = InMemoryMerge(recipe, data, experts) if todo else None
+            with progress_bar("sweep", len(todo), progress) as step:
+                for name, p in todo:
+                    step(name)
+                    start = time.perf_counter()
+                    merger.apply(configs[name])
+                    metrics, n_tokens, n_examples = merger.score(codes, "validation")
+                    seconds = time.perf_counter() - start
+                    tokens, examples = tokens + n_tokens, examples + n_examples
+                    ids = [e["id"] for e in experts.values()]
+                    registry.record_sweep_point(job, point_keys[name], name, p.settings(), ids,
+                                                metrics, seconds)  # fmt: skip
+                    found[name] = registry.sweep_point(point_keys[name])
+                    value = selection_score(metrics, metric, select)
+                    say(f"  {name}: {select} {metric} {value:.3f} ({seconds:.1f} s)")
+            winner = choose([(n, found[n]["metrics"]) for n, _ in points], metric, select)
+            result = {
+                "select": select,
+                "metric": metric,
+                "languages": codes,
+                "points": [
+                    {
+                        "name": n,
+                        **found[n]["settings"],
+                        "metrics": found[n]["metrics"],
+                        "score": selection_score(found[n]["metrics"], metric, select),
+                        "seconds": found[n]["seconds"],
+                    }
+                    for n, _ in points
+                ],
+                "winner": winner,
+                "winner_score": selection_score(found[winner]["metrics"], metric, select),
+                "choice": {k: found[winner]["settings"][k] for k in CHOSEN},
+                "recipe_merge": merge_settings(recipe),
+                "expert_wall_s": {c: e["wall_s"] for c, e in experts.items()},
+            }
+            if data.languages[codes[0]].split("test"):  # the winner's test scores, alone
+                if merger is None:
+                    merger = InMemoryMerge(recipe, data, experts)
+                merger.apply(configs[winner])
+                result["test"], n_tokens, n_examples = merger.score(codes, "test")
+                tokens, examples = tokens + n_tokens, examples + n_examples
+        except BaseException as e:
+            registry.fail_job(job, str(e) or type(e).__name__, meter.cost(tokens, examples))
+            raise
+        result["id"] = registry.finish_sweep(job, meter.cost(tokens, examples), result)
+    finally:
+        registry.close()
+    # the decision's evaluation and merge are ledger jobs of their own, after the sweep's
+    serve = _against_current(recipe, data, codes, dict(points)[winner], winner, experts, result,
+                             progress, say)  # fmt: skip
+    registry = Registry(recipe.run_dir)
+    try:
+        registry.conclude_sweep(result["id"], result, serve)
+        result["job_s"] = registry.job(job)["wall_s"]
+    finally:
+        registry.close()
+    if serve is not None and "test" in result:  # the registry's own test scores of it
+        evaluate(recipe, result["served"], codes, "test", data, say=say)
+    result["sweep_s"] = sum(p["seconds"] for p in result["points"])
+    return result
+
+
+def _against_current(recipe, data, codes, point: Point, winner: str, experts, result, progress,
+                     say) -> tuple[int, str] | None:  # fmt: skip
+    """(merge id, reason) when the winner should go into service: it scores higher on
+    validation than the merge in service (or none is). The winner is then written as a merge."""
+    registry = Registry(recipe.run_dir)
+    try:
+        current = registry.current_merge()
+    finally:
+        registry.close()
+    metric, select = result["metric"], result["select"]
+    if current is not None:
+        ref = f"merged:{current['params'].get('name') or current['method']}#{current['id']}"
+        scores = evaluate(recipe, ref, codes, "validation", data, say=say)
+        result["current"] = {"name": ref, "metrics": scores,
+                             "score": selection_score(scores, metric, select)}  # fmt: skip
+        if result["winner_score"] <= result["current"]["score"]:
+            say(f"the merge in service ({ref}) scores {result['current']['score']:.3f}, the "
+                f"sweep's best {result['winner_score']:.3f}: it stays in service")  # fmt: skip
+            return None
+    weighted = _with_weights(recipe, point)
+    merge_id = merge_once(weighted, experts, _overrides(point), winner, progress, say)
+    before = f" vs {result['current']['score']:.3f} of the merge in service" if current else ""
+    reason = (f"sweep winner {winner}: validation {select} {metric} "
+              f"{result['winner_score']:.3f}{before}")  # fmt: skip
+    result["served"] = f"merged:{winner}#{merge_id}"
+    return merge_id, reason
+
+
+class InMemoryMerge:
+    """The base model loaded once; `apply` sets its adapted weights to θ₀ + τ of one merge."""
+
+    def __init__(self, recipe: Recipe, data: ProjectData, experts: dict[str, dict]):
+        self.recipe, self.data = recipe, data
+        base_dir = Path(next(iter(experts.values()))["base"])
+        self.adapters = [load_adapter(Path(e["path"]), label=c) for c, e in experts.items()]
+        files = ModelFiles(base_dir, label="base")
+        try:
+            check_adapters(files, self.adapters)
+        finally:
+            files.close()
+        quiet_transformers()
+        self.tokenizer = load_tokenizer(base_dir)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = model_class(recipe.task.kind).from_pretrained(base_dir)
+        model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model = model.to(device).eval()
+        state = self.model.state_dict(keep_vars=True)
+        names = sorted({n for a in self.adapters for n in (*a.modules, *a.saved)})
+        unknown = [n for n in names if n not in state]
+        if unknown:
+            raise InputError(
+                f"the experts update {unknown[0]}, which the model loaded from {base_dir} lacks"
+            )
+        self.params = {n: state[n] for n in names}
+        self.originals = {n: t.detach().float().cpu().clone() for n, t in self.params.items()}
+
+    @torch.no_grad()
+    def apply(self, cfg) -> None:
+        method = get_method(cfg.method)
+        merged = adapter_merge(self.adapters, method, cfg.weights, cfg.params())
+        for name, param in self.params.items():
+            theta = self.originals[name]
+            delta = merged(name, theta.clone())
+            out = theta if delta is None else theta + delta
+            check_finite(out, name, f"the {cfg.method} merge (overflow?)")
+            param.data.copy_(out.to(param.dtype))
+
+    def score(self, codes: list[str], split: str) -> tuple[dict, int, int]:
+        """Metrics per language on `split`, the input tokens read and the examples scored."""
+        out, tokens, examples = {}, 0, 0
+        for code in codes:
+            part = self.data.languages[code].split(split)
+            out[code], n = score(self.model, self.tokenizer, self.recipe, part, self.data.labels)
+            tokens, examples = tokens + n, examples + len(part)
+        return out, tokens, examples
+
+
+def _overrides(p: Point) -> dict:
+    return {"method": p.method, "density": p.density, "lam": p.lam}
+
+
+def _with_weights(recipe: Recipe, p: Point) -> Recipe:
+    merge = recipe.merge.model_copy(update={"weights": dict(p.weights) or None})
+    return recipe.model_copy(update={"merge": merge})
+
+
+def _config(recipe: Recipe, experts: dict[str, dict], p: Point):
+    return recipe_merge_config(_with_weights(recipe, p), experts, _overrides(p))
+
+
+def _point_key(cfg, eval_keys: dict[str, str]) -> str:
+    text = json.dumps([merge_key(cfg), eval_keys, "validation"], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _digest(keys: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def point_rows(result: dict, top: int | None = None) -> list[dict]:
+    """The sweep table: one row per point (the `top` best), best first; the primary metric per
+    language."""
+    codes, metric = result["languages"], result["metric"]
+    ranked = sorted(result["points"], key=lambda p: -p["score"])[:top]
+    return [
+        {"merge": p["name"] + (" *" if p["name"] == result["winner"] else ""),
+         **{c: f"{p['metrics'][c][metric]:.3f}" for c in codes},
+         result["select"]: f"{p['score']:.3f}", "s": f"{p['seconds']:.1f}"}
+        for p in ranked
+    ]  # fmt: skip
+
+
+def summary_lines(result: dict) -> list[str]:
+    """What the sweep decided, its test scores and its cost next to one expert's training."""
+    lines = [f"best on validation ({result['select']} {result['metric']}): {result['winner']} "
+             f"{result['winner_score']:.3f}; it is now the recipe's merge setting"]  # fmt: skip
+    if "current" in result and "served" not in result:
+        current = result["current"]
+        lines.append(f"the merge in service, {current['name']}, scores "
+                     f"{current['score']:.3f} on validation: it stays in service")  # fmt: skip
+    if "served" in result:
+        lines.append(f"{result['served']} is now the current merge")
+    if "test" in result:
+        scores = ", ".join(f"{c} {m[result['metric']]:.3f}" for c, m in result["test"].items())
+        mean = sum(m[result["metric"]] for m in result["test"].values()) / len(result["test"])
+        lines.append(f"the winner on test: {scores} (mean {mean:.3f})")
+    walls = result["expert_wall_s"].values()
+    expert = sum(walls) / len(walls)
+    n = len(result["points"])
+    lines.append(f"the sweep's {n} points took {result['sweep_s']:.1f} s in all "
+                 f"({result['sweep_s'] / n:.1f} s each); one expert's training took "
+                 f"{expert:.1f} s on average ({result['sweep_s'] / expert:.1f}× that)")  # fmt: skip
+    return lines

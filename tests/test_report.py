@@ -1,0 +1,171 @@
+"""`langmerge analyze` and `langmerge report` on a tiny project that ran, was updated once and
+swept: the page is self-contained, renders in headless Chromium without errors with every figure
+loaded, and the numbers it shows are the registry's."""
+
+import json
+import re
+
+import pytest
+from chromium import open_page, require_chromium
+from tiny import project, sentences, write_jsonl
+
+from langmerge.data.prepare import load_data
+from langmerge.evaluate.job import evaluation_key
+from langmerge.recipe import load_recipe
+from langmerge.registry import Registry
+
+SWEEP = {"grid": ["linear", {"method": "ties", "density": [0.5, 1.0]}], "lambda": [1.0]}
+
+
+@pytest.fixture(scope="module")
+def reported(tmp_path_factory):
+    """(recipe path, HTML path) after run, an update of de (accepted), a sweep and a report."""
+    from langmerge.cli import main
+
+    root = tmp_path_factory.mktemp("report")
+    path = project(root, merge={"compare": ["ties", "linear"]}, sweep=SWEEP)
+    write_jsonl(root / "new_de.jsonl", sentences("de", 20, seed=5))
+    for args in (
+        ["run", path, "--quiet"],
+        ["update", path, "--lang", "de", "--data", root / "new_de.jsonl", "--accept", "--quiet"],
+        ["sweep", path, "--quiet"],
+        ["report", path],
+    ):
+        with pytest.raises(SystemExit) as done:
+            main([str(a) for a in args])
+        assert done.value.code == 0
+    return path, load_recipe(path).run_dir / "report" / "report.html"
+
+
+def registry_scores(path, earlier: bool = False) -> dict[str, dict[str, str]]:
+    """Model name → language → accuracy (3 decimals) of the newest test evaluation of the
+    current data, read with SQL; with `earlier`, of any data, marked † when not today's."""
+    recipe = load_recipe(path)
+    data = load_data(recipe)
+    keys = {c: evaluation_key(recipe, data.languages[c].digest) for c in data.languages}
+    registry = Registry(recipe.run_dir)
+    try:
+        rows = registry.db.execute(
+            "SELECT model, language, metrics, data_hash FROM evaluations WHERE split='test' "
+            "ORDER BY id"
+        ).fetchall()
+    finally:
+        registry.close()
+    out: dict[str, dict[str, str]] = {}
+    for model, code, metrics, key in rows:
+        value = f"{json.loads(metrics)['accuracy']:.3f}"
+        if key == keys[code]:
+            out.setdefault(model, {})[code] = value
+        elif earlier and "†" in out.get(model, {}).get(code, "†"):
+            out.setdefault(model, {})[code] = value + "†"
+    return out
+
+
+def expected_quality(path) -> dict[str, list[str]]:
+    """The quality table's rows as the registry has them: label → [en, de, fr]."""
+    scores = registry_scores(path, earlier=True)
+    recipe = load_recipe(path)
+    registry = Registry(recipe.run_dir)
+    try:
+        current = registry.current_merge()
+        merges = {m["params"]["name"]: m["id"] for m in registry.merges()}
+        experts = {c: registry.latest("expert", c)["version"] for c in ("en", "de", "fr")}
+    finally:
+        registry.close()
+    codes = ["en", "de", "fr"]
+    rows = {"joint": ["joint:v1"] * 3}
+    # the newest merge of each name the recipe compares; the update re-merged ties, in service
+    assert merges["ties"] == current["id"]
+    rows[f"merged:ties#{current['id']} (in service)"] = [f"merged:ties#{current['id']}"] * 3
+    rows[f"merged:linear#{merges['linear']}"] = [f"merged:linear#{merges['linear']}"] * 3
+    rows["experts (own language)"] = [f"expert:{c}:v{experts[c]}" for c in codes]
+    base = next(m for m in scores if m.startswith("base@"))
+    rows["base"] = [base] * 3
+    return {
+        label: [scores.get(name, {}).get(c, "—") for name, c in zip(names, codes)]
+        for label, names in rows.items()
+    }
+
+
+def markdown_table(text: str, caption: str) -> list[list[str]]:
+    lines = text.split(f"**{caption}**\n\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines if "---" not in line]
+
+
+def test_the_report_is_one_self_contained_page_and_a_markdown_twin(reported):
+    path, page = reported
+    folder = page.parent
+    assert sorted(p.name for p in (folder / "figures").iterdir()) == [
+        "cost.png", "interference.png", "layers.png", "quality.png", "similarity.png", "sweep.png"
+    ]  # fmt: skip
+    text = page.read_text()
+    assert "<script" not in text
+    sources = re.findall(r'(?:src|href)="([^"#][^"]*)"', text)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
+    markdown = (folder / "report.md").read_text()
+    assert markdown.count("](figures/") == 6
+    assert not list(folder.parent.glob(".report*"))  # nothing half-written left behind
+
+
+def test_the_markdown_numbers_are_the_registry_s(reported):
+    path, page = reported
+    markdown = (page.parent / "report.md").read_text()
+    table = markdown_table(markdown, "accuracy, test split")
+    assert table[0] == ["model", "en", "de", "fr", "mean", "worst"]
+    shown = {row[0]: row[1:4] for row in table[1:]}
+    assert shown == expected_quality(path)
+    # the maintenance step: its costs as recorded with the addition
+    registry = Registry(load_recipe(path).run_dir)
+    try:
+        (step,) = registry.steps()
+        sweep = registry.sweeps()[-1]
+    finally:
+        registry.close()
+    cost = step["result"]["cost"]
+    (row,) = markdown_table(markdown, "maintenance steps")[1:]
+    assert row[:2] == ["1. update de", "served"]
+    assert row[4] == f"{cost['update']['wall_s']:.1f}"
+    assert row[5] == f"{cost['joint_retrain']['wall_s']:.1f}"
+    assert row[6] == "projected" and row[7] == f"{cost['wall_saving']:.0%}"
+    best = markdown_table(markdown, "validation accuracy, best first")[1]
+    assert best[0] == sweep["winner"] + " *" and best[4] == f"{sweep['winner_score']:.3f}"
+
+
+def test_the_page_renders_in_chromium_with_every_figure_and_the_registry_s_numbers(reported):
+    require_chromium()
+    path, page = reported
+    seen = open_page(page)
+    assert seen.console_errors == []
+    assert seen.requests == []  # self-contained: nothing fetched
+    assert len(seen.images) == 6
+    assert all(i["complete"] and i["natural_width"] > 100 for i in seen.images)
+    quality = seen.tables[0]
+    assert quality[0] == ["model", "en", "de", "fr", "mean", "worst"]
+    assert {row[0]: row[1:4] for row in quality[1:]} == expected_quality(path)
+
+
+def test_analyze_relates_similarity_and_interference(reported, cli):
+    path, _ = reported
+    code, text = cli("analyze", path)
+    assert code == 0, text
+    assert "cosine similarity of the task" in text and "written:" in text
+    found = json.loads((load_recipe(path).run_dir / "analysis" / "analysis.json").read_text())
+    cos = found["cosine"]
+    assert [cos[i][i] for i in range(3)] == [1.0, 1.0, 1.0]
+    assert all(cos[i][j] == cos[j][i] for i in range(3) for j in range(3))
+    assert list(found["by_type"]) == ["en-de", "en-fr", "de-fr"]
+    scores = registry_scores(path)
+    merge = found["merge"]
+    for code, v in found["per_language"].items():
+        expert = f"expert:{code}:v{found['experts'][code][1:]}"
+        assert f"{v['merged']:.3f}" == scores[merge][code]
+        assert f"{v['expert']:.3f}" == scores[expert][code]
+        assert v["interference"] == pytest.approx(v["merged"] - v["expert"])
+
+
+def test_report_mistakes(tmp_path, cli):
+    path = project(tmp_path / "p")
+    code, text = cli("report", path)
+    assert code == 1 and "nothing trained yet" in text
+    code, text = cli("analyze", path)
+    assert code == 1 and "nothing trained yet" in text

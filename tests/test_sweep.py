@@ -1,0 +1,195 @@
+"""`langmerge sweep` on a tiny project: every point is merged in memory and scores exactly as the
+same merge written to disk; the best point (by mean or worst language) becomes the recipe's merge
+setting and is served only when it beats the merge in service; points are cached and an
+interrupted sweep resumes."""
+
+import json
+
+import pytest
+import yaml
+from tiny import project
+
+from langmerge import sweep as sweeping
+from langmerge.merge.recipe_merge import merge_recipe
+from langmerge.recipe import Sweep, load_recipe
+from langmerge.registry import Registry
+
+GRID = {
+    "grid": [
+        "linear",
+        {"method": "ties", "density": [0.5, 1.0]},
+        {"method": "dare_ties", "density": 0.5},
+    ],  # fmt: skip
+    "lambda": [1.0, 1.2],
+}
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """A tiny project after `langmerge run` (ties in service) and one `langmerge sweep`."""
+    from langmerge.cli import main
+
+    path = project(tmp_path_factory.mktemp("sweep"), merge={"compare": ["ties"]}, sweep=GRID)
+    for args in (["run", str(path), "--quiet"], ["sweep", str(path), "--quiet"]):
+        with pytest.raises(SystemExit) as done:
+            main(args)
+        assert done.value.code == 0
+    return path
+
+
+def last_sweep(path):
+    registry = Registry(load_recipe(path).run_dir)
+    try:
+        return registry.sweeps()[-1]
+    finally:
+        registry.close()
+
+
+def test_the_default_grid_is_simplest_first():
+    names = [name for name, _ in sweeping.grid(Sweep())]
+    assert len(names) == 30  # linear ×3 λ, ties and dare_ties ×4 densities ×3 λ, knots ×3 λ
+    assert names[:7] == ["linear-l1", "linear-l1.2", "linear-l0.8", "ties-d1-l1", "ties-d0.8-l1",
+                         "ties-d0.5-l1", "ties-d0.2-l1"]  # fmt: skip
+    assert names[-1] == "knots_ties-d1-l0.8"
+
+
+def test_the_best_point_by_mean_or_by_worst_language():
+    def scores(en, de):
+        return {"en": {"accuracy": en}, "de": {"accuracy": de}}
+
+    points = [("a", scores(0.9, 0.3)), ("b", scores(0.6, 0.5)), ("c", scores(0.3, 0.9))]
+    assert sweeping.choose(points, "accuracy", "mean") == "a"  # 0.6 = 0.6: the earlier
+    assert sweeping.choose(points, "accuracy", "worst") == "b"  # 0.5 > 0.3
+
+
+def test_the_sweep_writes_no_merge_and_records_its_choice(swept):
+    recipe = load_recipe(swept)
+    result = last_sweep(swept)
+    assert len(result["points"]) == 8
+    assert [p["name"] for p in result["points"]][:2] == ["linear-l1", "linear-l1.2"]
+    assert result["winner"] == sweeping.choose(
+        [(p["name"], p["metrics"]) for p in result["points"]], "accuracy", "mean"
+    )
+    registry = Registry(recipe.run_dir)
+    try:
+        merges = registry.merges()
+        job = registry.job(result["job_id"])
+    finally:
+        registry.close()
+    assert job["kind"] == "sweep" and job["status"] == "done" and job["examples"] > 0
+    # the tiny merges all score alike on validation: the ties in service is not beaten
+    assert result["current"]["name"] == "merged:ties#1"
+    assert result["winner_score"] <= result["current"]["score"]
+    assert "served" not in result and [m["id"] for m in merges] == [1]
+    assert list(result["test"]) == ["en", "de", "fr"]  # the winner's, merged in memory
+    chosen = {k: getattr(recipe.merge, k) for k in ("method", "density", "lam")}
+    point = next(p for p in result["points"] if p["name"] == result["winner"])
+    assert chosen == {k: point[k] for k in ("method", "density", "lam")}
+
+
+def test_a_point_scores_exactly_as_the_same_merge_written_to_disk(swept, tmp_path, cli):
+    result = last_sweep(swept)
+    point = next(p for p in result["points"] if p["name"] == "ties-d0.5-l1.2")
+    out = tmp_path / "written"
+    code, text = cli("merge", swept, "--method", "ties", "--density", "0.5", "--lambda", "1.2",
+                     "-o", out)  # fmt: skip
+    assert code == 0, text
+    from langmerge.evaluate.job import evaluate
+
+    recipe = load_recipe(swept)
+    assert evaluate(recipe, str(out), split="validation") == point["metrics"]
+
+
+def test_an_edit_of_the_recipe_merge_settings_wins_over_the_sweep(swept, tmp_path):
+    data = yaml.safe_load(swept.read_text())
+    data["merge"]["method"] = "knots_ties"
+    data["run_dir"] = str(load_recipe(swept).run_dir)
+    edited = swept.parent / "edited.yaml"
+    edited.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert load_recipe(edited).merge.method == "knots_ties"
+
+
+def test_points_are_cached_and_an_interrupted_sweep_resumes(swept, monkeypatch):
+    recipe = load_recipe(swept)
+    said = []
+    sweeping.sweep(recipe, progress=False, say=said.append)
+    assert said[0] == "sweep: 8 points, 8 already scored"
+
+    # two new points; the run is interrupted while scoring the second
+    data = yaml.safe_load(swept.read_text())
+    data["sweep"]["lambda"] = [1.0, 1.2, 0.9]
+    swept.write_text(yaml.safe_dump(data, sort_keys=False))
+    recipe = load_recipe(swept)
+    real, calls = sweeping.InMemoryMerge.score, []
+
+    def interrupted(self, codes, split):
+        calls.append(split)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, codes, split)
+
+    monkeypatch.setattr(sweeping.InMemoryMerge, "score", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sweeping.sweep(recipe, progress=False)
+    monkeypatch.setattr(sweeping.InMemoryMerge, "score", real)
+    said.clear()
+    result = sweeping.sweep(recipe, progress=False, say=said.append)
+    assert said[0] == "sweep: 12 points, 9 already scored"
+    assert len(result["points"]) == 12
+    registry = Registry(recipe.run_dir)
+    try:
+        failed = [j for j in registry.ledger() if j["kind"] == "sweep" and j["status"] == "failed"]
+    finally:
+        registry.close()
+    assert len(failed) == 1 and failed[0]["examples"] > 0  # the point it scored is counted
+
+
+def test_the_winner_goes_into_service_when_it_beats_the_merge_in_service(swept):
+    recipe = load_recipe(swept)
+    # put the merge the sweep scored worst (DARE at density 0.5 on these tiny experts) in service
+    weaker = {"method": "dare_ties", "density": 0.5}
+    summary, _ = merge_recipe(recipe, overrides=weaker, progress=False, name="dare",
+                              serve="a weaker merge, for the test")  # fmt: skip
+    result = sweeping.sweep(recipe, progress=False)
+    assert result["current"]["name"] == f"merged:dare#{summary['merge_id']}"
+    assert result["winner_score"] > result["current"]["score"]  # the case this test is about
+    registry = Registry(recipe.run_dir)
+    try:
+        current = registry.current_merge()
+        reason = registry.serving()[-1]["reason"]
+    finally:
+        registry.close()
+    assert result["served"] == f"merged:{result['winner']}#{current['id']}"
+    assert current["params"]["name"] == result["winner"]
+    assert reason.startswith(f"sweep winner {result['winner']}: validation mean accuracy")
+    # the test scores of the merge now in service are the registry's evaluation
+    from langmerge.evaluate.job import evaluate
+
+    assert result["test"] == evaluate(recipe, result["served"], split="test")
+    assert json.loads(json.dumps(result["test"])) == result["test"]
+
+
+def test_sweep_mistakes(tmp_path, cli):
+    path = project(tmp_path / "p")
+    code, text = cli("sweep", path)
+    assert code == 1 and "nothing trained yet" in text and "langmerge run" in text
+    data = yaml.safe_load(path.read_text())
+    data["sweep"] = {"grid": [{"method": "ties", "density": [0.0]}]}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    code, text = cli("sweep", path)
+    assert code == 1 and "densities must be in (0, 1]" in text
+    data["sweep"] = {"weights": [{"xx": 2.0}]}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    code, text = cli("check", path)
+    assert code == 1 and "sweep.weights name languages the recipe lacks" in text
+
+
+def test_a_generation_project_is_swept_by_rouge(tmp_path, cli):
+    grid = {"grid": ["linear", {"method": "ties", "density": 0.5}], "lambda": [1.0]}
+    path = project(tmp_path / "g", "generation", merge={"compare": ["ties"]}, sweep=grid)
+    code, text = cli("run", path, "--quiet")
+    assert code == 0, text
+    result = sweeping.sweep(load_recipe(path), progress=False)
+    assert result["metric"] == "rougeL"
+    assert [p["name"] for p in result["points"]] == ["linear-l1", "ties-d0.5-l1"]
+    assert all(set(p["metrics"]["en"]) >= {"rougeL", "exact_match"} for p in result["points"])
