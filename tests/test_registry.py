@@ -108,6 +108,38 @@ def test_a_version_1_registry_is_migrated(tmp_path):
     assert len(reg.ledger()) == 1 and reg.trained("joint") == []
 
 
+def test_a_populated_version_4_registry_keeps_every_row_when_migrated(tmp_path):
+    db = sqlite3.connect(tmp_path / "registry.sqlite")
+    for version in range(1, 5):
+        for statement in MIGRATIONS[version].split(";"):
+            if statement.strip():
+                db.execute(statement)
+    job = ("INSERT INTO jobs (kind, languages, recipe_hash, data_hash, status, pid, started, "
+           "wall_s, tokens) VALUES (?, '[\"de\"]', 'r', 'd', 'done', 1, 0, ?, ?)")  # fmt: skip
+    db.execute(job, ("expert", 12.5, 900))
+    db.execute(job, ("merge", 0.5, 0))
+    db.execute(job, ("evaluate", 2.0, 300))
+    db.execute("INSERT INTO experts (language, version, base, recipe_hash, data_hash, path, "
+               "job_id) VALUES ('de', 1, 'b', 'r', 'd', 'p', 1)")  # fmt: skip
+    db.execute("INSERT INTO merges (method, params, expert_ids, path, job_id, current) "
+               "VALUES ('ties', '{}', '[1]', 'm', 2, 1)")  # fmt: skip
+    db.execute("INSERT INTO evaluations (model, language, split, metrics, job_id, data_hash) "
+               "VALUES ('merged:ties#1', 'de', 'test', '{\"accuracy\": 0.5}', 3, 'k')")  # fmt: skip
+    db.execute("INSERT INTO serving (merge_id, at, reason) VALUES (1, 0, 'run')")
+    db.execute("PRAGMA user_version=4")
+    db.commit()
+    db.close()
+    reg = Registry(tmp_path)
+    assert [(j["kind"], j["wall_s"], j["tokens"]) for j in reg.ledger()] == [
+        ("expert", 12.5, 900), ("merge", 0.5, 0), ("evaluate", 2.0, 300)
+    ]  # fmt: skip
+    assert reg.current_merge()["id"] == 1 and reg.merges()[0]["wall_s"] == 0.5
+    assert reg.evaluation("merged:ties#1", "de", "test", "k") == {"accuracy": 0.5}
+    assert reg.db.execute("PRAGMA foreign_key_check").fetchall() == []
+    assert reg.db.execute("PRAGMA foreign_keys").fetchone() == (1,)
+    assert reg.start_job("sweep", ["de"], "r", "d") == 4  # the new job kind
+
+
 def test_a_failed_write_leaves_no_half_row(tmp_path):
     reg = Registry(tmp_path)
     with pytest.raises(RuntimeError, match="crash"), reg.transaction() as db:

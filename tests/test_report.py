@@ -127,6 +127,16 @@ def test_the_markdown_numbers_are_the_registry_s(reported):
     assert row[4] == f"{cost['update']['wall_s']:.1f}"
     assert row[5] == f"{cost['joint_retrain']['wall_s']:.1f}"
     assert row[6] == "projected" and row[7] == f"{cost['wall_saving']:.0%}"
+    # the initial build: the experts of the first merge in service (v1; de v2 came later)
+    registry = Registry(load_recipe(path).run_dir)
+    try:
+        first = [e["wall_s"] for e in registry.trained("expert") if e["version"] == 1]
+        joint = registry.latest("joint")["wall_s"]
+    finally:
+        registry.close()
+    initial = {r[0]: r[1] for r in markdown_table(markdown, "initial build, from the ledger")[1:]}
+    assert initial["experts, one after another"] == f"{sum(first):.1f}"
+    assert initial["joint model"] == f"{joint:.1f}"
     best = markdown_table(markdown, "validation accuracy, best first")[1]
     assert best[0] == sweep["winner"] + " *" and best[4] == f"{sweep['winner_score']:.3f}"
 
@@ -153,7 +163,7 @@ def test_analyze_relates_similarity_and_interference(reported, cli):
     cos = found["cosine"]
     assert [cos[i][i] for i in range(3)] == [1.0, 1.0, 1.0]
     assert all(cos[i][j] == cos[j][i] for i in range(3) for j in range(3))
-    assert list(found["by_type"]) == ["en-de", "en-fr", "de-fr"]
+    assert list(found["by_type"]) == ["en/de", "en/fr", "de/fr"]
     scores = registry_scores(path)
     merge = found["merge"]
     for code, v in found["per_language"].items():

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import yaml
-from tiny import project
+from tiny import project, sentences, write_jsonl
 
 from langmerge import sweep as sweeping
 from langmerge.merge.recipe_merge import merge_recipe
@@ -193,3 +193,35 @@ def test_a_generation_project_is_swept_by_rouge(tmp_path, cli):
     assert result["metric"] == "rougeL"
     assert [p["name"] for p in result["points"]] == ["linear-l1", "ties-d0.5-l1"]
     assert all(set(p["metrics"]["en"]) >= {"rougeL", "exact_match"} for p in result["points"])
+
+
+def test_an_expert_the_guard_refused_is_not_swept(tmp_path, cli, monkeypatch):
+    from langmerge import maintain
+
+    grid = {"grid": ["linear"], "lambda": [1.0]}
+    path = project(tmp_path / "p", merge={"compare": ["ties"]}, sweep=grid)
+    write_jsonl(tmp_path / "p" / "new_de.jsonl", sentences("de", 20, seed=5))
+    assert cli("run", path, "--quiet")[0] == 0
+
+    def refuse(before, after, metric, language, add, max_drop):
+        return [{**r, "ok": False} for r in real(before, after, metric, language, add, max_drop)]
+
+    real = maintain.guard
+    monkeypatch.setattr(maintain, "guard", refuse)
+    code, _ = cli("update", path, "--lang", "de", "--data", tmp_path / "p" / "new_de.jsonl",
+                  "--quiet")  # fmt: skip
+    assert code == 1  # refused: de v2 exists but its data is not part of the project
+    recipe = load_recipe(path)
+    registry = Registry(recipe.run_dir)
+    try:
+        in_service = registry.current_merge()["expert_ids"]
+        assert registry.latest("expert", "de")["id"] not in in_service
+    finally:
+        registry.close()
+    sweeping.sweep(recipe, progress=False)
+    registry = Registry(recipe.run_dir)
+    try:
+        (row,) = registry.db.execute("SELECT expert_ids FROM sweep_points").fetchall()
+    finally:
+        registry.close()
+    assert json.loads(row[0]) == in_service

@@ -205,6 +205,7 @@ def analyze(recipe, evaluate_missing: bool = True, say=lambda _: None) -> dict:
     else they are left out. Returns JSON-ready tables (pairs as "en-de")."""
     from langmerge.data.prepare import load_data
     from langmerge.evaluate.job import evaluate, evaluation_key, primary_metric
+    from langmerge.evaluate.models import merge_ref
     from langmerge.registry import DB_NAME, Registry
 
     if not (Path(recipe.run_dir) / DB_NAME).is_file():
@@ -234,7 +235,7 @@ def analyze(recipe, evaluate_missing: bool = True, say=lambda _: None) -> dict:
     keys = {c: evaluation_key(recipe, data.languages[c].digest) for c in codes}
     merged, own = {}, {}
     if current is not None:
-        ref = f"merged:{current['params'].get('name') or current['method']}#{current['id']}"
+        ref = merge_ref(current)
         registry = Registry(recipe.run_dir)
         try:
             merged = {c: registry.evaluation(ref, c, split, keys[c]) for c in codes}
@@ -287,8 +288,8 @@ def analyze(recipe, evaluate_missing: bool = True, say=lambda _: None) -> dict:
 
     pairs = [(a, b) for i, a in enumerate(langs) for b in langs[i + 1 :]]
 
-    def pair(a: str, b: str) -> str:
-        return f"{a}-{b}"
+    def pair(a: str, b: str) -> str:  # "/": language codes may hold "-" (pt-BR)
+        return f"{a}/{b}"
 
     return {
         "languages": langs,
@@ -329,10 +330,10 @@ def analysis_tables(found: dict) -> list[tuple[str, list[dict]]]:
     pairs = [{"pair": p, "cosine": f"{found['cosine'][index[a]][index[b]]:+.3f}",
               "sign conflicts": f"{found['sign_conflict'][index[a]][index[b]]:.1%}",
               **{t: f"{v.get(t, 0.0):+.3f}" for t in types}}
-             for p, v in found["by_type"].items() for a, b in [p.split("-", 1)]]  # fmt: skip
+             for p, v in found["by_type"].items() for a, b in [p.split("/", 1)]]  # fmt: skip
     per = [{"language": c, "norm": f"{v['norm']:.3f}", "mean cosine": f"{v['mean_cosine']:+.3f}",
             "mean sign conflicts": f"{v['mean_sign_conflict']:.1%}",
-            "merged": _num(v["merged"]), "expert": _num(v["expert"]),
+            "merged": score_text(v["merged"]), "expert": score_text(v["expert"]),
             "merged − expert": "—" if v["interference"] is None else f"{v['interference']:+.3f}"}
            for c, v in found["per_language"].items()]  # fmt: skip
     return [
@@ -363,5 +364,6 @@ def analysis_figures(found: dict) -> list[tuple[str, bytes, str]]:
     return out
 
 
-def _num(value: float | None) -> str:
+def score_text(value: float | None) -> str:
+    """A score with 3 decimals, or a dash for none."""
     return "—" if value is None else f"{value:.3f}"

@@ -19,6 +19,7 @@ from pathlib import Path
 from langmerge.data.prepare import load_data
 from langmerge.errors import ConfigError, InputError, LangmergeError
 from langmerge.evaluate.job import evaluate, primary_metric
+from langmerge.evaluate.models import merge_ref
 from langmerge.merge.recipe_merge import merge_once
 from langmerge.processes import exclusive
 from langmerge.recipe import LANGUAGE_CODE, Recipe, load_recipe, with_data
@@ -105,7 +106,7 @@ def _update(recipe, language, data, add, accept, compare_joint, progress, say, m
     continuation = _continuation(recipe, project, language, current) if mode == "continue" else None
     trained = train(updated, [language], progress=progress, say=say, continue_from=continuation)[0]
     new_name = _remerge(updated, current, language, progress, say)
-    old_name = _ref(current)
+    old_name = merge_ref(current)
     metric = primary_metric(updated)
     codes = list(project.languages)
     before = evaluate(updated, old_name, codes, data=project, say=say)
@@ -140,11 +141,6 @@ def _continuation(recipe: Recipe, project, language: str, current: dict) -> Cont
     if not new:
         raise ConfigError("nothing to continue: the new data adds no training examples")
     return Continuation(Path(served[0]["path"]), new)
-
-
-def _ref(merge: dict) -> str:
-    """A reference that finds exactly this merge: its name and id."""
-    return f"merged:{merge['params'].get('name') or merge['method']}#{merge['id']}"
 
 
 def _keep(data: Path, run_dir: Path) -> Path:

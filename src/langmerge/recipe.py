@@ -245,8 +245,8 @@ DEFAULT_GRID = [
 
 class Sweep(_Strict):
     """`langmerge sweep`: the grid of merges tried on validation data, and how one is chosen.
-    λ applies to the methods that scale their result (not linear); a method's densities apply
-    only when it sparsifies."""
+    λ applies to every method but slerp; a method's densities only when it sparsifies; the extra
+    weightings only to methods that take weights."""
 
     grid: list[SweepMethod] = Field(default_factory=lambda: list(DEFAULT_GRID), min_length=1)
     lam: list[float] = Field(default_factory=lambda: [0.8, 1.0, 1.2], alias="lambda", min_length=1)
@@ -259,6 +259,13 @@ class Sweep(_Strict):
     @classmethod
     def _names_or_mappings(cls, v: Any) -> Any:
         return [{"method": x} if isinstance(x, str) else x for x in v] if isinstance(v, list) else v
+
+    @field_validator("lam")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        if any(not lam > 0 for lam in v):
+            raise ValueError(f"the sweep's λ values must be above 0, got {v}")
+        return v
 
 
 class Guard(_Strict):

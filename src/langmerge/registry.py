@@ -133,14 +133,21 @@ MIGRATIONS: dict[int, str] = {
         flops REAL,
         error TEXT
     );
-    INSERT INTO jobs_v5 SELECT * FROM jobs;
+    INSERT INTO jobs_v5 (
+        id, kind, languages, recipe_hash, data_hash, status, pid, started, ended, wall_s,
+        cpu_s, device_kind, device_count, device_s, tokens, examples, peak_memory_bytes, flops,
+        error)
+    SELECT id, kind, languages, recipe_hash, data_hash, status, pid, started, ended, wall_s,
+        cpu_s, device_kind, device_count, device_s, tokens, examples, peak_memory_bytes, flops,
+        error
+    FROM jobs;
     DROP TABLE jobs;
     ALTER TABLE jobs_v5 RENAME TO jobs;
     CREATE TABLE steps (
         id INTEGER PRIMARY KEY,
         language TEXT NOT NULL,
         kind TEXT NOT NULL CHECK (kind IN ('update', 'add')),
-        merge_id INTEGER NOT NULL REFERENCES merges(id),
+        merge_id INTEGER NOT NULL UNIQUE REFERENCES merges(id),  -- a rerun updates its step
         served INTEGER NOT NULL,
         at REAL NOT NULL,
         result TEXT NOT NULL                  -- JSON: cost comparison, per-language shifts
@@ -193,7 +200,8 @@ class Registry:
         try:
             self._refuse_newer()  # before anything, even the journal mode, changes the file
             self._wal(timeout)
-            self._migrate()  # before foreign keys are enforced: migration 5 rebuilds `jobs`
+            self.db.execute("PRAGMA foreign_keys=OFF")  # migration 5 rebuilds `jobs`
+            self._migrate()
             self.db.execute("PRAGMA foreign_keys=ON")
         except sqlite3.DatabaseError as e:
             self.db.close()
@@ -255,6 +263,9 @@ class Registry:
                 for statement in MIGRATIONS[version + 1].split(";"):
                     if statement.strip():
                         db.execute(statement)
+                broken = db.execute("PRAGMA foreign_key_check").fetchall()
+                if broken:  # rolled back: the file stays as it was
+                    raise RegistryError(f"migration {version + 1} broke references: {broken[:3]}")
                 db.execute(f"PRAGMA user_version={version + 1}")
 
     # ---- jobs and the cost ledger ----------------------------------------------------------
@@ -480,12 +491,14 @@ class Registry:
         """Record one maintenance step (kind `update`, or `add` for a new language) whose new
         merge is `merge_id`, with its `result` (cost, shifts). With `addition` = (data path,
         sha256, reason) the step passed: its data is recorded as added to `language` and the
-        merge put in service — all in one transaction. The same file added to the same language
-        twice is recorded once."""
+        merge put in service — all in one transaction. A rerun of the step (the same new merge,
+        e.g. with --accept) updates its row; the same file added to the same language twice is
+        recorded once."""
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO steps (language, kind, merge_id, served, at, result) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (merge_id) DO UPDATE SET "
+                "served=excluded.served, at=excluded.at, result=excluded.result",
                 (language, kind, merge_id, int(addition is not None), time.time(),
                  json.dumps(result)),
             )  # fmt: skip
@@ -597,7 +610,8 @@ class Registry:
 
     def merges(self) -> list[dict]:
         cur = self.db.execute(
-            "SELECT m.*, j.wall_s FROM merges m JOIN jobs j ON j.id = m.job_id ORDER BY m.id"
+            "SELECT m.*, j.wall_s, j.ended FROM merges m JOIN jobs j ON j.id = m.job_id "
+            "ORDER BY m.id"
         )
         names = [c[0] for c in cur.description]
         rows = [dict(zip(names, row)) for row in cur.fetchall()]

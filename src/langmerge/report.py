@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from langmerge import figures
+from langmerge.analysis import score_text
 from langmerge.data.prepare import ProjectData, load_data
-from langmerge.errors import ConfigError
+from langmerge.errors import ConfigError, LangmergeError
 from langmerge.evaluate.job import evaluation_key, primary_metric
-from langmerge.evaluate.models import resolve
+from langmerge.evaluate.models import merge_ref, resolve
 from langmerge.recipe import Recipe, load_recipe
 from langmerge.registry import DB_NAME, Registry
 
@@ -90,8 +91,7 @@ def build(recipe: Recipe, recipe_path: Path) -> list[Section]:
 
 def _overview(recipe: Recipe, data: ProjectData, registry: Registry) -> Section:
     current = registry.current_merge()
-    serving = (f"merged:{current['params'].get('name') or current['method']}#{current['id']}"
-               if current else "none yet")  # fmt: skip
+    serving = merge_ref(current) if current else "none yet"
     return Section("Project", [
         f"Base model: {recipe.base}. Task: {recipe.task.kind}"
         + (f" into {len(data.labels)} labels" if data.labels else "") + ".",
@@ -120,7 +120,7 @@ def quality(recipe: Recipe, data: ProjectData, registry: Registry) -> dict[str, 
     if current and current["id"] not in {m["id"] for m in shown}:
         shown.append(current)
     for m in shown:
-        name = f"merged:{m['params'].get('name') or m['method']}#{m['id']}"
+        name = merge_ref(m)
         label = name + (" (in service)" if current and m["id"] == current["id"] else "")
         rows[label] = dict.fromkeys(codes, name)
     experts = {c: registry.latest("expert", c) for c in codes}
@@ -156,9 +156,9 @@ def _quality(recipe: Recipe, data: ProjectData, registry: Registry) -> Section:
         current = [v for v, m in zip(values, marks) if v is not None and not m]
         whole = len(current) == len(codes)  # mean and worst only over today's data
         rows.append({"model": label,
-                     **{c: _num(v) + m for c, v, m in zip(codes, values, marks)},
-                     "mean": _num(sum(current) / len(current)) if whole else "—",
-                     "worst": _num(min(current)) if whole else "—"})  # fmt: skip
+                     **{c: score_text(v) + m for c, v, m in zip(codes, values, marks)},
+                     "mean": score_text(sum(current) / len(current)) if whole else "—",
+                     "worst": score_text(min(current)) if whole else "—"})  # fmt: skip
     section.text.append(
         f"{metric} per language ({recipe.evaluation.split} split); experts are scored on their "
         "own language. A dash: not evaluated."
@@ -182,7 +182,7 @@ def _cost(recipe: Recipe, data: ProjectData, registry: Registry) -> Section:
     first = initial_build(registry)
     if first is not None:
         experts, joint = first
-        c = cost_table(recipe, list(experts), experts, joint)
+        c = cost_table(recipe, list(experts), experts, joint, registry.serving()[0]["at"])
         section.tables.append(("initial build, from the ledger", cost_rows(c)))
         section.text.append(f"Parallel figures are {c['makespan_source']}.")
         bars += [("experts, serial", c["experts_serial_s"], True),
@@ -242,6 +242,7 @@ def _sweep(registry: Registry) -> Section:
         return section
     result = sweeps[-1]
     result["sweep_s"] = sum(p["seconds"] for p in result["points"])
+    result.setdefault("job_s", registry.job(result["job_id"])["wall_s"])
     section.text += summary_lines(result)
     top = 10
     caption = f"validation {result['metric']}, best first"
@@ -265,7 +266,7 @@ def _vectors(recipe: Recipe) -> Section:
     section = Section("How the language experts relate")
     try:
         found = analyze(recipe, evaluate_missing=False)
-    except ConfigError as e:
+    except LangmergeError as e:  # e.g. an expert's files were deleted: the rest still reports
         section.text.append(str(e))
         return section
     section.text += found["notes"]
@@ -283,10 +284,6 @@ def _history(recipe_path: Path) -> Section:
             section.tables.append((title, [{k: v for k, v in r.items() if k != "path"}
                                            for r in rows]))  # fmt: skip
     return section
-
-
-def _num(value: float | None) -> str:
-    return "—" if value is None else f"{value:.3f}"
 
 
 CSS = """

@@ -104,11 +104,15 @@ def mean(scores: dict[str, dict], metric: str, codes: list[str]) -> float:
 
 
 def cost_table(
-    recipe: Recipe, codes: list[str], experts: dict | None = None, joint: dict | None = None
+    recipe: Recipe,
+    codes: list[str],
+    experts: dict | None = None,
+    joint: dict | None = None,
+    before: float | None = None,
 ) -> dict:
     """DESIGN §5 from the ledger only: the experts (default: the current ones) one after another
     and with K parallel workers (projected by a longest-first schedule of their measured times),
-    the joint model (default: the newest), and the merges."""
+    the joint model (default: the newest), and the merges (those that ended by `before`)."""
     registry = Registry(recipe.run_dir)
     try:
         experts = experts or {c: registry.latest("expert", c) for c in codes}
@@ -117,7 +121,7 @@ def cost_table(
         merge_walls = {  # the newest merge of each name the recipe compares
             m["params"]["name"]: m["wall_s"]
             for m in registry.merges()
-            if m["params"].get("name") in names
+            if m["params"].get("name") in names and (before is None or m["ended"] <= before)
         }
     finally:
         registry.close()

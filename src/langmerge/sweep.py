@@ -21,6 +21,7 @@ from langmerge.cost import Meter
 from langmerge.data.prepare import ProjectData, load_data
 from langmerge.errors import ConfigError, InputError
 from langmerge.evaluate.job import evaluate, evaluation_key, primary_metric, require_split, score
+from langmerge.evaluate.models import ModelRef, check_model, merge_ref
 from langmerge.merge.io import ModelFiles, check_finite, load_adapter
 from langmerge.merge.methods import check_inputs, get_method
 from langmerge.merge.recipe_merge import merge_key, merge_once, recipe_merge_config
@@ -41,7 +42,7 @@ class Point:
     weights: tuple[tuple[str, float], ...] = ()  # () = every language weight 1
 
     def name(self) -> str:
-        """ties-d0.5-l1.2 (+ -w2 for the second weighting of the grid's `weights`)."""
+        """ties-d0.5-l1.2 (`grid` adds -w1 for the first of the sweep's `weights`, …)."""
         parts = [self.method]
         if get_method(self.method).sparsify != "none":
             parts.append(f"d{self.density:g}")
@@ -62,6 +63,8 @@ def grid(sweep: Sweep) -> list[tuple[str, Point]]:
     for i, weights in enumerate(weightings):
         for j, entry in enumerate(sweep.grid):
             method = get_method(entry.method)
+            if weights and not method.uses_weights:
+                continue
             densities = entry.density if method.sparsify != "none" else [1.0]
             lams = sweep.lam if method.combine != "slerp" else [1.0]
             for d in densities:
@@ -100,7 +103,8 @@ def sweep(
     require_split(data, codes, "validation")
     points = grid(recipe.sweep)
     for _, p in points:
-        check_inputs(get_method(p.method), len(codes), None)
+        weights = [dict(p.weights).get(c, 1.0) for c in codes] if p.weights else None
+        check_inputs(get_method(p.method), len(codes), weights)
     run_dir = Path(recipe.run_dir)
     busy = f"another update or sweep is running on {run_dir}; wait for it to finish"
     with exclusive(run_dir / ".maintenance.lock", busy):
@@ -110,7 +114,7 @@ def sweep(
 def _sweep(recipe, data: ProjectData, codes, points, progress, say) -> dict:
     registry = Registry(recipe.run_dir)
     try:
-        experts = {code: registry.latest("expert", code) for code in codes}
+        experts = usable_experts(registry, codes)
         missing = [c for c, e in experts.items() if e is None]
         if missing:
             raise ConfigError(
@@ -163,7 +167,7 @@ def _sweep(recipe, data: ProjectData, codes, points, progress, say) -> dict:
                 "recipe_merge": merge_settings(recipe),
                 "expert_wall_s": {c: e["wall_s"] for c, e in experts.items()},
             }
-            if data.languages[codes[0]].split("test"):  # the winner's test scores, alone
+            if all(data.languages[c].split("test") for c in codes):  # the winner's, alone
                 if merger is None:
                     merger = InMemoryMerge(recipe, data, experts)
                 merger.apply(configs[winner])
@@ -172,22 +176,39 @@ def _sweep(recipe, data: ProjectData, codes, points, progress, say) -> dict:
         except BaseException as e:
             registry.fail_job(job, str(e) or type(e).__name__, meter.cost(tokens, examples))
             raise
+        result["scored_here"] = len(todo)
         result["id"] = registry.finish_sweep(job, meter.cost(tokens, examples), result)
+        result["job_s"] = registry.job(job)["wall_s"]
     finally:
         registry.close()
     # the decision's evaluation and merge are ledger jobs of their own, after the sweep's
     serve = _against_current(recipe, data, codes, dict(points)[winner], winner, experts, result,
                              progress, say)  # fmt: skip
+    result["sweep_s"] = sum(p["seconds"] for p in result["points"])
     registry = Registry(recipe.run_dir)
     try:
         registry.conclude_sweep(result["id"], result, serve)
-        result["job_s"] = registry.job(job)["wall_s"]
     finally:
         registry.close()
     if serve is not None and "test" in result:  # the registry's own test scores of it
         evaluate(recipe, result["served"], codes, "test", data, say=say)
-    result["sweep_s"] = sum(p["seconds"] for p in result["points"])
     return result
+
+
+def usable_experts(registry: Registry, codes: list[str]) -> dict[str, dict | None]:
+    """The newest expert of each language, except one that only a refused maintenance step
+    made (its data was never added to the project): then the one in service."""
+    current = registry.current_merge()
+    in_service = set(current["expert_ids"]) if current else set()
+    merges = {m["id"]: m for m in registry.merges()}
+    refused = {i for step in registry.steps() if not step["served"]
+               for i in merges[step["merge_id"]]["expert_ids"]} - in_service  # fmt: skip
+    served = {e["language"]: e for e in registry.trained("expert") if e["id"] in in_service}
+    out = {}
+    for code in codes:
+        newest = registry.latest("expert", code)
+        out[code] = served.get(code) if newest and newest["id"] in refused else newest
+    return out
 
 
 def _against_current(recipe, data, codes, point: Point, winner: str, experts, result, progress,
@@ -201,7 +222,7 @@ def _against_current(recipe, data, codes, point: Point, winner: str, experts, re
         registry.close()
     metric, select = result["metric"], result["select"]
     if current is not None:
-        ref = f"merged:{current['params'].get('name') or current['method']}#{current['id']}"
+        ref = merge_ref(current)
         scores = evaluate(recipe, ref, codes, "validation", data, say=say)
         result["current"] = {"name": ref, "metrics": scores,
                              "score": selection_score(scores, metric, select)}  # fmt: skip
@@ -234,6 +255,9 @@ class InMemoryMerge:
         self.tokenizer = load_tokenizer(base_dir)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = model_class(recipe.task.kind).from_pretrained(base_dir)
+        check_model(
+            model, self.tokenizer, recipe, data.labels, ModelRef("base", base_dir, base_dir)
+        )
         model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model = model.to(device).eval()
         state = self.model.state_dict(keep_vars=True)
@@ -244,14 +268,15 @@ class InMemoryMerge:
                 f"the experts update {unknown[0]}, which the model loaded from {base_dir} lacks"
             )
         self.params = {n: state[n] for n in names}
-        self.originals = {n: t.detach().float().cpu().clone() for n, t in self.params.items()}
+        # kept in the checkpoint's dtype (half the memory of float32 for a bf16 model)
+        self.originals = {n: t.detach().cpu().clone() for n, t in self.params.items()}
 
     @torch.no_grad()
     def apply(self, cfg) -> None:
         method = get_method(cfg.method)
         merged = adapter_merge(self.adapters, method, cfg.weights, cfg.params())
         for name, param in self.params.items():
-            theta = self.originals[name]
+            theta = self.originals[name].float()
             delta = merged(name, theta.clone())
             out = theta if delta is None else theta + delta
             check_finite(out, name, f"the {cfg.method} merge (overflow?)")
@@ -303,23 +328,26 @@ def point_rows(result: dict, top: int | None = None) -> list[dict]:
 
 
 def summary_lines(result: dict) -> list[str]:
-    """What the sweep decided, its test scores and its cost next to one expert's training."""
+    """What the sweep found and decided, its test scores and its cost next to one expert's
+    training (worded as of when it ran)."""
     lines = [f"best on validation ({result['select']} {result['metric']}): {result['winner']} "
-             f"{result['winner_score']:.3f}; it is now the recipe's merge setting"]  # fmt: skip
+             f"{result['winner_score']:.3f}; it became the recipe's merge setting"]  # fmt: skip
     if "current" in result and "served" not in result:
         current = result["current"]
-        lines.append(f"the merge in service, {current['name']}, scores "
-                     f"{current['score']:.3f} on validation: it stays in service")  # fmt: skip
+        lines.append(f"the merge then in service, {current['name']}, scored "
+                     f"{current['score']:.3f} on validation: it stayed in service")  # fmt: skip
     if "served" in result:
-        lines.append(f"{result['served']} is now the current merge")
+        lines.append(f"{result['served']} was put in service")
     if "test" in result:
         scores = ", ".join(f"{c} {m[result['metric']]:.3f}" for c, m in result["test"].items())
         mean = sum(m[result["metric"]] for m in result["test"].values()) / len(result["test"])
         lines.append(f"the winner on test: {scores} (mean {mean:.3f})")
     walls = result["expert_wall_s"].values()
     expert = sum(walls) / len(walls)
-    n = len(result["points"])
-    lines.append(f"the sweep's {n} points took {result['sweep_s']:.1f} s in all "
-                 f"({result['sweep_s'] / n:.1f} s each); one expert's training took "
-                 f"{expert:.1f} s on average ({result['sweep_s'] / expert:.1f}× that)")  # fmt: skip
+    n, here = len(result["points"]), result.get("scored_here", len(result["points"]))
+    lines.append(f"the sweep took {result['job_s']:.1f} s ({here} of {n} points scored in this "
+                 f"run, the others reused); merging and scoring all {n} points took "
+                 f"{result['sweep_s']:.1f} s ({result['sweep_s'] / n:.1f} s each); one expert's "
+                 f"training took {expert:.1f} s on average: the whole sweep cost "
+                 f"{result['sweep_s'] / expert:.1f} experts")  # fmt: skip
     return lines

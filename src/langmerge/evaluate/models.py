@@ -77,9 +77,12 @@ def _from_registry(registry: Registry, kind: str, arg: str, ref: str, base: Path
         known = sorted({m["params"].get("name") or m["method"] for m in merges})
         raise ConfigError(f"no merge named {arg!r} in the registry; there are {', '.join(known)}")
     m = chosen[-1]
-    return ModelRef(
-        f"merged:{m['params'].get('name') or m['method']}#{m['id']}", Path(m["path"]), base
-    )
+    return ModelRef(merge_ref(m), Path(m["path"]), base)
+
+
+def merge_ref(merge: dict) -> str:
+    """The exact reference of a registry merge row: merged:NAME#ID."""
+    return f"merged:{merge['params'].get('name') or merge['method']}#{merge['id']}"
 
 
 def _fingerprint(path: Path) -> str:
@@ -120,12 +123,13 @@ def load(ref: ModelRef, recipe: Recipe, labels: list[str] | None):
             model = cls.from_pretrained(ref.path)
     except (OSError, ValueError, RuntimeError) as e:
         raise InputError(f"cannot load {ref.name} from {ref.path}: {e}") from None
-    _check(model, tokenizer, recipe, labels, ref)
+    check_model(model, tokenizer, recipe, labels, ref)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model.to(device).eval(), tokenizer
 
 
-def _check(model, tokenizer, recipe: Recipe, labels: list[str] | None, ref: ModelRef) -> None:
+def check_model(model, tokenizer, recipe: Recipe, labels: list[str] | None, ref: ModelRef) -> None:
+    """Refuse a model that is not of this recipe: vocabulary, architecture, width, labels."""
     from langmerge.backbones import load_config
 
     base = load_config(ref.base)
