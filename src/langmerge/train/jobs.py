@@ -80,11 +80,15 @@ def train(
         say(f"warning: {w}")
     source = resolve_base(recipe.base)
     check_target_modules(load_config(source), recipe, len(data.labels) if data.labels else None)
-    torch.set_num_threads(_threads(recipe.training.threads))
     registry = Registry(recipe.run_dir)
     try:
         registry.mark_abandoned()
         targets = [None] if joint else languages
+        if recipe.executor.kind == "ray" and continue_from is None:
+            from langmerge.train.cluster import train_on_ray
+
+            return train_on_ray(recipe, registry, data, targets, force, say)
+        torch.set_num_threads(_threads(recipe.training.threads))
         return [_train_one(recipe, registry, data, t, force, progress, say, continue_from)
                 for t in targets]  # fmt: skip
     finally:
@@ -109,31 +113,43 @@ def _train_one(
     say: Callable[[str], None],
     continue_from: Continuation | None = None,
 ) -> Trained:
-    kind, _, name = _identity(data, language)
+    hashes, work = plan(recipe, data, language, continue_from)
+    if (hit := cached(registry, data, language, hashes, force, say)) is not None:
+        return hit
+    with exclusive(work / "lock", busy_message(data, language)):
+        # another process may have finished this very model while we waited for nothing
+        if (hit := cached(registry, data, language, hashes, force, say)) is not None:
+            return hit
+        return _run_job(recipe, registry, data, language, hashes, work, progress, say,
+                        continue_from)  # fmt: skip
+
+
+def plan(
+    recipe: Recipe, data: ProjectData, language: str | None, continue_from: Continuation | None
+) -> tuple[tuple[str, str], Path]:
+    """The (recipe, data) hashes of the model `language` (None: joint) and its work folder."""
     recipe_hash = recipe.digest()
     data_hash = data.joint_digest() if language is None else data.languages[language].digest
     if continue_from is not None:  # not the model a retrain on this data would make
         data_hash = hashlib.sha256(f"{data_hash}+{continue_from.adapter}".encode()).hexdigest()[:16]
-
-    def cached() -> Trained | None:
-        hit = None if force else registry.find_trained(kind, language, recipe_hash, data_hash)
-        if hit is not None:
-            say(f"{name}: up to date (v{hit['version']}, {hit['path']}); --force retrains")
-            return Trained(kind, language, hit["version"], Path(hit["path"]), True, hit["scores"])
-        return None
-
     folder = Path(recipe.run_dir) / ("joint" if language is None else f"experts/{language}")
-    work = folder / f".train-{recipe_hash}-{data_hash}"
-    if (hit := cached()) is not None:
-        return hit
-    busy = f"another langmerge process is training {name} in this run directory; wait for it"
-    with exclusive(work / "lock", busy):
-        # another process may have finished this very model while we waited for nothing
-        if (hit := cached()) is not None:
-            return hit
-        hashes = (recipe_hash, data_hash)
-        return _run_job(recipe, registry, data, language, hashes, work, progress, say,
-                        continue_from)  # fmt: skip
+    return (recipe_hash, data_hash), folder / f".train-{recipe_hash}-{data_hash}"
+
+
+def cached(registry: Registry, data: ProjectData, language: str | None, hashes: tuple[str, str],
+           force: bool, say: Callable[[str], None]) -> Trained | None:  # fmt: skip
+    """The model already trained from these hashes (unless `force`), or None."""
+    kind, _, name = _identity(data, language)
+    hit = None if force else registry.find_trained(kind, language, *hashes)
+    if hit is None:
+        return None
+    say(f"{name}: up to date (v{hit['version']}, {hit['path']}); --force retrains")
+    return Trained(kind, language, hit["version"], Path(hit["path"]), True, hit["scores"])
+
+
+def busy_message(data: ProjectData, language: str | None) -> str:
+    name = _identity(data, language)[2]
+    return f"another langmerge process is training {name} in this run directory; wait for it"
 
 
 def _identity(data: ProjectData, language: str | None) -> tuple[str, list[str], str]:
@@ -141,6 +157,100 @@ def _identity(data: ProjectData, language: str | None) -> tuple[str, list[str], 
     if language is None:
         return "joint", list(data.languages), "the joint model"
     return "expert", [language], f"expert {language}"
+
+
+@dataclass
+class Staged:
+    """A trained adapter saved in its work folder (work/adapter), not yet placed or recorded."""
+
+    path: Path
+    base_dir: Path
+    scores: dict
+    steps: int
+    loss: float | None
+    resumed_from: int | None
+
+
+def fit_and_stage(
+    recipe: Recipe,
+    data: ProjectData,
+    language: str | None,
+    work: Path,
+    progress: bool,
+    say: Callable[[str], None],
+    counts,
+    continue_from: Continuation | None = None,
+) -> Staged:
+    """Train in `work` (resuming from its checkpoints), score on validation and save the adapter
+    in `work`/adapter. No registry here: this part runs in this process or on a Ray worker."""
+    from langmerge.evaluate.predict import validation_scores
+    from langmerge.train.trainer import fit
+
+    _, languages, name = _identity(data, language)
+    base_dir = prepare_base(recipe, data.labels)
+    tokenizer = load_tokenizer(base_dir)
+
+    def encoded(split: str, code: str) -> list[dict]:
+        examples = data.languages[code].split(split)
+        return encode(examples, tokenizer, recipe.task, data.labels, recipe.training.max_length)
+
+    if continue_from is None:
+        train_set = [x for code in languages for x in encoded("train", code)]
+        say(f"{name}: training on {len(train_set)} examples")
+    else:
+        train_set = encode(continue_from.examples, tokenizer, recipe.task, data.labels,
+                           recipe.training.max_length)  # fmt: skip
+        say(f"{name}: training {continue_from.adapter.name} further on "
+            f"{len(train_set)} new examples")  # fmt: skip
+    start = continue_from.adapter if continue_from else None
+    result = fit(base_dir, recipe, train_set, tokenizer.pad_token_id, work / "checkpoints",
+                 progress, counts, start)  # fmt: skip
+    if result.resumed_from is not None:
+        say(f"{name}: resumed from the checkpoint at step {result.resumed_from}")
+    scores = {
+        code: validation_scores(result.model, encoded("validation", code), recipe.task.kind,
+                                tokenizer.pad_token_id, recipe.training.batch_size)
+        for code in languages
+    }  # fmt: skip
+    staged = work / "adapter"
+    result.model.save_pretrained(staged)
+    return Staged(staged, Path(base_dir), scores, result.steps, result.loss, result.resumed_from)
+
+
+def record_trained(
+    registry: Registry,
+    recipe: Recipe,
+    data: ProjectData,
+    language: str | None,
+    hashes: tuple[str, str],
+    staged: Staged,
+    job: int,
+    cost,
+    continue_from: Continuation | None = None,
+    ended: float | None = None,
+) -> TrainedModel:
+    """Move the staged adapter into place as the next version and record it, closing `job`,
+    in one registry transaction (`ended`: when the job ended where it ran)."""
+    kind, languages, _ = _identity(data, language)
+    recipe_hash, data_hash = hashes
+
+    def place(version: int) -> str:
+        write_json(staged.path / METADATA, {
+            "kind": kind, "languages": languages, "version": version, "base": recipe.base,
+            "base_dir": str(staged.base_dir), "task": recipe.task.model_dump(),
+            "labels": data.labels, "recipe_hash": recipe_hash, "data_hash": data_hash,
+            "steps": staged.steps, "train_loss": staged.loss, "validation": staged.scores,
+            "continued_from": str(continue_from.adapter) if continue_from else None,
+        })  # fmt: skip
+        final = staged.path.parent.parent / f"v{version}"
+        if final.exists():  # no row refers to it: left by a crash before its registry write
+            shutil.rmtree(final)
+        staged.path.rename(final)
+        return str(final)
+
+    record = TrainedModel(kind, language, languages, str(staged.base_dir), recipe_hash, data_hash,
+                          staged.scores)  # fmt: skip
+    return registry.finish_training(job, cost, record, place, ended)
 
 
 def _run_job(
@@ -154,65 +264,20 @@ def _run_job(
     say: Callable[[str], None],
     continue_from: Continuation | None = None,
 ) -> Trained:
-    """Train in `work` (resuming from its checkpoints), score, then move the adapter into place
-    and record it in one registry transaction. A failed job keeps the cost it had run up."""
-    from langmerge.evaluate.predict import validation_scores
-    from langmerge.train.trainer import Counts, fit
+    """Train here, then place and record the model. A failed job keeps the cost it ran up."""
+    from langmerge.train.trainer import Counts
 
     kind, languages, name = _identity(data, language)
-    recipe_hash, data_hash = hashes
-    job = registry.start_job(kind, languages, recipe_hash, data_hash)
+    job = registry.start_job(kind, languages, *hashes)
     meter, counts = Meter(), Counts()
 
     def cost():
         return meter.cost(tokens=counts.tokens, examples=counts.examples, flops=counts.flops)
 
     try:
-        base_dir = prepare_base(recipe, data.labels)
-        tokenizer = load_tokenizer(base_dir)
-
-        def encoded(split: str, code: str) -> list[dict]:
-            examples = data.languages[code].split(split)
-            return encode(examples, tokenizer, recipe.task, data.labels, recipe.training.max_length)
-
-        if continue_from is None:
-            train_set = [x for code in languages for x in encoded("train", code)]
-            say(f"{name}: training on {len(train_set)} examples")
-        else:
-            train_set = encode(continue_from.examples, tokenizer, recipe.task, data.labels,
-                               recipe.training.max_length)  # fmt: skip
-            say(f"{name}: training {continue_from.adapter.name} further on "
-                f"{len(train_set)} new examples")  # fmt: skip
-        start = continue_from.adapter if continue_from else None
-        result = fit(base_dir, recipe, train_set, tokenizer.pad_token_id, work / "checkpoints",
-                     progress, counts, start)  # fmt: skip
-        if result.resumed_from is not None:
-            say(f"{name}: resumed from the checkpoint at step {result.resumed_from}")
-        scores = {
-            code: validation_scores(result.model, encoded("validation", code), recipe.task.kind,
-                                    tokenizer.pad_token_id, recipe.training.batch_size)
-            for code in languages
-        }  # fmt: skip
-        staged = work / "adapter"
-        result.model.save_pretrained(staged)
-
-        def place(version: int) -> str:
-            write_json(staged / METADATA, {
-                "kind": kind, "languages": languages, "version": version, "base": recipe.base,
-                "base_dir": str(base_dir), "task": recipe.task.model_dump(),
-                "labels": data.labels, "recipe_hash": recipe_hash, "data_hash": data_hash,
-                "steps": result.steps, "train_loss": result.loss, "validation": scores,
-                "continued_from": str(continue_from.adapter) if continue_from else None,
-            })  # fmt: skip
-            final = work.parent / f"v{version}"
-            if final.exists():  # no row refers to it: left by a crash before its registry write
-                shutil.rmtree(final)
-            staged.rename(final)
-            return str(final)
-
-        record = TrainedModel(kind, language, languages, str(base_dir), recipe_hash, data_hash,
-                              scores)  # fmt: skip
-        record = registry.finish_training(job, cost(), record, place)
+        staged = fit_and_stage(recipe, data, language, work, progress, say, counts, continue_from)
+        record = record_trained(registry, recipe, data, language, hashes, staged, job, cost(),
+                                continue_from)  # fmt: skip
     except BaseException as e:
         what = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
         registry.fail_job(job, what, cost())
@@ -222,5 +287,5 @@ def _run_job(
     shutil.rmtree(work, ignore_errors=True)
     wall = registry.job(job)["wall_s"]
     say(f"{name}: v{record.version} in {record.path} ({wall:.1f} s, {counts.tokens} tokens)")
-    return Trained(kind, language, record.version, Path(record.path), False, scores,
-                   result.resumed_from, wall, counts.tokens)  # fmt: skip
+    return Trained(kind, language, record.version, Path(record.path), False, staged.scores,
+                   staged.resumed_from, wall, counts.tokens)  # fmt: skip
