@@ -1,6 +1,7 @@
-"""Training on Ray: a local cluster (2 CPUs, loopback, no dashboard) trains tiny experts in
-parallel; the driver alone writes the registry; a worker that dies is replaced by another try;
-a job that keeps failing is reported and the finished experts are kept."""
+"""Jobs on Ray: a local cluster (2 CPUs, loopback, no dashboard) trains tiny experts in
+parallel and runs the study's evaluations; the driver alone writes the registry; a worker that
+dies is replaced by another try; a job that keeps failing is reported and the finished experts
+are kept."""
 
 import json
 import os
@@ -138,6 +139,9 @@ def test_run_with_ray_measures_the_experts_makespan(local_cluster, tmp_path, cli
     path.write_text(path.read_text() + "merge: {compare: [ties]}\n")
     code, text = cli("run", path, "--quiet")
     assert code == 0, text
+    flat = " ".join(text.split())
+    # the evaluations ran as Ray tasks too, recorded by the driver
+    assert "6 evaluation(s) on Ray" in flat and flat.count("evaluated ") == 6  # 3 experts
     cost = json.loads((load_recipe(path).run_dir / "results.json").read_text())["cost"]
     jobs, experts = ledger(path)
     spans = [(e["started"], e["ended"]) for e in experts.values()]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ class Meter:
         else:
             kind, count = "cpu", 1
             peak = _peak_rss()
+        count *= int(os.environ.get("WORLD_SIZE", "1"))  # the processes of a distributed job
         return Cost(
             cpu_s=time.process_time() - self.cpu0,
             device_kind=kind,

@@ -549,7 +549,13 @@ class Registry:
         return rows
 
     def finish_evaluation(
-        self, job_id: int, cost: Cost, model: str, split: str, results: dict[str, tuple[str, dict]]
+        self,
+        job_id: int,
+        cost: Cost,
+        model: str,
+        split: str,
+        results: dict[str, tuple[str, dict]],
+        ended: float | None = None,
     ) -> None:
         """Close an evaluation job and record its metrics per language (`results`: language →
         (data hash, metrics)), in one transaction."""
@@ -562,7 +568,7 @@ class Registry:
                  for code, (data_hash, metrics) in results.items()],
             )  # fmt: skip
 
-        self.finish_job(job_id, cost, then=insert)
+        self.finish_job(job_id, cost, then=insert, ended=ended)
 
     def evaluation(
         self, model: str, language: str, split: str, data_hash: str | None

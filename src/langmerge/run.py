@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from langmerge.data.prepare import load_data
-from langmerge.evaluate.job import evaluate, primary_metric, require_split
+from langmerge.evaluate.job import evaluate_all, primary_metric, require_split
 from langmerge.evaluate.models import resolve
 from langmerge.merge.recipe_merge import merge_once
 from langmerge.recipe import MergeVariant, Recipe
@@ -49,21 +49,18 @@ def run(
     train(recipe, codes, progress=progress, say=say)
     train(recipe, joint=True, progress=progress, say=say)
     merges = [_merge(recipe, v, progress, say) for v in recipe.merge.compare]
-    split, quality, models = recipe.evaluation.split, {}, {}
-
-    def judge(row: str, ref: str) -> None:
-        quality[row] = evaluate(recipe, ref, None, split, data, say=say)
-        models[row] = resolve(recipe, ref, data.labels).name
-
-    judge("joint", "joint")
-    for name in merges:
-        judge(f"merged:{name}", f"merged:{name}")
-    experts = {}
-    for code in codes:
-        experts.update(evaluate(recipe, f"expert:{code}", [code], split, data, say=say))
-    quality["experts (own language)"] = experts
-    models["experts (own language)"] = "expert:LANG"
-    judge("base", "base")
+    split = recipe.evaluation.split
+    rows = [("joint", "joint", None)]
+    rows += [(f"merged:{name}", f"merged:{name}", None) for name in merges]
+    rows += [("experts (own language)", f"expert:{code}", [code]) for code in codes]
+    rows.append(("base", "base", None))
+    found = evaluate_all(recipe, [(ref, langs) for _, ref, langs in rows], split, data, say=say)
+    quality: dict[str, dict] = {}
+    models = {"experts (own language)": "expert:LANG"}
+    for (row, ref, langs), scores in zip(rows, found):
+        quality.setdefault(row, {}).update(scores)
+        if langs is None:
+            models[row] = resolve(recipe, ref, data.labels).name
     metric = primary_metric(recipe)
     scored = [(mean(quality[f"merged:{n}"], metric, codes), n) for n in merges]
     best = f"merged:{max(scored)[1]}" if scored else None

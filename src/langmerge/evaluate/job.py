@@ -37,26 +37,53 @@ def evaluate(
 ) -> dict[str, dict]:
     """Metrics of the model `ref` (base, joint, expert:LANG, merged:NAME or a directory) on each
     language's `split` (default: the recipe's evaluation split); language → metrics."""
+    return evaluate_all(recipe, [(ref, languages)], split, data, force, say)[0]
+
+
+def evaluate_all(
+    recipe: Recipe,
+    requests: list[tuple[str, list[str] | None]],
+    split: str | None = None,
+    data: ProjectData | None = None,
+    force: bool = False,
+    say: Callable[[str], None] = lambda _: None,
+) -> list[dict[str, dict]]:
+    """Several evaluations (model reference, languages or None for all): those the registry
+    lacks run one after another here, or in parallel as Ray tasks with the Ray executor."""
     split = split or recipe.evaluation.split
     data = data or load_data(recipe).require_valid()
-    codes = languages or list(data.languages)
-    require_split(data, codes, split)
-    model_ref = resolve(recipe, ref, data.labels)
+    plans = []
+    for ref, languages in requests:
+        codes = languages or list(data.languages)
+        require_split(data, codes, split)
+        plans.append((resolve(recipe, ref, data.labels), codes))
+    keys = {c: evaluation_key(recipe, data.languages[c].digest) for _, cs in plans for c in cs}
     registry = Registry(recipe.run_dir)
     try:
-        keys = {c: evaluation_key(recipe, data.languages[c].digest) for c in codes}
-        results = {}
-        for code in codes:
-            hit = None if force else registry.evaluation(model_ref.name, code, split, keys[code])
-            if hit is not None:
-                results[code] = hit
-        todo = [c for c in codes if c not in results]
-        if todo:
-            model, tokenizer = load(model_ref, recipe, data.labels)  # mistakes: before the ledger
-            found = _run(recipe, registry, data, model_ref, model, tokenizer, todo, split, keys,
-                         say)  # fmt: skip
-            results.update(found)
-        return {code: results[code] for code in codes}
+        results: list[dict[str, dict]] = []
+        todo = []
+        for i, (model_ref, codes) in enumerate(plans):
+            hits = {}
+            for code in [] if force else codes:
+                hit = registry.evaluation(model_ref.name, code, split, keys[code])
+                if hit is not None:
+                    hits[code] = hit
+            results.append(hits)
+            if missing := [c for c in codes if c not in hits]:
+                todo.append((i, model_ref, missing))
+        if todo and recipe.executor.kind == "ray":
+            from langmerge.train.cluster import evaluate_on_ray
+
+            for i, found in evaluate_on_ray(recipe, registry, data, todo, split, keys, say).items():
+                results[i].update(found)
+        else:
+            for i, model_ref, missing in todo:
+                model, tokenizer = load(
+                    model_ref, recipe, data.labels
+                )  # mistakes: before the ledger
+                results[i].update(_run(recipe, registry, data, model_ref, model, tokenizer,
+                                       missing, split, keys, say))  # fmt: skip
+        return [{c: results[i][c] for c in codes} for i, (_, codes) in enumerate(plans)]
     finally:
         registry.close()
 

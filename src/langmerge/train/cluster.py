@@ -1,5 +1,6 @@
-"""Training jobs as Ray tasks: the experts (or the joint model) of one `train` request run in
-parallel on a local or existing Ray cluster, each with the recipe's resources.
+"""Jobs as Ray tasks: the experts (or the joint model) of one `train` request, and the
+evaluations of one request, run in parallel on a local or existing Ray cluster, each with the
+recipe's resources.
 
 Workers train in the run directory's work folders (shared storage on a cluster) and return
 what they measured; the registry is written here, by the driver alone, so SQLite is never
@@ -26,7 +27,7 @@ from langmerge.recipe import Recipe
 from langmerge.registry import Cost, Registry
 
 
-class TrainingFailed(LangmergeError):
+class JobsFailed(LangmergeError):
     """Some jobs failed on every attempt; the others were recorded."""
 
 
@@ -91,17 +92,9 @@ def train_on_ray(
     """Train `targets` (languages; None: the joint model) as Ray tasks running `attempt`."""
     import ray
 
-    from langmerge.merge.writer import parse_size
     from langmerge.processes import exclusive
     from langmerge.train.jobs import busy_message, cached, plan
 
-    ex = recipe.executor
-    connect(ex.address)
-    options = {"num_cpus": ex.cpus, "num_gpus": ex.gpus, "max_retries": 0}
-    if ex.memory:
-        options["memory"] = parse_size(ex.memory)
-    task = ray.remote(attempt).options(**options)
-    threads = max(1, int(ex.cpus))
     results, todo = {}, {}
     for target in targets:
         hashes, work = plan(recipe, data, target, None)
@@ -112,49 +105,165 @@ def train_on_ray(
             todo[target] = (hashes, work)
     if not todo:
         return [results[t] for t in targets]
+    task = _task(recipe, attempt)
     data_ref = ray.put(data)
-    failures: dict[str | None, str] = {}
+    threads = max(1, int(recipe.executor.cpus))
+    jobs = {t: (recipe, data_ref, t, str(work), threads) for t, (_, work) in todo.items()}
+
+    def record(target, outcome: Attempt) -> bool:
+        trained = _record(registry, recipe, data, target, todo[target], outcome, say)
+        if trained is not None:
+            results[target] = trained
+        return trained is not None
+
     with ExitStack() as locks:
         for target, (_, work) in todo.items():
             locks.enter_context(exclusive(work / "lock", busy_message(data, target)))
-        pending = {}
-
-        def submit(target: str | None, tries: int) -> None:
-            ref = task.remote(recipe, data_ref, target, str(todo[target][1]), threads)
-            pending[ref] = (target, tries)
-
-        for target in todo:
-            submit(target, 0)
-        say(f"{len(todo)} training job(s) on Ray ({ex.cpus:g} CPU, {ex.gpus:g} GPU each)")
-        try:
-            while pending:
-                (ref,), _ = ray.wait(list(pending), num_returns=1)
-                target, tries = pending.pop(ref)
-                outcome = _get(ray, ref)
-                trained = _record(registry, recipe, data, target, todo[target], outcome, say)
-                if trained is not None:
-                    results[target] = trained
-                elif tries < ex.retries:
-                    say(f"{_name(target)}: trying again ({tries + 1} of {ex.retries})")
-                    submit(target, tries + 1)
-                else:
-                    failures[target] = outcome.error.splitlines()[0]
-        except BaseException:
-            for ref in pending:
-                ray.cancel(ref, force=True)
-            raise
-    if failures:
-        raise TrainingFailed(
-            f"{len(failures)} job(s) failed {ex.retries + 1} time(s): "
-            + "; ".join(f"{_name(t)}: {e}" for t, e in failures.items())
-            + f". The {len(results)} other model(s) are recorded; fix the cause and run the "
-            "same command again (finished models are not retrained)"
-        )
+        say(f"{len(jobs)} training job(s) on Ray ({recipe.executor.cpus:g} CPU, "
+            f"{recipe.executor.gpus:g} GPU each)")  # fmt: skip
+        failures = _dispatch(task, jobs, recipe.executor.retries, record, _name, say)
+    _report(failures, recipe.executor.retries, len(results), "model(s)")
     return [results[t] for t in targets]
 
 
+@dataclass
+class Scored:
+    """One evaluation on a worker: metrics per language, as measured there."""
+
+    started: float
+    ended: float
+    cost: Cost
+    results: dict | None = None  # language → metrics
+    error: str | None = None
+    worker: str = ""
+
+
+def scoring(recipe: Recipe, data, model_ref, codes: list[str], split: str, threads: int) -> Scored:
+    """Load one model and score it on `codes` (on a Ray worker); failures come back as `error`."""
+    import socket
+
+    import torch
+
+    from langmerge.cost import Meter
+    from langmerge.evaluate.job import score
+    from langmerge.evaluate.models import load
+
+    torch.set_num_threads(threads)
+    started, meter = time.time(), Meter()
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    tokens = examples = 0
+    try:
+        model, tokenizer = load(model_ref, recipe, data.labels)
+        results = {}
+        for code in codes:
+            part = data.languages[code].split(split)
+            results[code], n = score(model, tokenizer, recipe, part, data.labels)
+            tokens, examples = tokens + n, examples + len(part)
+        error = None
+    except Exception as e:
+        results, error = None, f"{type(e).__name__}: {e}"
+    return Scored(started, time.time(), meter.cost(tokens, examples), results, error, worker)
+
+
+def evaluate_on_ray(
+    recipe: Recipe,
+    registry: Registry,
+    data,
+    todo: list,
+    split: str,
+    keys: dict[str, str],
+    say: Callable[[str], None],
+) -> dict[int, dict]:
+    """Run the evaluations `todo` ((index, model reference, languages)) as Ray tasks; each one
+    recorded by the driver as it finishes. Returns index → language → metrics."""
+    import ray
+
+    task = _task(recipe, scoring)
+    data_ref = ray.put(data)
+    threads = max(1, int(recipe.executor.cpus))
+    jobs = {i: (recipe, data_ref, ref, codes, split, threads) for i, ref, codes in todo}
+    refs = {i: (ref, codes) for i, ref, codes in todo}
+    found: dict[int, dict] = {}
+
+    def record(i: int, outcome: Scored) -> bool:
+        ref, codes = refs[i]
+        job = registry.start_job("evaluate", codes, recipe.digest(), keys[codes[0]],
+                                 started=outcome.started)  # fmt: skip
+        if outcome.error is not None:
+            registry.fail_job(job, f"{outcome.worker}: {outcome.error}", outcome.cost,
+                              outcome.ended)  # fmt: skip
+            say(f"evaluating {ref.name}: failed on {outcome.worker or 'a worker'}: "
+                f"{outcome.error.splitlines()[0]}")  # fmt: skip
+            return False
+        registry.finish_evaluation(job, outcome.cost, ref.name, split,
+                                   {c: (keys[c], outcome.results[c]) for c in codes},
+                                   outcome.ended)  # fmt: skip
+        say(f"evaluated {ref.name} on {', '.join(codes)} {split} "
+            f"({outcome.ended - outcome.started:.1f} s on {outcome.worker})")  # fmt: skip
+        found[i] = outcome.results
+        return True
+
+    say(f"{len(jobs)} evaluation(s) on Ray")
+    failures = _dispatch(task, jobs, recipe.executor.retries, record,
+                         lambda i: f"evaluating {refs[i][0].name}", say)  # fmt: skip
+    _report(failures, recipe.executor.retries, len(found), "evaluation(s)")
+    return found
+
+
+def _task(recipe: Recipe, fn: Callable):
+    """`fn` as a Ray task with the recipe's resources per job, on the recipe's cluster."""
+    import ray
+
+    from langmerge.merge.writer import parse_size
+
+    ex = recipe.executor
+    connect(ex.address)
+    options = {"num_cpus": ex.cpus, "num_gpus": ex.gpus, "max_retries": 0}
+    if ex.memory:
+        options["memory"] = parse_size(ex.memory)
+    return ray.remote(fn).options(**options)
+
+
+def _dispatch(task, jobs: dict, retries: int, record: Callable[[object, object], bool],
+              name: Callable[[object], str], say: Callable[[str], None]) -> dict:  # fmt: skip
+    """Submit every job; record each outcome as it arrives (`record` says whether it worked);
+    submit a failed job again up to `retries` times. Returns job key → last error."""
+    import ray
+
+    pending, failures = {}, {}
+    for key, args in jobs.items():
+        pending[task.remote(*args)] = (key, 0)
+    try:
+        while pending:
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            key, tries = pending.pop(ref)
+            outcome = _get(ray, ref)
+            if record(key, outcome):
+                continue
+            if tries < retries:
+                say(f"{name(key)}: trying again ({tries + 1} of {retries})")
+                pending[task.remote(*jobs[key])] = (key, tries + 1)
+            else:
+                failures[key] = f"{name(key)}: {outcome.error.splitlines()[0]}"
+    except BaseException:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise
+    return failures
+
+
+def _report(failures: dict, retries: int, done: int, what: str) -> None:
+    if failures:
+        raise JobsFailed(
+            f"{len(failures)} job(s) failed {retries + 1} time(s): "
+            + "; ".join(failures.values())
+            + f". The {done} other {what} are recorded; fix the cause and run the same command "
+            "again (finished work is not redone)"
+        )
+
+
 def _get(ray, ref) -> Attempt:
-    """The task's Attempt; a worker that died (killed, out of memory) is a failed attempt."""
+    """The task's outcome; a worker that died (killed, out of memory) is a failed attempt."""
     try:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as e:  # the task raised: report what it raised

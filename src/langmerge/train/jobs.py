@@ -28,6 +28,7 @@ from langmerge.backbones import (
 from langmerge.cost import Meter
 from langmerge.data.encode import encode
 from langmerge.data.prepare import ProjectData, load_data
+from langmerge.errors import ConfigError
 from langmerge.merge.writer import write_json
 from langmerge.processes import exclusive
 from langmerge.recipe import Recipe
@@ -80,10 +81,12 @@ def train(
         say(f"warning: {w}")
     source = resolve_base(recipe.base)
     check_target_modules(load_config(source), recipe, len(data.labels) if data.labels else None)
+    targets = [None] if joint else languages
+    if rank() > 0:  # one of several processes of one job (torchrun, accelerate launch)
+        return _follow(recipe, data, targets, force, continue_from)
     registry = Registry(recipe.run_dir)
     try:
         registry.mark_abandoned()
-        targets = [None] if joint else languages
         if recipe.executor.kind == "ray" and continue_from is None:
             from langmerge.train.cluster import train_on_ray
 
@@ -93,6 +96,30 @@ def train(
                 for t in targets]  # fmt: skip
     finally:
         registry.close()
+
+
+def rank() -> int:
+    """This process's rank among the processes of one distributed job (0 when alone)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _follow(recipe, data, targets, force, continue_from) -> list[Trained]:
+    """Ranks above 0 of a multi-process job: train alongside rank 0, which decides (the same
+    cache check), scores, saves and records; nothing is written to the registry here."""
+    if recipe.executor.kind == "ray":
+        raise ConfigError("a job spread over several processes runs with the local executor")
+    from langmerge.train.trainer import Counts
+
+    registry = Registry(recipe.run_dir)
+    try:
+        for target in targets:
+            hashes, work = plan(recipe, data, target, continue_from)
+            if cached(registry, data, target, hashes, force, lambda _: None) is None:
+                fit_and_stage(recipe, data, target, work, False, lambda _: None, Counts(),
+                              continue_from, leader=False)  # fmt: skip
+    finally:
+        registry.close()
+    return []
 
 
 def _threads(asked: int | None) -> int:
@@ -180,9 +207,11 @@ def fit_and_stage(
     say: Callable[[str], None],
     counts,
     continue_from: Continuation | None = None,
-) -> Staged:
+    leader: bool = True,
+) -> Staged | None:
     """Train in `work` (resuming from its checkpoints), score on validation and save the adapter
-    in `work`/adapter. No registry here: this part runs in this process or on a Ray worker."""
+    in `work`/adapter. No registry here: this part runs in this process or on a Ray worker. In a
+    multi-process job only the `leader` scores and saves."""
     from langmerge.evaluate.predict import validation_scores
     from langmerge.train.trainer import fit
 
@@ -205,6 +234,8 @@ def fit_and_stage(
     start = continue_from.adapter if continue_from else None
     result = fit(base_dir, recipe, train_set, tokenizer.pad_token_id, work / "checkpoints",
                  progress, counts, start)  # fmt: skip
+    if not leader:
+        return None
     if result.resumed_from is not None:
         say(f"{name}: resumed from the checkpoint at step {result.resumed_from}")
     scores = {

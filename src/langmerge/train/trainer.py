@@ -121,6 +121,7 @@ def fit(
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     finally:
         bar.bar.stop()
+    _sum_over_processes(counts)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return FitResult(
         model=model,
@@ -129,6 +130,19 @@ def fit(
         resumed_from=int(checkpoint.name.split("-")[1]) if checkpoint else None,
         loss=sum(losses) / len(losses) if losses else None,
     )
+
+
+def _sum_over_processes(counts: Counts) -> None:
+    """In a multi-process job every process counted its own batches: make the counts the
+    job's totals, on every process."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    totals = torch.tensor([counts.tokens, counts.padded_tokens, counts.examples],
+                          dtype=torch.float64, device=device)  # fmt: skip
+    dist.all_reduce(totals)
+    counts.tokens, counts.padded_tokens, counts.examples = (int(x) for x in totals.tolist())
 
 
 def training_arguments(recipe: Recipe, work: Path) -> TrainingArguments:
