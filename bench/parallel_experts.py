@@ -14,7 +14,7 @@ What it measures
 
 Goal (issue 7): say what speed-up two workers with one thread each give on two cores, and why.
 
-How to run (from the repo root; needs the demo and ray extras, about 3 minutes)
+How to run (from the repo root; needs the demo and ray extras, about 2 minutes)
     HF_HUB_OFFLINE=1 .venv/bin/python bench/parallel_experts.py [--epochs 10]
     Results: a table on stdout and bench/results/parallel_experts.json.
 """

@@ -42,3 +42,13 @@ def test_two_processes_train_one_expert(tmp_path, cli):
     assert expert["version"] == 1
     code, text = cli("eval", path, "--model", "expert:en", "--lang", "en")
     assert code == 0, text
+
+
+def test_only_train_runs_as_several_processes(tmp_path, cli, monkeypatch):
+    path = project(tmp_path / "p")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, text = cli("run", path)
+    assert code == 1 and "only `langmerge train` runs as several processes" in text
+    monkeypatch.setenv("RANK", "1")
+    code, text = cli("train", path, "--all", "--executor", "ray")
+    assert code == 1 and "runs with the local executor" in text

@@ -6,6 +6,7 @@ are kept."""
 import json
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from tiny import project
 
 from langmerge.recipe import load_recipe
 from langmerge.registry import Registry
-from langmerge.run import concurrency, schedule
+from langmerge.run import concurrency
 from langmerge.train import cluster
 
 ray = pytest.importorskip(
@@ -34,15 +35,15 @@ def local_cluster(tmp_path_factory):
     os.environ["HOME"] = str(home)
     sessions = Path(f"/tmp/lm-ray-{os.getpid()}")  # short: Ray's socket paths have a limit
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the wrappers below
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             _temp_dir=str(sessions), log_to_driver=False, configure_logging=False)  # fmt: skip
-    yield
-    ray.shutdown()
-    os.environ["HOME"] = saved or ""
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 _temp_dir=str(sessions), log_to_driver=False, configure_logging=False)  # fmt: skip
+        yield
+    finally:
+        ray.shutdown()
+        os.environ["HOME"] = saved or ""
+        shutil.rmtree(sessions, ignore_errors=True)
     assert (real_home / ".ray").exists() == had_ray_dir  # nothing left in the user's home
-    import shutil
-
-    shutil.rmtree(sessions, ignore_errors=True)
 
 
 def ray_project(root, retries=2):
@@ -69,7 +70,8 @@ def test_two_experts_train_in_parallel_workers(local_cluster, tmp_path, cli):
     assert experts["en"]["version"] == experts["de"]["version"] == 1 and experts["fr"] is None
     assert all(j["tokens"] > 0 and j["wall_s"] > 0 for j in jobs)
     workers = set(re.findall(r" s on (\S+), \d+ tokens", " ".join(text.split())))
-    assert len(workers) == 2  # two worker processes, one expert each
+    assert len(workers) == 2  # two worker processes, one expert each, at the same time
+    assert concurrency([(j["started"], j["ended"]) for j in jobs]) == 2
     # a second request trains nothing: the models are cached as with the local executor
     code, text = cli("train", path, "--lang", "en", "--lang", "de", "--quiet")
     assert code == 0 and text.count("up to date") == 2 and len(ledger(path)[0]) == 2
@@ -134,7 +136,7 @@ def test_a_job_that_keeps_failing_is_reported_and_the_others_kept(local_cluster,
     assert ledger(path)[1]["fr"]["version"] == 1
 
 
-def test_run_with_ray_measures_the_experts_makespan(local_cluster, tmp_path, cli):
+def test_run_with_ray_evaluates_on_ray_too(local_cluster, tmp_path, cli):
     path = ray_project(tmp_path / "p")
     path.write_text(path.read_text() + "merge: {compare: [ties]}\n")
     code, text = cli("run", path, "--quiet")
@@ -143,13 +145,14 @@ def test_run_with_ray_measures_the_experts_makespan(local_cluster, tmp_path, cli
     # the evaluations ran as Ray tasks too, recorded by the driver
     assert "6 evaluation(s) on Ray" in flat and flat.count("evaluated ") == 6  # 3 experts
     cost = json.loads((load_recipe(path).run_dir / "results.json").read_text())["cost"]
-    jobs, experts = ledger(path)
-    spans = [(e["started"], e["ended"]) for e in experts.values()]
-    measured = concurrency(spans) > 1  # two workers, three experts: usually overlapping
-    assert cost["makespan_measured"] == measured
-    expected = (max(e for _, e in spans) - min(s for s, _ in spans) if measured
-                else schedule([e["wall_s"] for e in experts.values()], 3))  # fmt: skip
-    assert cost["experts_makespan_s"] == pytest.approx(expected)
+    assert cost["experts_serial_s"] > 0 and cost["experts_makespan_s"] > 0
+
+
+def test_a_job_no_node_can_hold_is_refused_at_once(local_cluster, tmp_path, cli):
+    path = project(tmp_path / "p", executor={"kind": "ray", "gpus": 1})
+    code, text = cli("train", path, "--all", "--quiet")
+    assert code == 1
+    assert "no node of the Ray cluster has what one job asks for" in " ".join(text.split())
 
 
 def test_concurrency_of_job_spans():

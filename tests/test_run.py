@@ -151,3 +151,35 @@ def test_a_model_with_another_vocabulary_is_refused(study, cli, tmp_path):
     BertForSequenceClassification(config).save_pretrained(tmp_path / "small-vocab")
     code, text = cli("eval", study, "--model", tmp_path / "small-vocab")
     assert code == 1 and "has 10 token embeddings" in text and "not a model of this recipe" in text
+
+
+def test_the_experts_makespan_is_measured_only_for_one_parallel_run(tmp_path):
+    from langmerge.registry import Cost, TrainedModel
+    from langmerge.run import cost_table
+
+    recipe = load_recipe(project(tmp_path / "p"))
+
+    def expert(registry, code, start, end):
+        job = registry.start_job("expert", [code], "r", "d", started=start)
+        model = TrainedModel("expert", code, [code], "base", "r", "d", {}, path=f"/x/{code}")
+        registry.finish_training(job, Cost(), model, ended=end)
+
+    registry = Registry(recipe.run_dir)
+    try:
+        job = registry.start_job("joint", ["en", "de", "fr"], "r", "d", started=0.0)
+        registry.finish_training(job, Cost(), TrainedModel("joint", None, ["en", "de", "fr"],
+                                 "base", "r", "d", {}, path="/x/joint"), ended=40.0)  # fmt: skip
+        for code, start, end in (("en", 100.0, 110.0), ("de", 102.0, 112.0), ("fr", 111.0, 120.0)):
+            expert(registry, code, start, end)
+    finally:
+        registry.close()
+    cost = cost_table(recipe, ["en", "de", "fr"])
+    assert cost["makespan_measured"] and cost["workers"] == 2
+    assert cost["experts_makespan_s"] == 20.0 and cost["experts_serial_s"] == 29.0
+    registry = Registry(recipe.run_dir)
+    try:
+        expert(registry, "fr", 500.0, 509.0)  # retrained later, alone: not one parallel run
+    finally:
+        registry.close()
+    cost = cost_table(recipe, ["en", "de", "fr"])
+    assert not cost["makespan_measured"] and cost["makespan_source"].startswith("projected")

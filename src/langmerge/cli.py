@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -205,6 +206,8 @@ def _load(recipe: Path, executor: str | None, address: str | None):
         return r
     if executor not in (None, "local", "ray"):
         raise ConfigError(f"--executor is local or ray, not {executor!r}")
+    if executor == "local" and address:
+        raise ConfigError("--address is a Ray cluster's: use it with --executor ray")
     settings = r.executor.model_dump()
     settings["kind"] = executor or ("ray" if address else settings["kind"])
     settings["address"] = address or settings["address"]
@@ -583,7 +586,13 @@ def main(argv: list[str] | None = None) -> None:
 
     _tune_allocator()
     try:
-        app(args=_expand_multi(sys.argv[1:] if argv is None else argv), standalone_mode=False)
+        args = _expand_multi(sys.argv[1:] if argv is None else argv)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args[:1] != ["train"]:
+            raise ConfigError(
+                "only `langmerge train` runs as several processes (torchrun, accelerate launch); "
+                "run the other commands once"
+            )
+        app(args=args, standalone_mode=False)
     except LangmergeError as e:
         err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(1)

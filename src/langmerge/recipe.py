@@ -182,9 +182,11 @@ class Executor(_Strict):
             from langmerge.merge.writer import parse_size
 
             try:
-                parse_size(v)
+                size = parse_size(v)
             except Exception:
-                raise ValueError(f"memory: give a size such as 8GB or 512MB, not {v!r}") from None
+                size = 0
+            if size <= 0:
+                raise ValueError(f"memory: give a size such as 8GB or 512MB, not {v!r}")
         return v
 
 

@@ -190,8 +190,14 @@ class Cost:
 class Registry:
     """One run directory's database, created on first use: `Registry(run_dir)`."""
 
-    def __init__(self, run_dir: Path, timeout: float = 30.0):
+    def __init__(self, run_dir: Path, timeout: float = 30.0, read_only: bool = False):
         self.path = Path(run_dir) / DB_NAME
+        if read_only:  # reads only, changes nothing (not even the journal mode or the schema)
+            try:
+                self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=timeout)
+            except sqlite3.DatabaseError as e:
+                raise RegistryError(f"cannot read the registry {self.path}: {e}") from None
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)

@@ -125,7 +125,7 @@ def cost_table(
     walls = {c: e["wall_s"] for c, e in experts.items()}
     serial = sum(walls.values())
     spans = [(e["started"], e["ended"]) for e in experts.values()]
-    if concurrency(spans) > 1:  # they ran in parallel (Ray): the makespan is measured
+    if concurrency(spans) > 1 and connected(spans):  # one parallel run: measured
         workers = concurrency(spans)
         makespan = max(end for _, end in spans) - min(start for start, _ in spans)
         source = (f"measured: the experts ran in parallel, up to {workers} at once; the "
@@ -153,6 +153,17 @@ def cost_table(
     out["serial_vs_joint"] = (serial + merge_wall) / joint["wall_s"]
     out["parallel_vs_joint"] = (makespan + merge_wall) / joint["wall_s"]
     return out
+
+
+def connected(spans: list[tuple[float, float]]) -> bool:
+    """Whether the intervals leave no gap between them (one run, not several)."""
+    ordered = sorted(spans)
+    end = ordered[0][1]
+    for start, stop in ordered[1:]:
+        if start > end:
+            return False
+        end = max(end, stop)
+    return True
 
 
 def concurrency(spans: list[tuple[float, float]]) -> int:

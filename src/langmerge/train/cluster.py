@@ -58,12 +58,30 @@ def attempt(recipe: Recipe, data, language: str | None, work: str, threads: int)
     started, meter, counts = time.time(), Meter(), Counts()
     worker = f"{socket.gethostname()}:{os.getpid()}"
     try:
+        visible(recipe)
         staged = fit_and_stage(recipe, data, language, Path(work), False, lambda _: None, counts)
         error = None
     except Exception as e:  # the driver records it and decides about another try
         staged, error = None, f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=4)}"
     cost = meter.cost(tokens=counts.tokens, examples=counts.examples, flops=counts.flops)
     return Attempt(started, time.time(), cost, staged, error, worker)
+
+
+MARKER = ".langmerge-run-dir"
+
+
+def mark(recipe: Recipe) -> None:
+    """Leave a file in the run directory for `visible` to find on the workers."""
+    (Path(recipe.run_dir) / MARKER).write_text(f"{os.uname().nodename}:{os.getpid()}\n")
+
+
+def visible(recipe: Recipe) -> None:
+    """Fail clearly when this worker does not see the driver's run directory."""
+    if not (Path(recipe.run_dir) / MARKER).is_file():
+        raise ConfigError(
+            f"the run directory {recipe.run_dir} is not visible on this worker: on a cluster it "
+            "must be on storage every node mounts at the same path"
+        )
 
 
 def connect(address: str | None) -> None:
@@ -77,7 +95,7 @@ def connect(address: str | None) -> None:
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
                  configure_logging=False, **local)  # fmt: skip
-    except ConnectionError as e:
+    except (ConnectionError, ValueError, RuntimeError) as e:
         raise ConfigError(f"cannot reach the Ray cluster at {address}: {e}") from None
 
 
@@ -119,6 +137,11 @@ def train_on_ray(
     with ExitStack() as locks:
         for target, (_, work) in todo.items():
             locks.enter_context(exclusive(work / "lock", busy_message(data, target)))
+        for target in list(todo):  # another process may have finished one meanwhile
+            hit = cached(registry, data, target, todo[target][0], force, say)
+            if hit is not None:
+                results[target] = hit
+                del todo[target], jobs[target]
         say(f"{len(jobs)} training job(s) on Ray ({recipe.executor.cpus:g} CPU, "
             f"{recipe.executor.gpus:g} GPU each)")  # fmt: skip
         failures = _dispatch(task, jobs, recipe.executor.retries, record, _name, say)
@@ -153,6 +176,7 @@ def scoring(recipe: Recipe, data, model_ref, codes: list[str], split: str, threa
     worker = f"{socket.gethostname()}:{os.getpid()}"
     tokens = examples = 0
     try:
+        visible(recipe)
         model, tokenizer = load(model_ref, recipe, data.labels)
         results = {}
         for code in codes:
@@ -218,36 +242,59 @@ def _task(recipe: Recipe, fn: Callable):
 
     ex = recipe.executor
     connect(ex.address)
+    mark(recipe)
     options = {"num_cpus": ex.cpus, "num_gpus": ex.gpus, "max_retries": 0}
     if ex.memory:
         options["memory"] = parse_size(ex.memory)
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    fits = [n for n in nodes if n.get("CPU", 0) >= ex.cpus and n.get("GPU", 0) >= ex.gpus
+            and n.get("memory", 0) >= options.get("memory", 0)]  # fmt: skip
+    if not fits:  # Ray would keep the task pending for ever
+        largest = max(nodes, key=lambda n: n.get("CPU", 0), default={})
+        raise ConfigError(
+            f"no node of the Ray cluster has what one job asks for (executor: {ex.cpus:g} CPU, "
+            f"{ex.gpus:g} GPU" + (f", {ex.memory}" if ex.memory else "") + "); the largest has "
+            f"{largest.get('CPU', 0):g} CPU, {largest.get('GPU', 0):g} GPU: lower the request"
+        )
     return ray.remote(fn).options(**options)
 
 
 def _dispatch(task, jobs: dict, retries: int, record: Callable[[object, object], bool],
               name: Callable[[object], str], say: Callable[[str], None]) -> dict:  # fmt: skip
     """Submit every job; record each outcome as it arrives (`record` says whether it worked);
-    submit a failed job again up to `retries` times. Returns job key → last error."""
+    submit a failed job again up to `retries` times. Returns job key → last error. Interrupted,
+    the outcomes already in are recorded and the rest cancelled, each as an interrupted try."""
     import ray
 
     pending, failures = {}, {}
-    for key, args in jobs.items():
-        pending[task.remote(*args)] = (key, 0)
+
+    def submit(key, tries: int) -> None:
+        pending[task.remote(*jobs[key])] = (key, tries, time.time())
+
+    for key in jobs:
+        submit(key, 0)
     try:
         while pending:
             (ref,), _ = ray.wait(list(pending), num_returns=1)
-            key, tries = pending.pop(ref)
-            outcome = _get(ray, ref)
+            key, tries, submitted = pending.pop(ref)
+            outcome = _get(ray, ref, submitted)
             if record(key, outcome):
                 continue
             if tries < retries:
                 say(f"{name(key)}: trying again ({tries + 1} of {retries})")
-                pending[task.remote(*jobs[key])] = (key, tries + 1)
+                submit(key, tries + 1)
             else:
                 failures[key] = f"{name(key)}: {outcome.error.splitlines()[0]}"
     except BaseException:
+        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
         for ref in pending:
-            ray.cancel(ref, force=True)
+            if ref not in ready:
+                ray.cancel(ref, force=True)
+        for ref, (key, _, submitted) in pending.items():
+            outcome = _get(ray, ref, submitted) if ref in ready else None
+            if outcome is None or outcome.error is not None:
+                outcome = Attempt(submitted, time.time(), Cost(), error="interrupted")
+            record(key, outcome)
         raise
     return failures
 
@@ -262,8 +309,9 @@ def _report(failures: dict, retries: int, done: int, what: str) -> None:
         )
 
 
-def _get(ray, ref) -> Attempt:
-    """The task's outcome; a worker that died (killed, out of memory) is a failed attempt."""
+def _get(ray, ref, submitted: float):
+    """The task's outcome; a worker that died (killed, out of memory) is a failed attempt, timed
+    from its submission."""
     try:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as e:  # the task raised: report what it raised
@@ -271,8 +319,7 @@ def _get(ray, ref) -> Attempt:
         error = f"{type(cause).__name__}: {cause}"
     except ray.exceptions.RayError as e:  # the worker process died
         error = f"the worker failed: {type(e).__name__}: {e}"
-    now = time.time()
-    return Attempt(now, now, Cost(), error=re.sub(r"\x1b\[[0-9;]*m", "", error))
+    return Attempt(submitted, time.time(), Cost(), error=re.sub(r"\x1b\[[0-9;]*m", "", error))
 
 
 def _record(registry, recipe, data, target, planned, outcome: Attempt, say):
@@ -286,8 +333,14 @@ def _record(registry, recipe, data, target, planned, outcome: Attempt, say):
         registry.fail_job(job, f"{outcome.worker}: {outcome.error}", outcome.cost, outcome.ended)
         say(f"{name}: failed on {outcome.worker or 'a worker'}: {outcome.error.splitlines()[0]}")
         return None
-    record = record_trained(registry, recipe, data, target, hashes, outcome.staged, job,
-                            outcome.cost, ended=outcome.ended)  # fmt: skip
+    try:
+        record = record_trained(registry, recipe, data, target, hashes, outcome.staged, job,
+                                outcome.cost, ended=outcome.ended)  # fmt: skip
+    except Exception as e:  # e.g. the worker's adapter is not where the driver looks
+        outcome.error = f"the driver could not record it: {type(e).__name__}: {e}"
+        registry.fail_job(job, outcome.error, outcome.cost, outcome.ended)
+        say(f"{name}: {outcome.error}")
+        return None
     shutil.rmtree(work, ignore_errors=True)
     wall = outcome.ended - outcome.started
     say(f"{name}: v{record.version} in {record.path} ({wall:.1f} s on {outcome.worker}, "

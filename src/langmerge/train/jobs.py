@@ -32,7 +32,7 @@ from langmerge.errors import ConfigError
 from langmerge.merge.writer import write_json
 from langmerge.processes import exclusive
 from langmerge.recipe import Recipe
-from langmerge.registry import Registry, TrainedModel
+from langmerge.registry import DB_NAME, Registry, TrainedModel
 
 METADATA = "langmerge.json"
 
@@ -82,6 +82,8 @@ def train(
     source = resolve_base(recipe.base)
     check_target_modules(load_config(source), recipe, len(data.labels) if data.labels else None)
     targets = [None] if joint else languages
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and recipe.executor.kind == "ray":
+        raise ConfigError("a job spread over several processes runs with the local executor")
     if rank() > 0:  # one of several processes of one job (torchrun, accelerate launch)
         return _follow(recipe, data, targets, force, continue_from)
     registry = Registry(recipe.run_dir)
@@ -104,13 +106,13 @@ def rank() -> int:
 
 
 def _follow(recipe, data, targets, force, continue_from) -> list[Trained]:
-    """Ranks above 0 of a multi-process job: train alongside rank 0, which decides (the same
-    cache check), scores, saves and records; nothing is written to the registry here."""
-    if recipe.executor.kind == "ray":
-        raise ConfigError("a job spread over several processes runs with the local executor")
+    """Ranks above 0 of a multi-process job: read the same cache entry as rank 0 (read-only)
+    and train alongside it; rank 0 alone locks, scores, saves and records."""
     from langmerge.train.trainer import Counts
 
-    registry = Registry(recipe.run_dir)
+    if not (Path(recipe.run_dir) / DB_NAME).is_file():  # rank 0 has not created it yet
+        Registry(recipe.run_dir).close()  # (creating it is safe from several processes)
+    registry = Registry(recipe.run_dir, read_only=True)
     try:
         for target in targets:
             hashes, work = plan(recipe, data, target, continue_from)
@@ -144,8 +146,10 @@ def _train_one(
     if (hit := cached(registry, data, language, hashes, force, say)) is not None:
         return hit
     with exclusive(work / "lock", busy_message(data, language)):
-        # another process may have finished this very model while we waited for nothing
-        if (hit := cached(registry, data, language, hashes, force, say)) is not None:
+        # another process may have finished this very model while we waited for nothing (not
+        # in a multi-process job: its other ranks decided on the first check and train now)
+        alone = int(os.environ.get("WORLD_SIZE", "1")) == 1
+        if alone and (hit := cached(registry, data, language, hashes, force, say)) is not None:
             return hit
         return _run_job(recipe, registry, data, language, hashes, work, progress, say,
                         continue_from)  # fmt: skip
