@@ -58,8 +58,8 @@ def test_an_update_makes_a_new_expert_version_and_serves_the_new_merge(fresh, cl
 
 
 def test_the_guard_keeps_a_worse_merge_out_of_service_until_accepted(fresh, cli, monkeypatch):
-    def worse(before, after, metric, language, add, max_drop):
-        rows = real_guard(before, after, metric, language, add, max_drop)
+    def worse(*args):
+        rows = real_guard(*args)
         return [{**r, "ok": r["language"] != "fr", "shift": -5.0} for r in rows]
 
     real_guard = maintain.guard
@@ -230,3 +230,29 @@ def test_a_refused_new_language_stays_out_of_the_project(fresh, cli, monkeypatch
     relax_guard(fresh, 100.0)
     assert cli("update", fresh, "--lang", "de", "--data", fresh.parent / "new_de.jsonl")[0] == 0
     assert len(registry(fresh).current_merge()["expert_ids"]) == 3  # en, de v2, fr: no pt
+
+
+def scored(right: int, wrong: int, flipped: int = 0) -> dict:
+    """Metrics with per-example right/wrong: `right` right, `wrong` wrong, then `flipped`
+    examples wrong that the model before got right."""
+    per = [1.0] * right + [0.0] * wrong + [0.0] * flipped
+    return {"accuracy": sum(per) / len(per), "per_example": {"accuracy": per}}
+
+
+def test_the_guard_blocks_a_large_drop_only_when_it_is_significant():
+    # en: 2 of 10 examples flipped to wrong (−20 points, McNemar p = 0.5); de: 10 of 40 (p ≈ 0.002)
+    before = {"en": scored(8, 2), "de": scored(40, 0), "fr": scored(8, 2)}
+    after = {"en": scored(6, 2, 2), "de": scored(30, 0, 10), "fr": scored(8, 2)}
+    rows = {r["language"]: r for r in maintain.guard(before, after, "accuracy", "fr", False, 1.0,
+                                                       0.05)}  # fmt: skip
+    assert rows["en"]["verdict"] == "warn" and rows["en"]["ok"] and rows["en"]["p"] == 0.5
+    assert rows["de"]["verdict"] == "FAIL" and not rows["de"]["ok"]
+    assert rows["de"]["p"] == 2 / 2**10 and rows["de"]["test"] == "McNemar exact"
+    assert rows["fr"]["verdict"] == "ok" and "p" not in rows["fr"]
+    (advice,) = maintain.warnings_of(list(rows.values()))
+    assert advice.startswith("en dropped -20.0 points, more than allowed, but not significantly")
+    assert "add test examples for en" in advice
+    # without the significance requirement any drop beyond max_drop blocks
+    strict = {r["language"]: r for r in maintain.guard(before, after, "accuracy", "fr", False,
+                                                         1.0)}  # fmt: skip
+    assert strict["en"]["verdict"] == "FAIL" and strict["de"]["verdict"] == "FAIL"

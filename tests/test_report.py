@@ -9,6 +9,7 @@ import pytest
 from chromium import open_page, require_chromium
 from tiny import project, sentences, write_jsonl
 
+from langmerge import stats
 from langmerge.data.prepare import load_data
 from langmerge.evaluate.job import evaluation_key
 from langmerge.recipe import load_recipe
@@ -53,7 +54,9 @@ def registry_scores(path, earlier: bool = False) -> dict[str, dict[str, str]]:
         registry.close()
     out: dict[str, dict[str, str]] = {}
     for model, code, metrics, key in rows:
-        value = f"{json.loads(metrics)['accuracy']:.3f}"
+        m = json.loads(metrics)
+        low, high = stats.interval(m["per_example"]["accuracy"])
+        value = f"{m['accuracy']:.3f} ({low:.2f}–{high:.2f})"
         if key == keys[code]:
             out.setdefault(model, {})[code] = value
         elif earlier and "†" in out.get(model, {}).get(code, "†"):
@@ -168,8 +171,8 @@ def test_analyze_relates_similarity_and_interference(reported, cli):
     merge = found["merge"]
     for code, v in found["per_language"].items():
         expert = f"expert:{code}:v{found['experts'][code][1:]}"
-        assert f"{v['merged']:.3f}" == scores[merge][code]
-        assert f"{v['expert']:.3f}" == scores[expert][code]
+        assert f"{v['merged']:.3f}" == scores[merge][code].split()[0]
+        assert f"{v['expert']:.3f}" == scores[expert][code].split()[0]
         assert v["interference"] == pytest.approx(v["merged"] - v["expert"])
 
 

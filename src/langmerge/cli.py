@@ -269,20 +269,29 @@ def eval_(
     force: Annotated[bool, typer.Option(help="evaluate again even if already done")] = False,
 ) -> None:
     """Evaluate one model per language; the metrics go to the registry."""
-    from langmerge.evaluate.job import evaluate
+    from langmerge.evaluate.job import PER_EXAMPLE, evaluate, interval, primary_metric
     from langmerge.recipe import load_recipe
+    from langmerge.stats import METHOD
 
     if split not in (None, "test", "validation"):
         raise ConfigError(f"--split must be test or validation, got {split!r}")
+    loaded = load_recipe(recipe)
     try:
-        found = evaluate(load_recipe(recipe), model, lang, split, force=force,
+        found = evaluate(loaded, model, lang, split, force=force,
                          say=lambda m: out.print(m, highlight=False))  # fmt: skip
     except KeyboardInterrupt:
         raise Interrupted(
             "interrupted; the evaluation is recorded as failed, run it again"
         ) from None
-    rows = [{"language": code, **{k: _fmt(v) for k, v in m.items()}} for code, m in found.items()]
+    metric = primary_metric(loaded)
+    rows = []
+    for code, m in found.items():
+        bounds = interval(m, metric)
+        span = f"{bounds[0]:.3f}–{bounds[1]:.3f}" if bounds else "—"
+        shown = {k: _fmt(v) for k, v in m.items() if k != PER_EXAMPLE}
+        rows.append({"language": code, **shown, "95% interval": span})
     out.print(_table(rows, f"{model}"))
+    out.print(f"interval of {metric}: {METHOD}", highlight=False)
 
 
 @app.command("run")
@@ -439,13 +448,18 @@ def _maintain(recipe, lang, data, add, accept, compare_joint, quiet, mode="retra
 
 
 def _print_outcome(outcome) -> None:
+    from langmerge.maintain import warnings_of
+
     rows = [
         {"language": r["language"], "before": f"{r['before']:.3f}", "after": f"{r['after']:.3f}",
-         "shift (points)": f"{r['shift']:+.1f}", "guard": ("ok" if r["ok"] else "FAIL")
-         + f" ({r['rule']})"}
+         "shift (points)": f"{r['shift']:+.1f}",
+         "p": f"{r['p']:.3f}" if "p" in r else "",
+         "guard": r.get("verdict", "ok" if r["ok"] else "FAIL") + f" ({r['rule']})"}
         for r in outcome.shifts
     ]  # fmt: skip
     out.print(_table(rows, f"{outcome.metric}: {outcome.old_merge} → {outcome.new_merge}"))
+    for line in warnings_of(outcome.shifts):
+        out.print(f"[yellow]warning:[/yellow] {line}", highlight=False)
     c = outcome.cost
     rows = [{"job": "this update (expert + re-merge)", "wall s": f"{c['update']['wall_s']:.1f}",
              "FLOPs": f"{c['update']['flops']:.3g}"}]  # fmt: skip
@@ -497,12 +511,16 @@ def rollback(
 
 def _study(recipe, quiet: bool) -> None:
     from langmerge.run import REPORT, RESULTS, cost_rows, quality_rows, run
+    from langmerge.stats import METHOD
 
     try:
         study = run(recipe, progress=not quiet, say=lambda m: out.print(m, highlight=False))
     except KeyboardInterrupt:
         raise Interrupted("interrupted; run the same command again to resume") from None
-    out.print(_table(quality_rows(study), f"{study.metric} on the {study.split} split"))
+    out.print(
+        _table(quality_rows(study, study.alpha), f"{study.metric} on the {study.split} split")
+    )
+    out.print(f"intervals: {METHOD}; `!`: significant at {study.alpha} (paired)", highlight=False)
     out.print(_table(cost_rows(study.cost), "cost, from the ledger"))
     out.print(f"written: {recipe.run_dir / REPORT}, {recipe.run_dir / RESULTS}")
 

@@ -25,6 +25,8 @@ def _name(merge: dict) -> str:
 
 def status_rows(path: Path) -> dict[str, list[dict]]:
     """The merge in service with its experts, and its newest scores per language."""
+    from langmerge.evaluate.job import interval
+
     registry = _registry(path)
     try:
         current = registry.current_merge()
@@ -47,6 +49,9 @@ def status_rows(path: Path) -> dict[str, list[dict]]:
         m = latest.get(row["language"], {})
         row["score"] = " ".join(f"{k} {v:.3f}" for k, v in m.items() if k in ("accuracy",
                                 "macro_f1", "rougeL", "unparseable"))  # fmt: skip
+        metric = "accuracy" if "accuracy" in m else "rougeL"
+        bounds = interval(m, metric) if m else None
+        row["95% interval"] = f"{metric} {bounds[0]:.3f}–{bounds[1]:.3f}" if bounds else "—"
     title = f"in service: merge {_name(current)} ({current['path']})"
     return {title: rows}
 

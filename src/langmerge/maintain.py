@@ -111,7 +111,8 @@ def _update(recipe, language, data, add, accept, compare_joint, progress, say, m
     codes = list(project.languages)
     before = evaluate(updated, old_name, codes, data=project, say=say)
     after = evaluate(updated, new_name, codes, data=project, say=say)
-    shifts = guard(before, after, metric, language, add, recipe.guard.max_drop)
+    alpha = recipe.guard.alpha if recipe.guard.require_significance else None
+    shifts = guard(before, after, metric, language, add, recipe.guard.max_drop, alpha)
     failed = [s for s in shifts if not s["ok"]]
     serve = not failed or accept
     new_id = int(new_name.rsplit("#", 1)[1])
@@ -204,24 +205,51 @@ def _remerge(recipe: Recipe, current: dict, language: str, progress: bool, say) 
 
 def guard(
     before: dict[str, dict], after: dict[str, dict], metric: str, language: str, add: bool,
-    max_drop: float,
+    max_drop: float, alpha: float | None = None,
 ) -> list[dict]:  # fmt: skip
-    """Per language: the metric before and after, the shift in points (×100), and whether it
-    passes — other languages may drop at most `max_drop` points, the updated one not at all (a
-    new language has no before to keep)."""
+    """Per language: the metric before and after, the shift in points (×100), and the verdict.
+    Other languages may drop at most `max_drop` points, the updated one not at all (a new
+    language has no before to keep). With `alpha`, a drop beyond that blocks only when it is
+    significant (paired test on the same test examples: McNemar exact or paired bootstrap);
+    a larger drop that is not significant passes with a warning."""
+    from langmerge import stats
+    from langmerge.evaluate.job import PER_EXAMPLE
+
     rows = []
     for code in after:
         old, new = before[code][metric], after[code][metric]
         shift = (new - old) * 100
-        if code == language:
-            ok = add or shift >= 0
-            rule = "the new language" if add else "must not drop"
+        if code == language and add:
+            rows.append({"language": code, "before": old, "after": new, "shift": shift,
+                         "ok": True, "verdict": "ok", "rule": "the new language"})  # fmt: skip
+            continue
+        limit = 0.0 if code == language else max_drop
+        rule = "must not drop" if code == language else f"may drop ≤ {max_drop:g}"
+        row = {"language": code, "before": old, "after": new, "shift": shift, "rule": rule}
+        x, y = ((m.get(PER_EXAMPLE) or {}).get(metric) for m in (after[code], before[code]))
+        dropped = shift < -limit
+        if alpha is not None and dropped and x and y and len(x) == len(y):
+            c = stats.compare(x, y)
+            row.update(p=c.p, test=c.test, significant=c.significant(alpha))
+            row["rule"] += f", if significant at {alpha:g}"
+            row["ok"] = not row["significant"]
+            row["verdict"] = "FAIL" if row["significant"] else "warn"
         else:
-            ok = shift >= -max_drop
-            rule = f"may drop ≤ {max_drop:g}"
-        rows.append({"language": code, "before": old, "after": new, "shift": shift, "ok": ok,
-                     "rule": rule})  # fmt: skip
+            row["ok"] = not dropped
+            row["verdict"] = "ok" if row["ok"] else "FAIL"
+        rows.append(row)
     return rows
+
+
+def warnings_of(shifts: list[dict]) -> list[str]:
+    """Advice for the drops the guard let through because they were not significant."""
+    return [
+        f"{r['language']} dropped {r['shift']:+.1f} points, more than allowed, but not "
+        f"significantly ({r['test']}, p = {r['p']:.2f}): add test examples for {r['language']} "
+        "to tell a real drop from noise"
+        for r in shifts
+        if r.get("verdict") == "warn"
+    ]
 
 
 def saving(recipe, project, trained, merge_id: int, compare_joint: bool, progress, say) -> dict:

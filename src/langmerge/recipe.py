@@ -299,9 +299,13 @@ class Sweep(_Strict):
 
 class Guard(_Strict):
     """Maintenance's regression guard: how far a language other than the updated one may drop
-    (in points of the primary metric ×100) before a new merge is kept out of service."""
+    (in points of the primary metric ×100) before a new merge is kept out of service; by default
+    only a drop that is also significant (a paired test at `alpha`) blocks, a larger one that is
+    not passes with a warning."""
 
     max_drop: float = Field(1.0, ge=0.0)
+    require_significance: bool = True
+    alpha: float = Field(0.05, gt=0.0, lt=1.0)
 
 
 class Evaluation(_Strict):
@@ -310,6 +314,7 @@ class Evaluation(_Strict):
     split: Literal["test", "validation"] = "test"
     batch_size: int = Field(32, ge=1)
     workers: int = Field(0, ge=0)  # parallel workers for the cost projection (0: one per language)
+    alpha: float = Field(0.05, gt=0.0, lt=1.0)  # significance level of paired comparisons
 
 
 class Recipe(_Strict):

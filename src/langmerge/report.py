@@ -18,10 +18,11 @@ from langmerge import figures
 from langmerge.analysis import score_text
 from langmerge.data.prepare import ProjectData, load_data
 from langmerge.errors import ConfigError, LangmergeError
-from langmerge.evaluate.job import evaluation_key, primary_metric
+from langmerge.evaluate.job import evaluation_key, primary_metric, with_interval
 from langmerge.evaluate.models import merge_ref, resolve
 from langmerge.recipe import Recipe, load_recipe
 from langmerge.registry import DB_NAME, Registry
+from langmerge.stats import METHOD
 
 REPORT_DIR = "report"
 
@@ -156,12 +157,12 @@ def _quality(recipe: Recipe, data: ProjectData, registry: Registry) -> Section:
         current = [v for v, m in zip(values, marks) if v is not None and not m]
         whole = len(current) == len(codes)  # mean and worst only over today's data
         rows.append({"model": label,
-                     **{c: score_text(v) + m for c, v, m in zip(codes, values, marks)},
+                     **{c: with_interval(scores[c], metric) + m for c, m in zip(codes, marks)},
                      "mean": score_text(sum(current) / len(current)) if whole else "—",
                      "worst": score_text(min(current)) if whole else "—"})  # fmt: skip
     section.text.append(
-        f"{metric} per language ({recipe.evaluation.split} split); experts are scored on their "
-        "own language. A dash: not evaluated."
+        f"{metric} per language ({recipe.evaluation.split} split) with its {METHOD}; experts "
+        "are scored on their own language. A dash: not evaluated."
         + (" †: scored before that language's data was last updated (its test examples have "
            "changed since); mean and worst only for rows scored on today's data."
            if earlier else "")

@@ -14,11 +14,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from langmerge.data.prepare import load_data
-from langmerge.evaluate.job import evaluate_all, primary_metric, require_split
+from langmerge.evaluate.job import (
+    PER_EXAMPLE,
+    evaluate_all,
+    primary_metric,
+    require_split,
+    with_interval,
+)
 from langmerge.evaluate.models import resolve
 from langmerge.merge.recipe_merge import merge_once
 from langmerge.recipe import MergeVariant, Recipe
 from langmerge.registry import Registry
+from langmerge.stats import METHOD
 from langmerge.train.jobs import train
 
 REPORT, RESULTS = "report.md", "results.json"
@@ -35,6 +42,7 @@ class Study:
     best_merge: str | None
     cost: dict
     models: dict[str, str] = field(default_factory=dict)  # row → registry name of the model
+    alpha: float = 0.05  # significance level of the paired comparisons
 
 
 def run(
@@ -66,7 +74,8 @@ def run(
     best = f"merged:{max(scored)[1]}" if scored else None
     if best is not None:
         _serve_first(recipe, models[best], say)
-    study = Study(codes, metric, split, quality, best, cost_table(recipe, codes), models)
+    study = Study(codes, metric, split, quality, best, cost_table(recipe, codes), models,
+                  recipe.evaluation.alpha)  # fmt: skip
     write_report(recipe, study)
     return study
 
@@ -185,15 +194,17 @@ def schedule(durations: list[float], workers: int) -> float:
     return max(loads)
 
 
-def quality_rows(study: Study) -> list[dict]:
-    """The quality table: one row per model, the primary metric per language, mean and worst."""
+def quality_rows(study: Study, alpha: float = 0.05) -> list[dict]:
+    """The quality table: one row per model, the primary metric per language with its 95%
+    interval, mean and worst; then the best merge minus joint per language, paired, with `!`
+    where the difference is significant at `alpha`."""
     rows = []
     for row, scores in study.quality.items():
         values = [scores[c][study.metric] for c in study.languages]
         mark = " *" if row == study.best_merge else ""
         rows.append({
             "model": row + mark,
-            **{c: f"{v:.3f}" for c, v in zip(study.languages, values)},
+            **{c: with_interval(scores[c], study.metric) for c in study.languages},
             "mean": f"{sum(values) / len(values):.3f}",
             "worst": f"{min(values):.3f}",
         })  # fmt: skip
@@ -202,11 +213,24 @@ def quality_rows(study: Study) -> list[dict]:
         gaps = [best[c][study.metric] - joint[c][study.metric] for c in study.languages]
         rows.append({
             "model": "best merge − joint",
-            **{c: f"{g:+.3f}" for c, g in zip(study.languages, gaps)},
+            **{c: paired_text(best[c], joint[c], study.metric, alpha) for c in study.languages},
             "mean": f"{sum(gaps) / len(gaps):+.3f}",
             "worst": f"{min(gaps):+.3f}",
         })  # fmt: skip
     return rows
+
+
+def paired_text(a: dict, b: dict, metric: str, alpha: float) -> str:
+    """ "−0.103 (−0.23–+0.03)": a − b on the same examples with its 95% interval; `!` when
+    significant at `alpha` (McNemar exact for right/wrong scores, else paired bootstrap)."""
+    from langmerge import stats
+
+    diff = a[metric] - b[metric]
+    x, y = ((m.get(PER_EXAMPLE) or {}).get(metric) for m in (a, b))
+    if not x or not y or len(x) != len(y):
+        return f"{diff:+.3f}"
+    c = stats.compare(x, y)
+    return f"{diff:+.3f} ({c.low:+.2f}–{c.high:+.2f}){' !' if c.significant(alpha) else ''}"
 
 
 def cost_rows(c: dict) -> list[dict]:
@@ -246,10 +270,12 @@ def write_report(recipe: Recipe, study: Study) -> Path:
     lines = [
         "# langmerge study",
         "",
-        f"{study.metric} on the {study.split} split, per language; `*` marks the best merge "
-        "(highest mean). Experts are scored on their own language.",
+        f"{study.metric} on the {study.split} split, per language, with its {METHOD}; `*` "
+        "marks the best merge (highest mean), `!` a difference significant at "
+        f"{study.alpha} (McNemar exact / paired bootstrap). Experts are scored on their own "
+        "language.",
         "",
-        *_markdown(quality_rows(study)),
+        *_markdown(quality_rows(study, study.alpha)),
         "",
         "## Cost (from the ledger)",
         "",

@@ -18,6 +18,26 @@ from langmerge.evaluate.predict import generate, predict_classes
 from langmerge.recipe import Recipe
 from langmerge.registry import Registry
 
+PER_EXAMPLE = "per_example"  # metrics' key of the primary metric's score of each example
+
+
+def interval(scores: dict, metric: str) -> tuple[float, float] | None:
+    """The 95% bootstrap interval of `metric` from an evaluation's per-example scores (None for
+    evaluations recorded without them)."""
+    from langmerge import stats
+
+    values = (scores.get(PER_EXAMPLE) or {}).get(metric)
+    return stats.interval(values) if values else None
+
+
+def with_interval(scores: dict | None, metric: str) -> str:
+    """ "0.744 (0.59–0.87)": a score and its 95% interval, for tables."""
+    if not scores:
+        return "—"
+    bounds = interval(scores, metric)
+    value = f"{scores[metric]:.3f}"
+    return value if bounds is None else f"{value} ({bounds[0]:.2f}–{bounds[1]:.2f})"
+
 
 def primary_metric(recipe: Recipe) -> str:
     """The metric tables lead with: accuracy for labels (also generated ones), else ROUGE-L."""
@@ -152,6 +172,7 @@ def score(
             "accuracy": metrics.accuracy(gold, predicted),
             "macro_f1": metrics.macro_f1(gold, predicted),
             "examples": len(examples),
+            PER_EXAMPLE: {"accuracy": [float(g == p) for g, p in zip(gold, predicted)]},
         }
         return found, sum(len(x["input_ids"]) for x in encoded)
     prompts = [prompt_ids(e.text, tokenizer, task)[-max_length:] for e in examples]
@@ -159,8 +180,11 @@ def score(
     found = {"examples": len(examples), "empty": sum(not a for a in answers) / len(answers)}
     if task.labels:
         found.update(metrics.label_scores(answers, gold, task.labels))
+        parsed = [metrics.parse_label(a, task.labels) for a in answers]
+        found[PER_EXAMPLE] = {"accuracy": [float(g == p) for g, p in zip(gold, parsed)]}
     else:
         found.update(metrics.rouge(answers, gold))
         found["exact_match"] = metrics.exact_match(answers, gold)
         found["token_f1"] = metrics.token_f1(answers, gold)
+        found[PER_EXAMPLE] = {"rougeL": metrics.rouge_l_each(answers, gold)}
     return found, sum(len(p) for p in prompts)

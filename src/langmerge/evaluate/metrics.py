@@ -185,6 +185,16 @@ def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, fl
     return {key: total / len(predictions) if predictions else 0.0 for key, total in totals.items()}
 
 
+def rouge_l_each(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """ROUGE-L F1 of each example (their mean is `rouge`'s "rougeL")."""
+    _same_length(references, predictions)
+    out = []
+    for prediction, reference in zip(predictions, references):
+        p, r = words(prediction), words(reference)
+        out.append(_f1(_lcs_length(p, r), len(p), len(r)))
+    return out
+
+
 def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Fraction of predictions equal to their reference after normalisation.
 
