@@ -250,7 +250,7 @@ def test_the_guard_blocks_a_large_drop_only_when_it_is_significant():
     assert rows["de"]["p"] == 2 / 2**10 and rows["de"]["test"] == "McNemar exact"
     assert rows["fr"]["verdict"] == "ok" and "p" not in rows["fr"]
     (advice,) = maintain.warnings_of(list(rows.values()))
-    assert advice.startswith("en dropped -20.0 points, more than allowed, but not significantly")
+    assert advice.startswith("en dropped 20.0 points, more than allowed, but not significantly")
     assert "add test examples for en" in advice
     # without the significance requirement any drop beyond max_drop blocks
     strict = {r["language"]: r for r in maintain.guard(before, after, "accuracy", "fr", False,

@@ -291,7 +291,7 @@ def eval_(
         shown = {k: _fmt(v) for k, v in m.items() if k != PER_EXAMPLE}
         rows.append({"language": code, **shown, "95% interval": span})
     out.print(_table(rows, f"{model}"))
-    out.print(f"interval of {metric}: {METHOD}", highlight=False)
+    out.print(f"{metric}: {METHOD}", highlight=False)
 
 
 @app.command("run")
@@ -520,7 +520,7 @@ def _study(recipe, quiet: bool) -> None:
     out.print(
         _table(quality_rows(study, study.alpha), f"{study.metric} on the {study.split} split")
     )
-    out.print(f"intervals: {METHOD}; `!`: significant at {study.alpha} (paired)", highlight=False)
+    out.print(f"{METHOD}; `!`: a paired difference significant at {study.alpha}", highlight=False)
     out.print(_table(cost_rows(study.cost), "cost, from the ledger"))
     out.print(f"written: {recipe.run_dir / REPORT}, {recipe.run_dir / RESULTS}")
 

@@ -244,7 +244,7 @@ def guard(
 def warnings_of(shifts: list[dict]) -> list[str]:
     """Advice for the drops the guard let through because they were not significant."""
     return [
-        f"{r['language']} dropped {r['shift']:+.1f} points, more than allowed, but not "
+        f"{r['language']} dropped {-r['shift']:.1f} points, more than allowed, but not "
         f"significantly ({r['test']}, p = {r['p']:.2f}): add test examples for {r['language']} "
         "to tell a real drop from noise"
         for r in shifts

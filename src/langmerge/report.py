@@ -161,7 +161,7 @@ def _quality(recipe: Recipe, data: ProjectData, registry: Registry) -> Section:
                      "mean": score_text(sum(current) / len(current)) if whole else "—",
                      "worst": score_text(min(current)) if whole else "—"})  # fmt: skip
     section.text.append(
-        f"{metric} per language ({recipe.evaluation.split} split) with its {METHOD}; experts "
+        f"{metric} per language ({recipe.evaluation.split} split; {METHOD}); experts "
         "are scored on their own language. A dash: not evaluated."
         + (" †: scored before that language's data was last updated (its test examples have "
            "changed since); mean and worst only for rows scored on today's data."

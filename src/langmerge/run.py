@@ -270,7 +270,7 @@ def write_report(recipe: Recipe, study: Study) -> Path:
     lines = [
         "# langmerge study",
         "",
-        f"{study.metric} on the {study.split} split, per language, with its {METHOD}; `*` "
+        f"{study.metric} on the {study.split} split, per language ({METHOD}); `*` "
         "marks the best merge (highest mean), `!` a difference significant at "
         f"{study.alpha} (McNemar exact / paired bootstrap). Experts are scored on their own "
         "language.",

@@ -14,7 +14,7 @@ import numpy as np
 RESAMPLES = 2000
 LEVEL = 0.95
 SEED = 0
-METHOD = f"95% percentile bootstrap over the test examples, {RESAMPLES} resamples, seed {SEED}"
+METHOD = f"95% interval: percentile bootstrap over the examples, {RESAMPLES} resamples, seed {SEED}"
 
 
 def _means(values: np.ndarray, resamples: int, seed: int) -> np.ndarray:
