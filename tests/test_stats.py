@@ -60,3 +60,18 @@ def test_equal_models_are_not_significantly_different():
 def test_mismatched_examples_are_refused():
     with pytest.raises(ValueError, match="same examples"):
         stats.compare([1, 0], [1, 0, 1])
+
+
+def test_a_comparison_over_languages_resamples_within_each_language():
+    better = {"en": [1.0] * 20, "de": [1.0] * 15}
+    worse = {"en": [0.0] * 20, "de": [0.0] * 15}
+    c = stats.compare_languages(better, worse)
+    assert (c.difference, c.low, c.high, c.p, c.n) == (1.0, 1.0, 1.0, 0.0, 35)
+    same = stats.compare_languages(better, better, "worst")
+    assert same.difference == 0.0 and same.p == 1.0
+    # the worst language decides with "worst": en equal, de 2 of 15 apart
+    a = {"en": [1.0] * 20, "de": [1.0] * 10 + [0.0] * 5}
+    b = {"en": [1.0] * 20, "de": [1.0] * 8 + [0.0] * 7}
+    worst = stats.compare_languages(a, b, "worst")
+    assert worst.difference == pytest.approx(2 / 15) and not worst.significant(0.05)
+    assert stats.compare_languages(a, b, "worst") == worst  # seeded

@@ -225,3 +225,19 @@ def test_an_expert_the_guard_refused_is_not_swept(tmp_path, cli, monkeypatch):
     finally:
         registry.close()
     assert json.loads(row[0]) == in_service
+
+
+def test_a_more_complex_point_must_win_significantly_to_be_chosen():
+    def point(right: int, n: int = 40) -> dict:
+        per = [1.0] * right + [0.0] * (n - right)
+        return {"metrics": {"en": {"accuracy": right / n, "per_example": {"accuracy": per}}}}
+
+    names = ["linear-l1", "ties-d1-l1", "knots_ties-d1-l1"]  # simplest first
+    close = {"linear-l1": point(28), "ties-d1-l1": point(29), "knots_ties-d1-l1": point(30)}
+    winner, why = sweeping.settle(names, close, "knots_ties-d1-l1", "accuracy", "mean", 0.05)
+    assert winner == "linear-l1" and why["than"] == "linear-l1" and why["p"] > 0.05
+    assert why["difference"] == pytest.approx(2 / 40)
+    far = {"linear-l1": point(10), "ties-d1-l1": point(12), "knots_ties-d1-l1": point(38)}
+    assert sweeping.settle(names, far, "knots_ties-d1-l1", "accuracy", "mean", 0.05) == (
+        "knots_ties-d1-l1", None
+    )  # fmt: skip

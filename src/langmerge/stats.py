@@ -98,3 +98,41 @@ def mcnemar_exact(wins: int, losses: int) -> float:
     k = min(wins, losses)
     tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
     return min(1.0, 2 * tail)
+
+
+def compare_languages(
+    a: dict[str, Sequence[float]],
+    b: dict[str, Sequence[float]],
+    select: str = "mean",
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
+    level: float = LEVEL,
+) -> Comparison:
+    """Paired comparison of two models over several languages (language → per-example scores,
+    the same examples for both): the difference of their mean-over-languages score (`select`
+    "mean") or worst-language score ("worst"), with a bootstrap that resamples the examples
+    within each language, pairs kept; p is the bootstrap's two-sided value."""
+    codes = list(a)
+    if set(codes) != set(b) or any(len(a[c]) != len(b[c]) or not len(a[c]) for c in codes):
+        raise ValueError("paired scores need the same languages and examples")
+
+    def combine(means: np.ndarray) -> np.ndarray:
+        return means.min(axis=0) if select == "worst" else means.mean(axis=0)
+
+    xs = [np.asarray(a[c], dtype=np.float64) for c in codes]
+    ys = [np.asarray(b[c], dtype=np.float64) for c in codes]
+    observed = float(
+        combine(np.array([x.mean() for x in xs])) - combine(np.array([y.mean() for y in ys]))
+    )
+    rng = np.random.default_rng(seed)
+    boot_a, boot_b = np.empty((len(codes), resamples)), np.empty((len(codes), resamples))
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        idx = rng.integers(0, len(x), size=(resamples, len(x)))
+        boot_a[i], boot_b[i] = x[idx].mean(axis=1), y[idx].mean(axis=1)
+    d = combine(boot_a) - combine(boot_b)
+    tail = (1.0 - level) / 2
+    low, high = (float(q) for q in np.quantile(d, [tail, 1.0 - tail]))
+    same = all(np.array_equal(x, y) for x, y in zip(xs, ys))
+    p = 1.0 if same else min(1.0, 2 * min(float((d <= 0).mean()), float((d >= 0).mean())))
+    n = sum(len(x) for x in xs)
+    return Comparison(observed, low, high, p, "paired bootstrap within languages", n)

@@ -146,7 +146,9 @@ def _sweep(recipe, data: ProjectData, codes, points, progress, say) -> dict:
                     found[name] = registry.sweep_point(point_keys[name])
                     value = selection_score(metrics, metric, select)
                     say(f"  {name}: {select} {metric} {value:.3f} ({seconds:.1f} s)")
-            winner = choose([(n, found[n]["metrics"]) for n, _ in points], metric, select)
+            best = choose([(n, found[n]["metrics"]) for n, _ in points], metric, select)
+            alpha = recipe.evaluation.alpha
+            winner, simpler = settle([n for n, _ in points], found, best, metric, select, alpha)
             result = {
                 "select": select,
                 "metric": metric,
@@ -161,6 +163,10 @@ def _sweep(recipe, data: ProjectData, codes, points, progress, say) -> dict:
                     }
                     for n, _ in points
                 ],
+                "best": best,
+                "best_score": selection_score(found[best]["metrics"], metric, select),
+                "simpler": simpler,
+                "alpha": alpha,
                 "winner": winner,
                 "winner_score": selection_score(found[winner]["metrics"], metric, select),
                 "choice": {k: found[winner]["settings"][k] for k in CHOSEN},
@@ -226,9 +232,16 @@ def _against_current(recipe, data, codes, point: Point, winner: str, experts, re
         scores = evaluate(recipe, ref, codes, "validation", data, say=say)
         result["current"] = {"name": ref, "metrics": scores,
                              "score": selection_score(scores, metric, select)}  # fmt: skip
-        if result["winner_score"] <= result["current"]["score"]:
+        winner_metrics = next(p["metrics"] for p in result["points"] if p["name"] == winner)
+        c = compare_points(winner_metrics, scores, metric, select)
+        if c is not None:
+            result["current"]["comparison"] = _comparison(c)
+        better = result["winner_score"] > result["current"]["score"]
+        if not better or (c is not None and not c.significant(result["alpha"])):
             say(f"the merge in service ({ref}) scores {result['current']['score']:.3f}, the "
-                f"sweep's best {result['winner_score']:.3f}: it stays in service")  # fmt: skip
+                f"sweep's choice {result['winner_score']:.3f}"
+                + (f" (not significantly better, p = {c.p:.2f})" if better and c else "")
+                + ": it stays in service")  # fmt: skip
             return None
     weighted = _with_weights(recipe, point)
     merge_id = merge_once(weighted, experts, _overrides(point), winner, progress, say)
@@ -292,6 +305,41 @@ class InMemoryMerge:
         return out, tokens, examples
 
 
+def compare_points(a: dict, b: dict, metric: str, select: str):
+    """Paired comparison of two sets of per-language metrics (a − b) by the sweep's selection;
+    None when either lacks per-example scores."""
+    from langmerge import stats
+    from langmerge.evaluate.job import PER_EXAMPLE
+
+    xs = {c: (m.get(PER_EXAMPLE) or {}).get(metric) for c, m in a.items()}
+    ys = {c: (b.get(c, {}).get(PER_EXAMPLE) or {}).get(metric) for c in a}
+    if not all(xs.values()) or not all(ys.values()):
+        return None
+    if any(len(xs[c]) != len(ys[c]) for c in xs):
+        return None
+    return stats.compare_languages(xs, ys, select)
+
+
+def settle(names: list[str], found: dict, best: str, metric: str, select: str,
+           alpha: float) -> tuple[str, dict | None]:  # fmt: skip
+    """The point to choose from `names` (simplest first): the best-scoring one when it beats
+    every simpler point significantly at `alpha`; otherwise the simplest point it does not
+    beat significantly, with that comparison."""
+    for name in names:
+        if name == best:
+            break
+        c = compare_points(found[best]["metrics"], found[name]["metrics"], metric, select)
+        if c is None:  # scored without per-example values: by the score alone
+            break
+        if not c.significant(alpha):
+            return name, {"than": name, **_comparison(c)}
+    return best, None
+
+
+def _comparison(c) -> dict:
+    return {"difference": c.difference, "low": c.low, "high": c.high, "p": c.p, "test": c.test}
+
+
 def _overrides(p: Point) -> dict:
     return {"method": p.method, "density": p.density, "lam": p.lam}
 
@@ -330,12 +378,22 @@ def point_rows(result: dict, top: int | None = None) -> list[dict]:
 def summary_lines(result: dict) -> list[str]:
     """What the sweep found and decided, its test scores and its cost next to one expert's
     training (worded as of when it ran)."""
-    lines = [f"best on validation ({result['select']} {result['metric']}): {result['winner']} "
-             f"{result['winner_score']:.3f}; it became the recipe's merge setting"]  # fmt: skip
+    best, score = result.get("best", result["winner"]), result.get("best_score", 0.0)
+    lines = [f"best on validation ({result['select']} {result['metric']}): {best} {score:.3f}"]
+    if result.get("simpler"):
+        s = result["simpler"]
+        lines.append(f"not significantly above the simpler {s['than']} (difference "
+                     f"{s['difference']:+.3f}, 95% interval {s['low']:+.3f}–{s['high']:+.3f}, "
+                     f"p = {s['p']:.2f}): {s['than']} is chosen")  # fmt: skip
+    lines.append(
+        f"{result['winner']} ({result['winner_score']:.3f}) became the recipe's merge setting"
+    )
     if "current" in result and "served" not in result:
         current = result["current"]
+        c = current.get("comparison")
+        why = f" (the choice is not significantly better, p = {c['p']:.2f})" if c else ""
         lines.append(f"the merge then in service, {current['name']}, scored "
-                     f"{current['score']:.3f} on validation: it stayed in service")  # fmt: skip
+                     f"{current['score']:.3f} on validation{why}: it stayed")  # fmt: skip
     if "served" in result:
         lines.append(f"{result['served']} was put in service")
     if "test" in result:
