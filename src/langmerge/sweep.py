@@ -391,7 +391,10 @@ def summary_lines(result: dict) -> list[str]:
     if "current" in result and "served" not in result:
         current = result["current"]
         c = current.get("comparison")
-        why = f" (the choice is not significantly better, p = {c['p']:.2f})" if c else ""
+        if current["score"] >= result["winner_score"]:
+            why = f", not below the choice's {result['winner_score']:.3f}"
+        else:
+            why = f" (the choice is not significantly better, p = {c['p']:.2f})" if c else ""
         lines.append(f"the merge then in service, {current['name']}, scored "
                      f"{current['score']:.3f} on validation{why}: it stayed")  # fmt: skip
     if "served" in result:
