@@ -248,7 +248,8 @@ def test_the_guard_blocks_a_large_drop_only_when_it_is_significant():
     assert rows["en"]["verdict"] == "warn" and rows["en"]["ok"] and rows["en"]["p"] == 0.5
     assert rows["de"]["verdict"] == "FAIL" and not rows["de"]["ok"]
     assert rows["de"]["p"] == 2 / 2**10 and rows["de"]["test"] == "McNemar exact"
-    assert rows["fr"]["verdict"] == "ok" and "p" not in rows["fr"]
+    assert rows["fr"]["verdict"] == "ok" and rows["fr"]["p"] == 1.0  # unchanged: paired anyway
+    assert rows["fr"]["low"] == rows["fr"]["high"] == 0.0
     (advice,) = maintain.warnings_of(list(rows.values()))
     assert advice.startswith("en dropped 20.0 points, more than allowed, but not significantly")
     assert "add test examples for en" in advice

@@ -183,3 +183,34 @@ def test_the_experts_makespan_is_measured_only_for_one_parallel_run(tmp_path):
         registry.close()
     cost = cost_table(recipe, ["en", "de", "fr"])
     assert not cost["makespan_measured"] and cost["makespan_source"].startswith("projected")
+
+
+def test_a_study_over_two_seeds_keeps_each_seed_apart_and_aggregates(tmp_path, cli):
+    import statistics
+
+    path = project(tmp_path / "p", merge={"compare": ["ties"]})
+    code, text = cli("run", path, "--quiet", "--seeds", "2")
+    assert code == 0, text
+    recipe = load_recipe(path)
+    dirs = [recipe.run_dir, recipe.run_dir / "seeds" / "seed-1"]
+    per_seed = [json.loads((d / "results.json").read_text()) for d in dirs]
+    summary = json.loads((recipe.run_dir / "seeds.json").read_text())
+    assert summary["seeds"] == [0, 1]
+    for row in ("joint", "merged:ties", "base"):
+        for code in ("en", "de", "fr"):
+            values = [r["quality"][row][code]["accuracy"] for r in per_seed]
+            got = summary["quality"][row][code]
+            assert got["values"] == values and got["mean"] == statistics.fmean(values)
+            assert got["sd"] == statistics.stdev(values)
+    # every seed trained its own experts (another recipe hash) into its own ledger
+    hashes, walls = [], 0.0
+    for d in dirs:
+        registry = Registry(d)
+        try:
+            hashes.append({e["recipe_hash"] for e in registry.trained("expert")})
+            walls += sum(j["wall_s"] for j in registry.ledger() if j["kind"] == "expert")
+        finally:
+            registry.close()
+    assert len(hashes[0]) == len(hashes[1]) == 1 and hashes[0] != hashes[1]
+    assert summary["cost"]["experts_serial_s"] == pytest.approx(walls)
+    assert "over seeds 0, 1" in " ".join(text.split())

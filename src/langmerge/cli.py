@@ -300,9 +300,26 @@ def run_(
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
     executor: ExecutorOption = None,
     address: AddressOption = None,
+    seeds: Annotated[
+        int, typer.Option(help="repeat the study with this many training seeds", min=1)
+    ] = 1,
 ) -> None:
     """The whole study: experts, joint model, merges, evaluation, quality and cost tables."""
-    _study(_load(recipe, executor, address), quiet)
+    loaded = _load(recipe, executor, address)
+    if seeds == 1:
+        _study(loaded, quiet)
+        return
+    from langmerge.seeds import SEEDS_JSON, SEEDS_MD, note, run_seeds, seed_rows
+
+    try:
+        summary = run_seeds(loaded, seeds, progress=not quiet,
+                            say=lambda m: out.print(m, highlight=False))  # fmt: skip
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted; run the same command again to resume") from None
+    out.print(_table(seed_rows(summary), f"{summary['metric']} over {seeds} seeds"))
+    out.print(note(summary), highlight=False)
+    run_dir = loaded.run_dir
+    out.print(f"written: {run_dir / SEEDS_MD}, {run_dir / SEEDS_JSON}", highlight=False)
 
 
 @app.command()
@@ -452,8 +469,9 @@ def _print_outcome(outcome) -> None:
 
     rows = [
         {"language": r["language"], "before": f"{r['before']:.3f}", "after": f"{r['after']:.3f}",
-         "shift (points)": f"{r['shift']:+.1f}",
-         "p": f"{r['p']:.3f}" if "p" in r else "",
+         "shift (points)": f"{r['shift']:+.1f}"
+         + (f" ({r['low']:+.0f}–{r['high']:+.0f})" if "low" in r else ""),
+         "p": f"{r['p']:.2f}" if "p" in r else "",
          "guard": r.get("verdict", "ok" if r["ok"] else "FAIL") + f" ({r['rule']})"}
         for r in outcome.shifts
     ]  # fmt: skip

@@ -228,9 +228,12 @@ def guard(
         row = {"language": code, "before": old, "after": new, "shift": shift, "rule": rule}
         x, y = ((m.get(PER_EXAMPLE) or {}).get(metric) for m in (after[code], before[code]))
         dropped = shift < -limit
-        if alpha is not None and dropped and x and y and len(x) == len(y):
+        paired = bool(x and y and len(x) == len(y))
+        if paired:  # the shift with its 95% interval, in points, and the test's p
             c = stats.compare(x, y)
-            row.update(p=c.p, test=c.test, significant=c.significant(alpha))
+            row.update(p=c.p, test=c.test, low=c.low * 100, high=c.high * 100)
+        if alpha is not None and dropped and paired:
+            row["significant"] = row["p"] < alpha
             row["rule"] += f", if significant at {alpha:g}"
             row["ok"] = not row["significant"]
             row["verdict"] = "FAIL" if row["significant"] else "warn"
