@@ -214,3 +214,18 @@ def test_a_study_over_two_seeds_keeps_each_seed_apart_and_aggregates(tmp_path, c
     assert len(hashes[0]) == len(hashes[1]) == 1 and hashes[0] != hashes[1]
     assert summary["cost"]["experts_serial_s"] == pytest.approx(walls)
     assert "over seeds 0, 1" in " ".join(text.split())
+
+
+def test_each_example_s_prediction_and_score_are_kept(study):
+    from langmerge.run import paired_text
+
+    results = json.loads((load_recipe(study).run_dir / "results.json").read_text())
+    joint, merged = results["quality"]["joint"]["en"], results["quality"]["merged:ties"]["en"]
+    per = joint["per_example"]
+    assert len(per["predicted"]) == len(per["accuracy"]) == joint["examples"]
+    assert set(per["predicted"]) <= {"happy", "sad"}
+    assert sum(per["accuracy"]) / len(per["accuracy"]) == joint["accuracy"]
+    # a comparison recomputed from the kept scores, without a model
+    assert paired_text(merged, joint, "accuracy", 0.05).startswith(
+        f"{merged['accuracy'] - joint['accuracy']:+.3f} ("
+    )

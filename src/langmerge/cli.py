@@ -470,12 +470,16 @@ def _print_outcome(outcome) -> None:
     rows = [
         {"language": r["language"], "before": f"{r['before']:.3f}", "after": f"{r['after']:.3f}",
          "shift (points)": f"{r['shift']:+.1f}"
-         + (f" ({r['low']:+.0f}–{r['high']:+.0f})" if "low" in r else ""),
+         + (f" ({r['low']:+.0f}–{r['high']:+.0f})" if "low" in r else "")
+         + (" !" if r.get("p", 1.0) < outcome.alpha else ""),
          "p": f"{r['p']:.2f}" if "p" in r else "",
          "guard": r.get("verdict", "ok" if r["ok"] else "FAIL") + f" ({r['rule']})"}
         for r in outcome.shifts
     ]  # fmt: skip
     out.print(_table(rows, f"{outcome.metric}: {outcome.old_merge} → {outcome.new_merge}"))
+    out.print(f"shift: new − old merge on the same test examples, 95% interval in brackets; "
+              f"`!`: significant at {outcome.alpha} (McNemar exact / paired bootstrap)",
+              highlight=False)  # fmt: skip
     for line in warnings_of(outcome.shifts):
         out.print(f"[yellow]warning:[/yellow] {line}", highlight=False)
     c = outcome.cost

@@ -49,6 +49,7 @@ class Outcome:
     shifts: list[dict]  # per language: before, after, shift in points, guard verdict
     served: bool
     cost: dict
+    alpha: float = 0.05  # the guard's significance level
 
 
 def update(recipe_path: Path, language: str, data: Path, add: bool = False, accept: bool = False,
@@ -120,7 +121,8 @@ def _update(recipe, language, data, add, accept, compare_joint, progress, say, m
     result = {"cost": cost, "shifts": shifts, "metric": metric, "old_merge": old_name,
               "new_merge": new_name, "guard_overridden": accept and bool(failed)}  # fmt: skip
     _finish(updated, language, add, copy, new_id, serve, accept and bool(failed), result)
-    outcome = Outcome(language, old_name, new_name, metric, shifts, serve, cost)
+    outcome = Outcome(language, old_name, new_name, metric, shifts, serve, cost,
+                      recipe.guard.alpha)  # fmt: skip
     if not serve:
         raise GuardError(_guard_message(outcome, failed), outcome)
     return outcome

@@ -18,7 +18,7 @@ from langmerge.evaluate.predict import generate, predict_classes
 from langmerge.recipe import Recipe
 from langmerge.registry import Registry
 
-PER_EXAMPLE = "per_example"  # metrics' key of the primary metric's score of each example
+PER_EXAMPLE = "per_example"  # metrics' key of each example's prediction and primary score
 
 
 def interval(scores: dict, metric: str) -> tuple[float, float] | None:
@@ -172,7 +172,10 @@ def score(
             "accuracy": metrics.accuracy(gold, predicted),
             "macro_f1": metrics.macro_f1(gold, predicted),
             "examples": len(examples),
-            PER_EXAMPLE: {"accuracy": [float(g == p) for g, p in zip(gold, predicted)]},
+            PER_EXAMPLE: {
+                "accuracy": [float(g == p) for g, p in zip(gold, predicted)],
+                "predicted": predicted,
+            },
         }
         return found, sum(len(x["input_ids"]) for x in encoded)
     prompts = [prompt_ids(e.text, tokenizer, task)[-max_length:] for e in examples]
@@ -181,10 +184,14 @@ def score(
     if task.labels:
         found.update(metrics.label_scores(answers, gold, task.labels))
         parsed = [metrics.parse_label(a, task.labels) for a in answers]
-        found[PER_EXAMPLE] = {"accuracy": [float(g == p) for g, p in zip(gold, parsed)]}
+        found[PER_EXAMPLE] = {
+            "accuracy": [float(g == p) for g, p in zip(gold, parsed)],
+            "predicted": parsed,
+            "generated": answers,
+        }
     else:
         found.update(metrics.rouge(answers, gold))
         found["exact_match"] = metrics.exact_match(answers, gold)
         found["token_f1"] = metrics.token_f1(answers, gold)
-        found[PER_EXAMPLE] = {"rougeL": metrics.rouge_l_each(answers, gold)}
+        found[PER_EXAMPLE] = {"rougeL": metrics.rouge_l_each(answers, gold), "generated": answers}
     return found, sum(len(p) for p in prompts)
