@@ -214,6 +214,14 @@ def test_a_study_over_two_seeds_keeps_each_seed_apart_and_aggregates(tmp_path, c
     assert len(hashes[0]) == len(hashes[1]) == 1 and hashes[0] != hashes[1]
     assert summary["cost"]["experts_serial_s"] == pytest.approx(walls)
     assert "over seeds 0, 1" in " ".join(text.split())
+    # the report shows the seeds' table as seeds.json has it
+    from langmerge.seeds import seed_rows
+
+    assert cli("report", path)[0] == 0
+    markdown = (recipe.run_dir / "report" / "report.md").read_text()
+    assert "## Over several training seeds" in markdown
+    joint = next(r for r in seed_rows(summary) if r["model"] == "joint")
+    assert f"| joint | {joint['en']} | {joint['de']} | {joint['fr']} |" in markdown
 
 
 def test_each_example_s_prediction_and_score_are_kept(study):

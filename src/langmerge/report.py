@@ -85,6 +85,7 @@ def build(recipe: Recipe, recipe_path: Path) -> list[Section]:
         sections += [_cost(recipe, data, registry), _sweep(registry)]
     finally:
         registry.close()
+    sections.append(_seeds(recipe))
     sections.append(_vectors(recipe))
     sections.append(_history(recipe_path))
     return [s for s in sections if s.text or s.tables or s.figures]
@@ -197,7 +198,8 @@ def _cost(recipe: Recipe, data: ProjectData, registry: Registry) -> Section:
         measured = retrain.get("source") == "measured"
         steps.append({
             "step": f"{i}. {what}",
-            "outcome": "served" if step["served"] else "refused by the guard",
+            "outcome": ("served" if step["served"] else "refused by the guard")
+            + _warned(step["result"].get("shifts", [])),
             "expert s": f"{cost['update']['expert_wall_s']:.1f}",
             "re-merge s": f"{cost['update']['merge_wall_s']:.1f}",
             "update s": f"{cost['update']['wall_s']:.1f}",
@@ -219,6 +221,12 @@ def _cost(recipe: Recipe, data: ProjectData, registry: Registry) -> Section:
     if bars:
         section.figures.append(("cost", figures.cost_bars(bars), "wall seconds per job"))
     return section
+
+
+def _warned(shifts: list[dict]) -> str:
+    """ ", with warnings (ja, zh)": the languages whose drop the guard let through as noise."""
+    codes = [r["language"] for r in shifts if r.get("verdict") == "warn"]
+    return f", with warnings ({', '.join(codes)})" if codes else ""
 
 
 def initial_build(registry: Registry) -> tuple[dict, dict] | None:
@@ -274,6 +282,19 @@ def _vectors(recipe: Recipe) -> Section:
     section.text += found["notes"]
     section.tables += analysis_tables(found)
     section.figures += analysis_figures(found)
+    return section
+
+
+def _seeds(recipe: Recipe) -> Section:
+    """The last `run --seeds N`: mean ± sd across seeds next to the per-seed intervals."""
+    from langmerge.seeds import SEEDS_JSON, note, seed_rows
+
+    section = Section("Over several training seeds")
+    path = Path(recipe.run_dir) / SEEDS_JSON
+    if path.is_file():
+        summary = json.loads(path.read_text())
+        section.text.append(note(summary))
+        section.tables.append((f"{summary['metric']} over seeds", seed_rows(summary)))
     return section
 
 
