@@ -215,7 +215,7 @@ def guard(
     significant (paired test on the same test examples: McNemar exact or paired bootstrap);
     a larger drop that is not significant passes with a warning."""
     from langmerge import stats
-    from langmerge.evaluate.job import PER_EXAMPLE
+    from langmerge.evaluate.job import per_example
 
     rows = []
     for code in after:
@@ -228,7 +228,7 @@ def guard(
         limit = 0.0 if code == language else max_drop
         rule = "must not drop" if code == language else f"may drop ≤ {max_drop:g}"
         row = {"language": code, "before": old, "after": new, "shift": shift, "rule": rule}
-        x, y = ((m.get(PER_EXAMPLE) or {}).get(metric) for m in (after[code], before[code]))
+        x, y = per_example(after[code], metric), per_example(before[code], metric)
         dropped = shift < -limit
         paired = bool(x and y and len(x) == len(y))
         if paired:  # the shift with its 95% interval, in points, and the test's p

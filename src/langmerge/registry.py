@@ -696,34 +696,30 @@ def schema_version(run_dir: Path) -> int | None:
         raise RegistryError(f"cannot read the registry {path}: {e}") from None
 
 
-def read_additions(run_dir: Path) -> list[dict]:
-    """The data maintenance added to a run directory, oldest first, read without changing the
-    registry (none when there is no registry yet, or one from before additions existed)."""
+def _read_only(run_dir: Path, since: int, query: str) -> list[tuple] | None:
+    """Rows of `query` read without changing the registry; None when there is no registry yet
+    or one older than schema `since` (a newer one is refused, with its message, on opening)."""
     path = Path(run_dir) / DB_NAME
-    # a newer schema is refused, with its message, when the registry is opened
-    if not path.is_file() or not 4 <= (schema_version(run_dir) or 0) <= SCHEMA_VERSION:
-        return []
+    if not path.is_file() or not since <= (schema_version(run_dir) or 0) <= SCHEMA_VERSION:
+        return None
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        cur = db.execute("SELECT language, kind, path, sha256 FROM additions ORDER BY id")
-        return [dict(zip(("language", "kind", "path", "sha256"), r)) for r in cur.fetchall()]
+        return db.execute(query).fetchall()
     except sqlite3.DatabaseError as e:
         raise RegistryError(f"cannot read the registry {path}: {e}") from None
     finally:
         db.close()
+
+
+def read_additions(run_dir: Path) -> list[dict]:
+    """The data maintenance added to a run directory, oldest first, read without changing the
+    registry (none when there is no registry yet, or one from before additions existed)."""
+    rows = _read_only(run_dir, 4, "SELECT language, kind, path, sha256 FROM additions ORDER BY id")
+    return [dict(zip(("language", "kind", "path", "sha256"), r)) for r in rows or []]
 
 
 def read_sweep_choice(run_dir: Path) -> dict | None:
     """The newest sweep's result (its winner and the recipe's merge settings it replaced), read
     without changing the registry; None without one."""
-    path = Path(run_dir) / DB_NAME
-    if not path.is_file() or not 5 <= (schema_version(run_dir) or 0) <= SCHEMA_VERSION:
-        return None
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        row = db.execute("SELECT result FROM sweeps ORDER BY id DESC LIMIT 1").fetchone()
-        return json.loads(row[0]) if row else None
-    except sqlite3.DatabaseError as e:
-        raise RegistryError(f"cannot read the registry {path}: {e}") from None
-    finally:
-        db.close()
+    rows = _read_only(run_dir, 5, "SELECT result FROM sweeps ORDER BY id DESC LIMIT 1")
+    return json.loads(rows[0][0]) if rows else None

@@ -8,8 +8,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ from langmerge.data.prepare import ProjectData, load_data
 from langmerge.errors import ConfigError, LangmergeError
 from langmerge.evaluate.job import evaluation_key, primary_metric, with_interval
 from langmerge.evaluate.models import merge_ref, resolve
+from langmerge.merge.writer import atomic_output_dir
 from langmerge.recipe import Recipe, load_recipe
 from langmerge.registry import DB_NAME, Registry
 from langmerge.stats import METHOD
@@ -39,17 +38,11 @@ class Section:
 
 def write_files(folder: Path, pictures: list[tuple[str, bytes, str]], data: dict) -> Path:
     """PNG figures and JSON files into `folder`, replaced whole; returns the folder."""
-    tmp = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
+    with atomic_output_dir(folder, force=True) as tmp:
         for stem, png, _ in pictures:
             (tmp / f"{stem}.png").write_bytes(png)
         for name, value in data.items():
             (tmp / name).write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
-        _swap(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
@@ -61,18 +54,13 @@ def write_report(recipe_path: Path) -> Path:
         raise ConfigError(f"nothing trained yet in {run_dir}: run `langmerge run` first")
     sections = build(recipe, Path(recipe_path))
     title = f"langmerge report: {Path(recipe_path).name}"
-    tmp = run_dir / f".{REPORT_DIR}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        (tmp / "figures").mkdir(parents=True)
+    with atomic_output_dir(run_dir / REPORT_DIR, force=True) as tmp:
+        (tmp / "figures").mkdir()
         for s in sections:
             for stem, png, _ in s.figures:
                 (tmp / "figures" / f"{stem}.png").write_bytes(png)
         (tmp / "report.html").write_text(to_html(title, sections))
         (tmp / "report.md").write_text(to_markdown(title, sections))
-        _swap(tmp, run_dir / REPORT_DIR)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return run_dir / REPORT_DIR / "report.html"
 
 
@@ -372,12 +360,3 @@ def to_markdown(title: str, sections: list[Section]) -> str:
         for stem, _, caption in s.figures:
             out += [f"![{caption}](figures/{stem}.png)", ""]
     return "\n".join(out)
-
-
-def _swap(new: Path, target: Path) -> None:
-    """Replace the directory `target` by `new` (a reader never sees a half-written report)."""
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
-        target.rename(old)
-    new.rename(target)
-    shutil.rmtree(old, ignore_errors=True)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from langmerge.data.prepare import load_data
 from langmerge.evaluate.job import (
-    PER_EXAMPLE,
     evaluate_all,
+    per_example,
     primary_metric,
     require_split,
     with_interval,
@@ -226,7 +226,7 @@ def paired_text(a: dict, b: dict, metric: str, alpha: float) -> str:
     from langmerge import stats
 
     diff = a[metric] - b[metric]
-    x, y = ((m.get(PER_EXAMPLE) or {}).get(metric) for m in (a, b))
+    x, y = per_example(a, metric), per_example(b, metric)
     if not x or not y or len(x) != len(y):
         return f"{diff:+.3f}"
     c = stats.compare(x, y)
@@ -266,7 +266,7 @@ def write_report(recipe: Recipe, study: Study) -> Path:
         "models": study.models,
         "cost": study.cost,
     }
-    _atomic_write(run_dir / RESULTS, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    atomic_write(run_dir / RESULTS, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     lines = [
         "# langmerge study",
         "",
@@ -284,7 +284,7 @@ def write_report(recipe: Recipe, study: Study) -> Path:
         f"Parallel figures are {study.cost['makespan_source']}.",
         "",
     ]
-    _atomic_write(run_dir / REPORT, "\n".join(lines))
+    atomic_write(run_dir / REPORT, "\n".join(lines))
     return run_dir / REPORT
 
 
@@ -295,7 +295,7 @@ def _markdown(rows: list[dict]) -> list[str]:
     return out
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.partial")
     tmp.write_text(text)
     tmp.rename(path)

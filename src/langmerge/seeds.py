@@ -14,7 +14,7 @@ from pathlib import Path
 
 from langmerge.evaluate.job import interval
 from langmerge.recipe import Recipe
-from langmerge.run import Study, run
+from langmerge.run import Study, atomic_write, run
 
 SEEDS_JSON, SEEDS_MD = "seeds.json", "seeds.md"
 
@@ -103,8 +103,5 @@ def _write(run_dir: Path, summary: dict) -> None:
     lines = ["# langmerge study over seeds", "", note(summary), "",
              "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]  # fmt: skip
     lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
-    for name, text in ((SEEDS_JSON, json.dumps(summary, indent=2) + "\n"),
-                       (SEEDS_MD, "\n".join(lines) + "\n")):  # fmt: skip
-        tmp = run_dir / f".{name}.partial"
-        tmp.write_text(text)
-        tmp.rename(run_dir / name)
+    atomic_write(run_dir / SEEDS_JSON, json.dumps(summary, indent=2) + "\n")
+    atomic_write(run_dir / SEEDS_MD, "\n".join(lines) + "\n")

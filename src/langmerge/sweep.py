@@ -309,10 +309,10 @@ def compare_points(a: dict, b: dict, metric: str, select: str):
     """Paired comparison of two sets of per-language metrics (a − b) by the sweep's selection;
     None when either lacks per-example scores."""
     from langmerge import stats
-    from langmerge.evaluate.job import PER_EXAMPLE
+    from langmerge.evaluate.job import per_example
 
-    xs = {c: (m.get(PER_EXAMPLE) or {}).get(metric) for c, m in a.items()}
-    ys = {c: (b.get(c, {}).get(PER_EXAMPLE) or {}).get(metric) for c in a}
+    xs = {c: per_example(m, metric) for c, m in a.items()}
+    ys = {c: per_example(b.get(c), metric) for c in a}
     if not all(xs.values()) or not all(ys.values()):
         return None
     if any(len(xs[c]) != len(ys[c]) for c in xs):

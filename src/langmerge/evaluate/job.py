@@ -21,12 +21,17 @@ from langmerge.registry import Registry
 PER_EXAMPLE = "per_example"  # metrics' key of each example's prediction and primary score
 
 
+def per_example(scores: dict | None, metric: str) -> list | None:
+    """Each example's `metric` in an evaluation's metrics (None when recorded without them)."""
+    return ((scores or {}).get(PER_EXAMPLE) or {}).get(metric)
+
+
 def interval(scores: dict, metric: str) -> tuple[float, float] | None:
     """The 95% bootstrap interval of `metric` from an evaluation's per-example scores (None for
     evaluations recorded without them)."""
     from langmerge import stats
 
-    values = (scores.get(PER_EXAMPLE) or {}).get(metric)
+    values = per_example(scores, metric)
     return stats.interval(values) if values else None
 
 

@@ -46,17 +46,11 @@ class Attempt:
 def attempt(recipe: Recipe, data, language: str | None, work: str, threads: int) -> Attempt:
     """Run one training job here (on a Ray worker): train, score and stage the adapter in
     `work`; never raises for a failure of the job itself, which comes back as `error`."""
-    import socket
-
-    import torch
-
-    from langmerge.cost import Meter
     from langmerge.train.jobs import fit_and_stage
     from langmerge.train.trainer import Counts
 
-    torch.set_num_threads(threads)
-    started, meter, counts = time.time(), Meter(), Counts()
-    worker = f"{socket.gethostname()}:{os.getpid()}"
+    started, meter, worker = _begin(threads)
+    counts = Counts()
     try:
         visible(recipe)
         staged = fit_and_stage(recipe, data, language, Path(work), False, lambda _: None, counts)
@@ -82,6 +76,18 @@ def visible(recipe: Recipe) -> None:
             f"the run directory {recipe.run_dir} is not visible on this worker: on a cluster it "
             "must be on storage every node mounts at the same path"
         )
+
+
+def _begin(threads: int):
+    """A task's start on its worker: torch threads set; (start time, meter, host:pid)."""
+    import socket
+
+    import torch
+
+    from langmerge.cost import Meter
+
+    torch.set_num_threads(threads)
+    return time.time(), Meter(), f"{socket.gethostname()}:{os.getpid()}"
 
 
 def connect(address: str | None) -> None:
@@ -163,17 +169,10 @@ class Scored:
 
 def scoring(recipe: Recipe, data, model_ref, codes: list[str], split: str, threads: int) -> Scored:
     """Load one model and score it on `codes` (on a Ray worker); failures come back as `error`."""
-    import socket
-
-    import torch
-
-    from langmerge.cost import Meter
     from langmerge.evaluate.job import score
     from langmerge.evaluate.models import load
 
-    torch.set_num_threads(threads)
-    started, meter = time.time(), Meter()
-    worker = f"{socket.gethostname()}:{os.getpid()}"
+    started, meter, worker = _begin(threads)
     tokens = examples = 0
     try:
         visible(recipe)
