@@ -620,6 +620,18 @@ def _tune_allocator() -> None:
     libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
 
 
+def _leave_process_group() -> None:
+    """End a multi-process job together: every rank waits for rank 0 to finish recording, then
+    the process group is torn down (a rank exiting with it alive can abort in gloo's threads)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not (
+        torch.distributed.is_available() and torch.distributed.is_initialized()
+    ):
+        return
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one red line and exit code 1."""
     import click
@@ -633,6 +645,7 @@ def main(argv: list[str] | None = None) -> None:
                 "run the other commands once"
             )
         app(args=args, standalone_mode=False)
+        _leave_process_group()
     except LangmergeError as e:
         err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(1)
