@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny import project
+from tiny import project, sentences, write_jsonl
 
 from langmerge.recipe import load_recipe
 from langmerge.registry import Registry
@@ -159,3 +159,26 @@ def test_concurrency_of_job_spans():
     assert concurrency([(0.0, 2.0), (1.0, 3.0), (2.5, 4.0)]) == 2
     assert concurrency([(0.0, 1.0), (1.0, 2.0)]) == 1  # one ends as the next starts
     assert concurrency([(0.0, 5.0), (1.0, 2.0), (1.5, 3.0)]) == 3
+
+
+def test_an_update_trains_its_expert_on_ray_when_asked(local_cluster, tmp_path, cli):
+    path = project(tmp_path / "p", merge={"compare": ["ties"]}, guard={"max_drop": 100.0})
+    write_jsonl(tmp_path / "p" / "new_de.jsonl", sentences("de", 20, seed=5))
+    code, text = cli("run", path, "--quiet")  # the recipe's executor: local
+    assert code == 0, text
+    code, text = cli("update", path, "--lang", "de", "--data", tmp_path / "p" / "new_de.jsonl",
+                     "--quiet", "--executor", "ray")  # fmt: skip
+    assert code == 0, text
+    flat = " ".join(text.split())
+    assert re.search(r"expert de: v2 in .* s on \S+, \d+ tokens", flat)
+    assert "1 training job(s) on Ray" in flat
+    assert re.search(r"evaluated merged:ties#2 on en, de, fr test \([\d.]+ s on \S+\)", flat)
+    jobs, experts = ledger(path)
+    assert experts["de"]["version"] == 2 and experts["en"]["version"] == 1
+    registry = Registry(load_recipe(path).run_dir)
+    try:
+        assert registry.serving()[-1]["reason"] == "update de"
+    finally:
+        registry.close()
+    code, text = cli("eval", path, "--model", "expert:de", "--executor", "ray")
+    assert code == 0 and "1 evaluation(s) on Ray" in " ".join(text.split()), text

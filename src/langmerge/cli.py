@@ -267,15 +267,16 @@ def eval_(
     ] = None,
     split: Annotated[str | None, typer.Option(help="test or validation")] = None,
     force: Annotated[bool, typer.Option(help="evaluate again even if already done")] = False,
+    executor: ExecutorOption = None,
+    address: AddressOption = None,
 ) -> None:
     """Evaluate one model per language; the metrics go to the registry."""
     from langmerge.evaluate.job import PER_EXAMPLE, evaluate, interval, primary_metric
-    from langmerge.recipe import load_recipe
     from langmerge.stats import METHOD
 
     if split not in (None, "test", "validation"):
         raise ConfigError(f"--split must be test or validation, got {split!r}")
-    loaded = load_recipe(recipe)
+    loaded = _load(recipe, executor, address)
     try:
         found = evaluate(loaded, model, lang, split, force=force,
                          say=lambda m: out.print(m, highlight=False))  # fmt: skip
@@ -428,9 +429,12 @@ def update(
         str, typer.Option(help="retrain (from the base, all data) or continue (new data only)")
     ] = "retrain",
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+    executor: ExecutorOption = None,
+    address: AddressOption = None,
 ) -> None:
     """Add data to one language: retrain its expert, re-merge, evaluate, guard the others."""
-    _maintain(recipe, lang, data, False, accept, compare_joint, quiet, mode)
+    loaded = _load(recipe, executor, address)
+    _maintain(loaded, lang, data, False, accept, compare_joint, quiet, mode)
 
 
 @app.command("add-language")
@@ -441,9 +445,12 @@ def add_language(
     accept: AcceptOption = False,
     compare_joint: CompareJointOption = False,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+    executor: ExecutorOption = None,
+    address: AddressOption = None,
 ) -> None:
     """Add a language: train its expert, re-merge with it, evaluate, guard the others."""
-    _maintain(recipe, lang, data, True, accept, compare_joint, quiet)
+    loaded = _load(recipe, executor, address)
+    _maintain(loaded, lang, data, True, accept, compare_joint, quiet)
 
 
 def _maintain(recipe, lang, data, add, accept, compare_joint, quiet, mode="retrain") -> None:

@@ -52,20 +52,20 @@ class Outcome:
     alpha: float = 0.05  # the guard's significance level
 
 
-def update(recipe_path: Path, language: str, data: Path, add: bool = False, accept: bool = False,
-           compare_joint: bool = False, progress: bool = True,
+def update(recipe: Recipe | Path, language: str, data: Path, add: bool = False,
+           accept: bool = False, compare_joint: bool = False, progress: bool = True,
            say: Callable[[str], None] = lambda _: None,
            mode: str = "retrain") -> Outcome:  # fmt: skip
     """Add the examples in `data` to `language` (or, with `add`, a new language with them),
     retrain its expert (`mode` retrain: from the base on all its data; continue: the served
     version further, on the new examples only), re-merge, evaluate and guard. Raises GuardError
     (after recording the new merge, not in service) when a language got worse and `accept` is
-    not given."""
+    not given. `recipe`: a loaded recipe (its executor trains the expert) or its file."""
     if mode not in ("retrain", "continue"):
         raise ConfigError(f"--mode is retrain or continue, not {mode!r}")
     if mode == "continue" and add:
         raise ConfigError("a new language has no earlier expert to continue: use retrain")
-    recipe = load_recipe(recipe_path)
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     _check_request(recipe, language, data, add, _kept_path(Path(data), Path(recipe.run_dir)))
     run_dir = Path(recipe.run_dir)
     busy = f"another update is running on {run_dir}; wait for it to finish"
