@@ -3,11 +3,12 @@ worse merge out of service unless accepted; rollback; interruptions leave the mo
 as it was and a rerun finishes; one update at a time; the saving equals the ledger's figures."""
 
 import fcntl
+from pathlib import Path
 
 import pytest
 from tiny import project, sentences, write_jsonl
 
-from langmerge import maintain
+from langmerge import history, maintain
 from langmerge.recipe import load_recipe
 from langmerge.registry import Registry
 
@@ -257,3 +258,46 @@ def test_the_guard_blocks_a_large_drop_only_when_it_is_significant():
     strict = {r["language"]: r for r in maintain.guard(before, after, "accuracy", "fr", False,
                                                          1.0)}  # fmt: skip
     assert strict["en"]["verdict"] == "FAIL" and strict["de"]["verdict"] == "FAIL"
+
+
+def test_status_and_history_after_an_update(fresh, cli):
+    relax_guard(fresh, 100.0)
+    code, text = cli("update", fresh, "--lang", "de", "--data", fresh.parent / "new_de.jsonl",
+                     "--quiet")  # fmt: skip
+    assert code == 0, text
+    reg = registry(fresh)
+    try:
+        current = reg.current_merge()
+        scores = dict(
+            reg.db.execute(
+                "SELECT language, json_extract(metrics, '$.accuracy') "
+                "FROM evaluations WHERE model = 'merged:ties#2'"
+            )
+        )
+    finally:
+        reg.close()
+    status = history.status_rows(fresh)
+    (title, rows), (source_title, source) = status.items()
+    assert title == f"in service: merge ties#2 (merges/{Path(current['path']).name})"
+    assert [(r["language"], r["expert"], r["path"]) for r in rows] == [
+        ("en", "v1", "experts/en/v1"), ("de", "v2", "experts/de/v2"), ("fr", "v1", "experts/fr/v1")
+    ]  # fmt: skip
+    for r in rows:
+        assert r["score"].startswith(f"accuracy {scores[r['language']]:.3f}")
+    assert source == [{"method": "ties", "density": 1.0, "λ": 1.0, "weights": "equal",
+                       "from": "the recipe's merge:"}]  # fmt: skip
+    found = history.history_rows(fresh)
+    assert [(e["language"], e["version"]) for e in found["experts"]] == [
+        ("en", 1), ("de", 1), ("fr", 1), ("de", 2)
+    ]  # fmt: skip
+    assert [(m["id"], m["experts"], m["in service"]) for m in found["merges"]] == [
+        (1, "en v1, de v1, fr v1", ""), (2, "en v1, de v2, fr v1", "yes")
+    ]  # fmt: skip
+    assert [(s["step"], s["what"], s["new merge"], s["outcome"])
+            for s in found["maintenance steps"]] == [(1, "update de", 2, "served")]  # fmt: skip
+    assert [s["why"] for s in found["in service over time"]] == [
+        "the best merge of `langmerge run`", "update de"
+    ]  # fmt: skip
+    for command in ("status", "history"):
+        code, text = cli(command, fresh)
+        assert code == 0 and "ties" in text, text

@@ -10,6 +10,7 @@ import yaml
 from tiny import project, sentences, write_jsonl
 
 from langmerge import sweep as sweeping
+from langmerge.history import merge_source
 from langmerge.merge.recipe_merge import merge_recipe
 from langmerge.recipe import Sweep, load_recipe
 from langmerge.registry import Registry
@@ -107,6 +108,17 @@ def test_an_edit_of_the_recipe_merge_settings_wins_over_the_sweep(swept, tmp_pat
     edited = swept.parent / "edited.yaml"
     edited.write_text(yaml.safe_dump(data, sort_keys=False))
     assert load_recipe(edited).merge.method == "knots_ties"
+    # `langmerge status` says where the next merge's settings come from
+    winner = last_sweep(swept)["winner"]
+    point = next(p for p in last_sweep(swept)["points"] if p["name"] == winner)
+    assert merge_source(swept) == {
+        "method": point["method"], "density": point["density"], "λ": point["lam"],
+        "weights": "equal", "from": f"`langmerge sweep` (its choice {winner})",
+    }  # fmt: skip
+    assert merge_source(edited)["method"] == "knots_ties"
+    assert merge_source(edited)["from"] == (
+        f"the recipe's merge:, edited since the last sweep chose {winner}"
+    )
 
 
 def test_points_are_cached_and_an_interrupted_sweep_resumes(swept, monkeypatch):

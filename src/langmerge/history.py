@@ -9,7 +9,8 @@ from pathlib import Path
 
 from langmerge.errors import ConfigError
 from langmerge.recipe import load_recipe
-from langmerge.registry import DB_NAME, Registry
+from langmerge.registry import DB_NAME, Registry, read_sweep_choice
+from langmerge.status import short_path
 
 
 def _registry(path: Path) -> Registry:
@@ -35,9 +36,11 @@ def status_rows(path: Path) -> dict[str, list[dict]]:
         experts = {e["id"]: e for e in registry.trained("expert")}
         rows = [
             {"language": experts[i]["language"], "expert": f"v{experts[i]['version']}",
-             "data hash": experts[i]["data_hash"][:8], "path": experts[i]["path"]}
+             "data hash": experts[i]["data_hash"][:8],
+             "path": short_path(experts[i]["path"], registry.path.parent)}
             for i in current["expert_ids"] if i in experts
         ]  # fmt: skip
+        run_dir = registry.path.parent
         scores = registry.db.execute(
             "SELECT language, metrics FROM evaluations WHERE model=? ORDER BY id",
             (f"merged:{_name(current)}",),
@@ -52,8 +55,25 @@ def status_rows(path: Path) -> dict[str, list[dict]]:
         metric = "accuracy" if "accuracy" in m else "rougeL"
         bounds = interval(m, metric) if m else None
         row["95% interval"] = f"{metric} {bounds[0]:.3f}–{bounds[1]:.3f}" if bounds else "—"
-    title = f"in service: merge {_name(current)} ({current['path']})"
-    return {title: rows}
+    title = f"in service: merge {_name(current)} ({short_path(current['path'], run_dir)})"
+    return {title: rows, "the next merge (`merge`, `update`) uses": [merge_source(path)]}
+
+
+def merge_source(path: Path) -> dict:
+    """The merge settings the recipe gives now and where they come from: the newest sweep's
+    choice, or the recipe file's `merge:` (edited since that sweep, or never swept)."""
+    recipe = load_recipe(path)
+    m = recipe.merge
+    weights = ", ".join(f"{k} {v:g}" for k, v in (m.weights or {}).items())
+    row = {"method": m.method, "density": m.density, "λ": m.lam, "weights": weights or "equal"}
+    swept = read_sweep_choice(recipe.run_dir)
+    if recipe._sweep is not None:
+        row["from"] = f"`langmerge sweep` (its choice {recipe._sweep['winner']})"
+    elif swept is not None:
+        row["from"] = f"the recipe's merge:, edited since the last sweep chose {swept['winner']}"
+    else:
+        row["from"] = "the recipe's merge:"
+    return row
 
 
 def history_rows(path: Path) -> dict[str, list[dict]]:
@@ -72,7 +92,8 @@ def history_rows(path: Path) -> dict[str, list[dict]]:
     return {
         "experts": [
             {"language": e["language"], "version": e["version"], "data hash": e["data_hash"][:8],
-             "wall s": f"{e['wall_s']:.1f}", "tokens": e["tokens"], "path": e["path"]}
+             "wall s": f"{e['wall_s']:.1f}", "tokens": e["tokens"],
+             "path": short_path(e["path"], registry.path.parent)}
             for e in experts
         ],
         "merges": [

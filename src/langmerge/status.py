@@ -54,7 +54,7 @@ def listing(path: Path) -> dict[str, list[dict]]:
             "wall s": f"{row['wall_s']:.1f}",
             "tokens": row["tokens"],
             "peak MB": round((row["peak_memory_bytes"] or 0) / 2**20),
-            "path": _short(row["path"], recipe.run_dir),
+            "path": short_path(row["path"], recipe.run_dir),
         }
 
     return {
@@ -77,7 +77,7 @@ def listing(path: Path) -> dict[str, list[dict]]:
                 "lambda": m["params"].get("lam"),
                 "experts": ", ".join(by_id.get(i, f"#{i}") for i in m["expert_ids"]),
                 "wall s": f"{m['wall_s']:.1f}",
-                "path": _short(m["path"], recipe.run_dir),
+                "path": short_path(m["path"], recipe.run_dir),
             }
             for m in merges
         ],
@@ -95,7 +95,7 @@ def _scores(scores: dict) -> str:
     return " ".join(f"{short[n]} {mean[n]:.3f}" for n in names)
 
 
-def _short(path: str, run_dir: Path) -> str:
+def short_path(path: str, run_dir: Path) -> str:
     """A path inside the run directory, relative to it; others as they are."""
     try:
         return str(Path(path).relative_to(run_dir))
