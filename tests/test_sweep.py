@@ -86,6 +86,17 @@ def test_the_sweep_writes_no_merge_and_records_its_choice(swept):
     chosen = {k: getattr(recipe.merge, k) for k in ("method", "density", "lam")}
     point = next(p for p in result["points"] if p["name"] == result["winner"])
     assert chosen == {k: point[k] for k in ("method", "density", "lam")}
+    # the table: each point minus the best, paired on the same validation examples
+    rows = {r["merge"].removesuffix(" *"): r for r in sweeping.point_rows(result)}
+    best = result.get("best", result["winner"])
+    assert rows[best]["− best (95%)"] == "best"
+    found = {p["name"]: p for p in result["points"]}
+    other = next(name for name in found if name != best)
+    c = sweeping.compare_points(found[other]["metrics"], found[best]["metrics"], "accuracy",
+                                "mean")  # fmt: skip
+    mark = " !" if c.p < 0.05 else ""
+    assert rows[other]["− best (95%)"] == f"{c.difference:+.3f} ({c.low:+.3f}–{c.high:+.3f}){mark}"
+    assert c.difference == pytest.approx(found[other]["score"] - found[best]["score"])
 
 
 def test_a_point_scores_exactly_as_the_same_merge_written_to_disk(swept, tmp_path, cli):

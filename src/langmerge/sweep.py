@@ -364,13 +364,26 @@ def _digest(keys: dict[str, str]) -> str:
 
 def point_rows(result: dict, top: int | None = None) -> list[dict]:
     """The sweep table: one row per point (the `top` best), best first; the primary metric per
-    language."""
-    codes, metric = result["languages"], result["metric"]
+    language, and each point minus the best one, paired, with its 95% interval (`!`:
+    significant at the sweep's alpha)."""
+    codes, metric, select = result["languages"], result["metric"], result["select"]
     ranked = sorted(result["points"], key=lambda p: -p["score"])[:top]
+    best_name = result.get("best", result["winner"])
+    best = next(p for p in result["points"] if p["name"] == best_name)
+
+    def versus(p: dict) -> str:
+        if p["name"] == best_name:
+            return "best"
+        c = compare_points(p["metrics"], best["metrics"], metric, select)
+        if c is None:
+            return "—"
+        mark = " !" if c.significant(result.get("alpha", 0.05)) else ""
+        return f"{c.difference:+.3f} ({c.low:+.3f}–{c.high:+.3f}){mark}"
+
     return [
         {"merge": p["name"] + (" *" if p["name"] == result["winner"] else ""),
          **{c: f"{p['metrics'][c][metric]:.3f}" for c in codes},
-         result["select"]: f"{p['score']:.3f}", "s": f"{p['seconds']:.1f}"}
+         select: f"{p['score']:.3f}", "− best (95%)": versus(p), "s": f"{p['seconds']:.1f}"}
         for p in ranked
     ]  # fmt: skip
 
@@ -411,4 +424,7 @@ def summary_lines(result: dict) -> list[str]:
                  f"{result['sweep_s']:.1f} s ({result['sweep_s'] / n:.1f} s each); one expert's "
                  f"training took {expert:.1f} s on average: the whole sweep cost "
                  f"{result['sweep_s'] / expert:.1f} experts")  # fmt: skip
+    lines.append(f"− best: a point's {result['select']} minus the best point's, paired on the "
+                 "same validation examples, with its 95% interval; `!`: significant at "
+                 f"{result.get('alpha', 0.05):g} (stratified paired bootstrap)")  # fmt: skip
     return lines
