@@ -59,7 +59,8 @@ def ledger(path):
 
 
 def test_two_experts_train_in_parallel_workers(local_cluster, tmp_path, cli):
-    path = ray_project(tmp_path / "p")
+    # jobs of a few seconds, so their spans overlap however unevenly the two workers start
+    path = project(tmp_path / "p", executor={"kind": "ray", "cpus": 1}, training={"epochs": 12})
     code, text = cli("train", path, "--lang", "en", "--lang", "de", "--quiet")
     assert code == 0, text
     jobs, experts = ledger(path)
