@@ -301,3 +301,31 @@ def test_status_and_history_after_an_update(fresh, cli):
     for command in ("status", "history"):
         code, text = cli(command, fresh)
         assert code == 0 and "ties" in text, text
+
+
+def test_a_generation_project_is_maintained_and_guarded_by_rouge(tmp_path, cli):
+    root = tmp_path / "g"
+    path = project(root, "generation", merge={"compare": ["ties"]}, guard={"max_drop": 100.0})
+    write_jsonl(root / "new_de.jsonl", sentences("de", 20, seed=5))
+    assert cli("run", path, "--quiet")[0] == 0
+    code, text = cli("update", path, "--lang", "de", "--data", root / "new_de.jsonl", "--quiet")
+    assert code == 0, text
+    assert "rougeL: merged:ties#1 → merged:ties#2" in text
+    reg = registry(path)
+    try:
+        (step,) = reg.steps()
+        rouge = dict(reg.db.execute(
+            "SELECT language, json_extract(metrics, '$.rougeL') FROM evaluations "
+            "WHERE model = 'merged:ties#2' AND split = 'test'"
+        ))  # fmt: skip
+        assert reg.latest("expert", "de")["version"] == 2 and reg.current_merge()["id"] == 2
+    finally:
+        reg.close()
+    assert step["served"] and step["merge_id"] == 2
+    shifts = {s["language"]: s for s in step["result"]["shifts"]}
+    assert set(shifts) == {"en", "de", "fr"}
+    for code, s in shifts.items():
+        assert s["after"] == rouge[code]  # the guard compared the registry's ROUGE-L scores
+        assert s["shift"] == pytest.approx((s["after"] - s["before"]) * 100)
+        # per-example ROUGE-L is not right/wrong: the paired bootstrap gives p and the interval
+        assert s["test"] == "paired bootstrap" and s["low"] <= s["shift"] <= s["high"], shifts
