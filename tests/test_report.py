@@ -9,7 +9,7 @@ import pytest
 from chromium import open_page, require_chromium
 from tiny import project, sentences, write_jsonl
 
-from langmerge import stats
+from langmerge import analysis, stats
 from langmerge.data.prepare import load_data
 from langmerge.evaluate.job import evaluation_key
 from langmerge.recipe import load_recipe
@@ -174,6 +174,23 @@ def test_analyze_relates_similarity_and_interference(reported, cli):
         assert f"{v['merged']:.3f}" == scores[merge][code].split()[0]
         assert f"{v['expert']:.3f}" == scores[expert][code].split()[0]
         assert v["interference"] == pytest.approx(v["merged"] - v["expert"])
+
+
+def test_the_expert_comparison_is_computed_once_per_set_of_experts(reported, monkeypatch):
+    path, _ = reported
+    recipe = load_recipe(path)
+    first = analysis.analyze(recipe, evaluate_missing=False)  # computed, or kept by an earlier
+    (kept,) = (recipe.run_dir / analysis.CACHE).glob("*.json")
+
+    def not_again(*_):
+        raise AssertionError("compared the experts again")
+
+    monkeypatch.setattr(analysis, "compare_experts", not_again)
+    assert analysis.analyze(recipe, evaluate_missing=False) == first  # from the kept file
+    kept.write_text("{not json")  # a damaged file is computed again
+    monkeypatch.undo()
+    assert analysis.analyze(recipe, evaluate_missing=False) == first
+    assert json.loads(kept.read_text())["languages"] == ["en", "de", "fr"]
 
 
 def test_report_mistakes(tmp_path, cli):

@@ -4,6 +4,8 @@ per layer, per module type) and sign conflicts, computed one module at a time in
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -77,6 +79,31 @@ class VectorStats:
         1.0 (0.0 for a zero expert)."""
         values = self.cosine if values is None else values
         return self.languages, [[values[(a, b)] for b in self.languages] for a in self.languages]
+
+    def to_json(self) -> dict:
+        """JSON values (pair dicts as [a, b, value] lists); `from_json` reads them back."""
+
+        def pairs(d: dict) -> list:
+            return [[a, b, v] for (a, b), v in d.items()]
+
+        return {
+            "languages": self.languages, "norms": self.norms, "cosine": pairs(self.cosine),
+            "by_layer": [[a, b, list(m.items())] for (a, b), m in self.by_layer.items()],
+            "by_type": pairs(self.by_type), "sign_conflict": pairs(self.sign_conflict),
+            "sign_conflict_all": self.sign_conflict_all, "skipped": self.skipped,
+        }  # fmt: skip
+
+    @classmethod
+    def from_json(cls, d: dict) -> VectorStats:
+        def pairs(rows: list) -> dict:
+            return {(a, b): v for a, b, v in rows}
+
+        return cls(
+            languages=d["languages"], norms=d["norms"], cosine=pairs(d["cosine"]),
+            by_layer={(a, b): dict((k, v) for k, v in m) for a, b, m in d["by_layer"]},
+            by_type=pairs(d["by_type"]), sign_conflict=pairs(d["sign_conflict"]),
+            sign_conflict_all=d["sign_conflict_all"], skipped=d["skipped"],
+        )  # fmt: skip
 
 
 def _cosines(gram: Tensor, langs: list[str]) -> dict[Pair, float]:
@@ -197,6 +224,32 @@ def compare_experts(adapters: dict[str, Adapter], base: ModelFiles | None = None
 
 # ---- a project's experts and the merge in service ------------------------------------------
 
+CACHE = ".vectors"  # in the run directory: one file per set of experts compared
+
+
+def expert_stats(experts: dict[str, dict], cache: Path) -> VectorStats:
+    """`compare_experts` of registry experts (language → row), kept in `cache` by the experts'
+    ids and paths: forming every module's ΔW takes minutes at 8B scale, and `report` asks again
+    each time. A cache file that cannot be read is computed again."""
+    identity = [[c, e["id"], e["path"], e["base"]] for c, e in experts.items()]
+    key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
+    path = cache / f"{key}.json"
+    try:
+        return VectorStats.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    adapters = {c: load_adapter(Path(e["path"]), label=c) for c, e in experts.items()}
+    base = ModelFiles(Path(next(iter(experts.values()))["base"]), label="base")
+    try:
+        stats = compare_experts(adapters, base)
+    finally:
+        base.close()
+    cache.mkdir(exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(stats.to_json()))
+    partial.replace(path)
+    return stats
+
 
 def analyze(recipe, evaluate_missing: bool = True, say=lambda _: None) -> dict:
     """Statistics of the experts the merge in service combines (the newest experts when none is
@@ -225,12 +278,7 @@ def analyze(recipe, evaluate_missing: bool = True, say=lambda _: None) -> dict:
         newest = {c: registry.latest("expert", c)["id"] for c in experts}
     finally:
         registry.close()
-    adapters = {c: load_adapter(Path(e["path"]), label=c) for c, e in experts.items()}
-    base = ModelFiles(Path(next(iter(experts.values()))["base"]), label="base")
-    try:
-        stats = compare_experts(adapters, base)
-    finally:
-        base.close()
+    stats = expert_stats(experts, Path(recipe.run_dir) / CACHE)
     codes = [c for c in experts if c in data.languages]
     keys = {c: evaluation_key(recipe, data.languages[c].digest) for c in codes}
     merged, own = {}, {}
