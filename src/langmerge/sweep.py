@@ -378,7 +378,7 @@ def point_rows(result: dict, top: int | None = None) -> list[dict]:
         if c is None:
             return "—"
         mark = " !" if c.significant(result.get("alpha", 0.05)) else ""
-        return f"{c.difference:+.3f} ({c.low:+.3f}–{c.high:+.3f}){mark}"
+        return f"{c.difference:+.3f} [{c.low:+.3f}, {c.high:+.3f}]{mark}"
 
     return [
         {"merge": p["name"] + (" *" if p["name"] == result["winner"] else ""),
