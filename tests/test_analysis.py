@@ -1,12 +1,13 @@
 """Task-vector analysis: factored inner products, cosines (overall, per layer, per type), signs."""
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from langmerge.analysis import compare_experts, lora_inner
+from langmerge.analysis import VectorStats, cache_key, compare_experts, lora_inner
 from langmerge.errors import InputError
 from langmerge.merge.io import Adapter, LoraModule, ModelFiles
 
@@ -194,3 +195,16 @@ def test_sign_counts_do_not_depend_on_the_chunking(experts, monkeypatch):
     assert chunked.sign_conflict == whole.sign_conflict
     assert chunked.sign_conflict_all == whole.sign_conflict_all
     assert 0 < whole.sign_conflict_all < 1
+
+
+def test_the_statistics_are_kept_exactly_and_keyed_by_the_experts(experts):
+    adapters, base = experts
+    stats = compare_experts(adapters, base)
+    assert None in stats.by_layer[("en", "de")]  # the head sits outside any numbered layer
+    assert VectorStats.from_json(json.loads(json.dumps(stats.to_json()))) == stats
+    row = {"id": 1, "path": "experts/en/v1", "base": "b", "recipe_hash": "r", "data_hash": "d",
+           "ended": 10.0}  # fmt: skip
+    key = cache_key({"en": row})
+    assert cache_key({"en": dict(row)}) == key
+    for change in ({"id": 2}, {"data_hash": "e"}, {"ended": 11.0}):  # another expert
+        assert cache_key({"en": {**row, **change}}) != key

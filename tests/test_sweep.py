@@ -94,7 +94,7 @@ def test_the_sweep_writes_no_merge_and_records_its_choice(swept):
     other = next(name for name in found if name != best)
     c = sweeping.compare_points(found[other]["metrics"], found[best]["metrics"], "accuracy",
                                 "mean")  # fmt: skip
-    mark = " !" if c.p < 0.05 else ""
+    mark = " !" if c.significant(result["alpha"]) else ""
     assert rows[other]["− best (95%)"] == f"{c.difference:+.3f} [{c.low:+.3f}, {c.high:+.3f}]{mark}"
     assert c.difference == pytest.approx(found[other]["score"] - found[best]["score"])
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,6 +97,8 @@ class VectorStats:
 
     @classmethod
     def from_json(cls, d: dict) -> VectorStats:
+        """The statistics `to_json` wrote."""
+
         def pairs(rows: list) -> dict:
             return {(a, b): v for a, b, v in rows}
 
@@ -225,30 +229,43 @@ def compare_experts(adapters: dict[str, Adapter], base: ModelFiles | None = None
 # ---- a project's experts and the merge in service ------------------------------------------
 
 CACHE = ".vectors"  # in the run directory: one file per set of experts compared
+CACHE_VERSION = 1  # raise when what `compare_experts` computes changes
 
 
 def expert_stats(experts: dict[str, dict], cache: Path) -> VectorStats:
-    """`compare_experts` of registry experts (language → row), kept in `cache` by the experts'
-    ids and paths: forming every module's ΔW takes minutes at 8B scale, and `report` asks again
-    each time. A cache file that cannot be read is computed again."""
-    identity = [[c, e["id"], e["path"], e["base"]] for c, e in experts.items()]
-    key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
+    """`compare_experts` of registry experts (language → row), kept in `cache`: forming every
+    module's ΔW takes minutes at 8B scale, and each `report` asks again."""
+    key = cache_key(experts)
     path = cache / f"{key}.json"
     try:
         return VectorStats.from_json(json.loads(path.read_text()))
     except (OSError, ValueError, KeyError, TypeError):
-        pass
+        pass  # not kept yet, or damaged: computed again
     adapters = {c: load_adapter(Path(e["path"]), label=c) for c, e in experts.items()}
     base = ModelFiles(Path(next(iter(experts.values()))["base"]), label="base")
     try:
         stats = compare_experts(adapters, base)
     finally:
         base.close()
-    cache.mkdir(exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(stats.to_json()))
-    partial.replace(path)
+    try:  # best effort: a read-only run directory or a full disk only costs the next report
+        cache.mkdir(exist_ok=True)
+        fd, partial = tempfile.mkstemp(dir=cache, prefix=f".{key}.", suffix=".partial")
+        with os.fdopen(fd, "w") as f:
+            json.dump(stats.to_json(), f)
+        os.replace(partial, path)
+    except OSError:
+        pass
     return stats
+
+
+def cache_key(experts: dict[str, dict]) -> str:
+    """What the comparison depends on: each expert's identity and training (a registry rebuilt
+    from scratch reuses ids and paths, not the end times), and the cache's format."""
+    identity = [CACHE_VERSION] + [
+        [c, e["id"], e["path"], e["base"], e["recipe_hash"], e["data_hash"], e.get("ended")]
+        for c, e in experts.items()
+    ]
+    return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
 
 
 def analyze(recipe, evaluate_missing: bool = True, say=lambda _: None) -> dict:

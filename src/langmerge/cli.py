@@ -627,16 +627,19 @@ def _tune_allocator() -> None:
     libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
 
 
-def _leave_process_group() -> None:
-    """End a multi-process job together: every rank waits for rank 0 to finish recording, then
-    the process group is torn down (a rank exiting with it alive can abort in gloo's threads)."""
+def _leave_process_group(completed: bool) -> None:
+    """End a multi-process job: after a command that completed, every rank waits for rank 0
+    to finish recording; then the process group is torn down (a rank exiting with gloo's
+    threads alive can abort). After a failure no rank waits: the launcher stops the others."""
     torch = sys.modules.get("torch")
-    if torch is None or not (
-        torch.distributed.is_available() and torch.distributed.is_initialized()
-    ):
+    dist = getattr(torch, "distributed", None)
+    if dist is None or not (dist.is_available() and dist.is_initialized()):
         return
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    try:
+        if completed:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -651,8 +654,12 @@ def main(argv: list[str] | None = None) -> None:
                 "only `langmerge train` runs as several processes (torchrun, accelerate launch); "
                 "run the other commands once"
             )
-        app(args=args, standalone_mode=False)
-        _leave_process_group()
+        completed = False
+        try:
+            app(args=args, standalone_mode=False)
+            completed = True
+        finally:
+            _leave_process_group(completed)
     except LangmergeError as e:
         err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(1)

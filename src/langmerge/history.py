@@ -56,7 +56,8 @@ def status_rows(path: Path) -> dict[str, list[dict]]:
         bounds = interval(m, metric) if m else None
         row["95% interval"] = f"{metric} {bounds[0]:.3f}–{bounds[1]:.3f}" if bounds else "—"
     title = f"in service: merge {_name(current)} ({short_path(current['path'], run_dir)})"
-    return {title: rows, "the next merge (`merge`, `update`) uses": [merge_source(path)]}
+    source = "the next `langmerge merge` uses (`update` and `add-language` keep the served merge's)"
+    return {title: rows, source: [merge_source(path)]}
 
 
 def merge_source(path: Path) -> dict:

@@ -369,12 +369,12 @@ def point_rows(result: dict, top: int | None = None) -> list[dict]:
     codes, metric, select = result["languages"], result["metric"], result["select"]
     ranked = sorted(result["points"], key=lambda p: -p["score"])[:top]
     best_name = result.get("best", result["winner"])
-    best = next(p for p in result["points"] if p["name"] == best_name)
+    best = next((p for p in result["points"] if p["name"] == best_name), None)
 
     def versus(p: dict) -> str:
         if p["name"] == best_name:
             return "best"
-        c = compare_points(p["metrics"], best["metrics"], metric, select)
+        c = None if best is None else compare_points(p["metrics"], best["metrics"], metric, select)
         if c is None:
             return "—"
         mark = " !" if c.significant(result.get("alpha", 0.05)) else ""

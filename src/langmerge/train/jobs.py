@@ -93,6 +93,8 @@ def train(
             from langmerge.train.cluster import train_on_ray
 
             return train_on_ray(recipe, registry, data, targets, force, say)
+        if recipe.executor.kind == "ray":
+            say("continuing an expert trains here: Ray workers train from the base only")
         torch.set_num_threads(_threads(recipe.training.threads))
         return [_train_one(recipe, registry, data, t, force, progress, say, continue_from)
                 for t in targets]  # fmt: skip
