@@ -33,14 +33,18 @@ def write_portuguese(path):
     write_jsonl(path.parent / "pt.jsonl", pt)
 
 
+def update_de(cli, path, *options):
+    """`langmerge update` of de with the fixture's new German examples."""
+    return cli("update", path, "--lang", "de", "--data", path.parent / "new_de.jsonl", *options)
+
+
 def relax_guard(path, max_drop):
     path.write_text(path.read_text() + f"guard: {{max_drop: {max_drop}}}\n")
 
 
 def test_an_update_makes_a_new_expert_version_and_serves_the_new_merge(fresh, cli):
     relax_guard(fresh, 100.0)
-    code, text = cli("update", fresh, "--lang", "de", "--data", fresh.parent / "new_de.jsonl",
-                     "--quiet")  # fmt: skip
+    code, text = update_de(cli, fresh, "--quiet")
     assert code == 0, text
     reg = registry(fresh)
     assert reg.latest("expert", "de")["version"] == 2
@@ -117,7 +121,7 @@ def test_an_interruption_leaves_the_served_model_and_a_rerun_finishes(fresh, cli
 def test_one_update_at_a_time(fresh, cli):
     with open(load_recipe(fresh).run_dir / ".maintenance.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # as a running update holds it
-        code, text = cli("update", fresh, "--lang", "de", "--data", fresh.parent / "new_de.jsonl")
+        code, text = update_de(cli, fresh)
     assert code == 1 and "another update is running" in text
 
 
@@ -177,7 +181,7 @@ def test_a_refused_update_does_not_slip_into_the_next_merge(fresh, cli, monkeypa
         return [{**r, "ok": False} for r in real_guard(*args)]
 
     monkeypatch.setattr(maintain, "guard", refuse)
-    assert cli("update", fresh, "--lang", "de", "--data", fresh.parent / "new_de.jsonl")[0] == 1
+    assert update_de(cli, fresh)[0] == 1
     monkeypatch.undo()
     relax_guard(fresh, 100.0)
     write_portuguese(fresh)
@@ -196,8 +200,7 @@ def test_continue_trains_the_served_expert_further_on_the_new_examples_only(fres
     import json
 
     relax_guard(fresh, 100.0)
-    code, text = cli("update", fresh, "--lang", "de", "--data", fresh.parent / "new_de.jsonl",
-                     "--mode", "continue", "--quiet")  # fmt: skip
+    code, text = update_de(cli, fresh, "--mode", "continue", "--quiet")
     assert code == 0, text
     flat = " ".join(text.split())
     assert "training v1 further on" in flat
@@ -229,7 +232,7 @@ def test_a_refused_new_language_stays_out_of_the_project(fresh, cli, monkeypatch
     monkeypatch.undo()
     assert "pt" not in load_recipe(fresh).languages
     relax_guard(fresh, 100.0)
-    assert cli("update", fresh, "--lang", "de", "--data", fresh.parent / "new_de.jsonl")[0] == 0
+    assert update_de(cli, fresh)[0] == 0
     assert len(registry(fresh).current_merge()["expert_ids"]) == 3  # en, de v2, fr: no pt
 
 
@@ -262,8 +265,7 @@ def test_the_guard_blocks_a_large_drop_only_when_it_is_significant():
 
 def test_status_and_history_after_an_update(fresh, cli):
     relax_guard(fresh, 100.0)
-    code, text = cli("update", fresh, "--lang", "de", "--data", fresh.parent / "new_de.jsonl",
-                     "--quiet")  # fmt: skip
+    code, text = update_de(cli, fresh, "--quiet")
     assert code == 0, text
     reg = registry(fresh)
     try:
@@ -308,7 +310,7 @@ def test_a_generation_project_is_maintained_and_guarded_by_rouge(tmp_path, cli):
     path = project(root, "generation", merge={"compare": ["ties"]}, guard={"max_drop": 100.0})
     write_jsonl(root / "new_de.jsonl", sentences("de", 20, seed=5))
     assert cli("run", path, "--quiet")[0] == 0
-    code, text = cli("update", path, "--lang", "de", "--data", root / "new_de.jsonl", "--quiet")
+    code, text = update_de(cli, path, "--quiet")
     assert code == 0, text
     assert "rougeL: merged:ties#1 → merged:ties#2" in text
     reg = registry(path)

@@ -122,12 +122,12 @@ def test_an_edit_of_the_recipe_merge_settings_wins_over_the_sweep(swept, tmp_pat
     # `langmerge status` says where the next merge's settings come from
     winner = last_sweep(swept)["winner"]
     point = next(p for p in last_sweep(swept)["points"] if p["name"] == winner)
-    assert merge_source(swept) == {
+    assert merge_source(load_recipe(swept)) == {
         "method": point["method"], "density": point["density"], "λ": point["lam"],
         "weights": "equal", "from": f"`langmerge sweep` (its choice {winner})",
     }  # fmt: skip
-    assert merge_source(edited)["method"] == "knots_ties"
-    assert merge_source(edited)["from"] == (
+    assert merge_source(load_recipe(edited))["method"] == "knots_ties"
+    assert merge_source(load_recipe(edited))["from"] == (
         f"the recipe's merge:, edited since the last sweep chose {winner}"
     )
 

@@ -7,9 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from torch import Tensor
 
 from langmerge.errors import ConfigError, InputError
 from langmerge.merge.io import Adapter, LoraModule, ModelFiles, load_adapter
+from langmerge.merge.writer import atomic_write
 
 Pair = tuple[str, str]
 HEAD = "head"  # the module type of every saved (modules_to_save) tensor
@@ -249,10 +248,7 @@ def expert_stats(experts: dict[str, dict], cache: Path) -> VectorStats:
         base.close()
     try:  # best effort: a read-only run directory or a full disk only costs the next report
         cache.mkdir(exist_ok=True)
-        fd, partial = tempfile.mkstemp(dir=cache, prefix=f".{key}.", suffix=".partial")
-        with os.fdopen(fd, "w") as f:
-            json.dump(stats.to_json(), f)
-        os.replace(partial, path)
+        atomic_write(path, json.dumps(stats.to_json()))
     except OSError:
         pass
     return stats
@@ -276,10 +272,9 @@ def analyze(recipe, evaluate_missing: bool = True, say=lambda _: None) -> dict:
     from langmerge.data.prepare import load_data
     from langmerge.evaluate.job import evaluate, evaluation_key, primary_metric
     from langmerge.evaluate.models import merge_ref
-    from langmerge.registry import DB_NAME, Registry
+    from langmerge.registry import Registry, require_trained
 
-    if not (Path(recipe.run_dir) / DB_NAME).is_file():
-        raise ConfigError(f"nothing trained yet in {recipe.run_dir}: run `langmerge run` first")
+    require_trained(recipe.run_dir)
     data = load_data(recipe).require_valid()
     split, metric = recipe.evaluation.split, primary_metric(recipe)
     registry = Registry(recipe.run_dir)

@@ -8,15 +8,13 @@ import time
 from pathlib import Path
 
 from langmerge.errors import ConfigError
-from langmerge.recipe import load_recipe
-from langmerge.registry import DB_NAME, Registry, read_sweep_choice
+from langmerge.recipe import Recipe, load_recipe
+from langmerge.registry import Registry, read_sweep_choice, require_trained
 from langmerge.status import short_path
 
 
-def _registry(path: Path) -> Registry:
-    recipe = load_recipe(path)
-    if not (Path(recipe.run_dir) / DB_NAME).is_file():
-        raise ConfigError(f"nothing trained yet in {recipe.run_dir}: run `langmerge run` first")
+def _registry(recipe: Recipe) -> Registry:
+    require_trained(recipe.run_dir)
     return Registry(recipe.run_dir)
 
 
@@ -26,9 +24,11 @@ def _name(merge: dict) -> str:
 
 def status_rows(path: Path) -> dict[str, list[dict]]:
     """The merge in service with its experts, and its newest scores per language."""
-    from langmerge.evaluate.job import interval
+    from langmerge.evaluate.job import interval, primary_metric
 
-    registry = _registry(path)
+    recipe = load_recipe(path)
+    run_dir = Path(recipe.run_dir)
+    registry = _registry(recipe)
     try:
         current = registry.current_merge()
         if current is None:
@@ -37,10 +37,9 @@ def status_rows(path: Path) -> dict[str, list[dict]]:
         rows = [
             {"language": experts[i]["language"], "expert": f"v{experts[i]['version']}",
              "data hash": experts[i]["data_hash"][:8],
-             "path": short_path(experts[i]["path"], registry.path.parent)}
+             "path": short_path(experts[i]["path"], run_dir)}
             for i in current["expert_ids"] if i in experts
         ]  # fmt: skip
-        run_dir = registry.path.parent
         scores = registry.db.execute(
             "SELECT language, metrics FROM evaluations WHERE model=? ORDER BY id",
             (f"merged:{_name(current)}",),
@@ -48,29 +47,27 @@ def status_rows(path: Path) -> dict[str, list[dict]]:
     finally:
         registry.close()
     latest = {code: json.loads(m) for code, m in scores}
+    metric = primary_metric(recipe)
     for row in rows:
         m = latest.get(row["language"], {})
         row["score"] = " ".join(f"{k} {v:.3f}" for k, v in m.items() if k in ("accuracy",
                                 "macro_f1", "rougeL", "unparseable"))  # fmt: skip
-        metric = "accuracy" if "accuracy" in m else "rougeL"
         bounds = interval(m, metric) if m else None
         row["95% interval"] = f"{metric} {bounds[0]:.3f}–{bounds[1]:.3f}" if bounds else "—"
     title = f"in service: merge {_name(current)} ({short_path(current['path'], run_dir)})"
     source = "the next `langmerge merge` uses (`update` and `add-language` keep the served merge's)"
-    return {title: rows, source: [merge_source(path)]}
+    return {title: rows, source: [merge_source(recipe)]}
 
 
-def merge_source(path: Path) -> dict:
+def merge_source(recipe: Recipe) -> dict:
     """The merge settings the recipe gives now and where they come from: the newest sweep's
     choice, or the recipe file's `merge:` (edited since that sweep, or never swept)."""
-    recipe = load_recipe(path)
     m = recipe.merge
     weights = ", ".join(f"{k} {v:g}" for k, v in (m.weights or {}).items())
     row = {"method": m.method, "density": m.density, "λ": m.lam, "weights": weights or "equal"}
-    swept = read_sweep_choice(recipe.run_dir)
     if recipe._sweep is not None:
         row["from"] = f"`langmerge sweep` (its choice {recipe._sweep['winner']})"
-    elif swept is not None:
+    elif (swept := read_sweep_choice(recipe.run_dir)) is not None:
         row["from"] = f"the recipe's merge:, edited since the last sweep chose {swept['winner']}"
     else:
         row["from"] = "the recipe's merge:"
@@ -79,7 +76,7 @@ def merge_source(path: Path) -> dict:
 
 def history_rows(path: Path) -> dict[str, list[dict]]:
     """Every expert version and merge with its cost, and the serving history."""
-    registry = _registry(path)
+    registry = _registry(load_recipe(path))
     try:
         experts = registry.trained("expert")
         merges = registry.merges()
@@ -127,7 +124,7 @@ def history_rows(path: Path) -> dict[str, list[dict]]:
 def rollback(path: Path, to: int | None = None) -> dict:
     """Serve merge `to`, or else the merge served before the current one (repeated rollbacks go
     further back: each rollback undoes one step of the serving history)."""
-    registry = _registry(path)
+    registry = _registry(load_recipe(path))
     try:
         if to is None:
             stack: list[int] = []

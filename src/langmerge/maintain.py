@@ -23,7 +23,7 @@ from langmerge.evaluate.models import merge_ref
 from langmerge.merge.recipe_merge import merge_once
 from langmerge.processes import exclusive
 from langmerge.recipe import LANGUAGE_CODE, Recipe, load_recipe, with_data
-from langmerge.registry import DB_NAME, Registry
+from langmerge.registry import Registry, require_trained
 from langmerge.train.jobs import Continuation, train
 
 MERGE_SETTINGS = ("density", "lam", "seed", "normalize", "gamma", "epsilon", "t", "rescale",
@@ -86,8 +86,7 @@ def _check_request(recipe: Recipe, language: str, data: Path, add: bool, kept: P
         raise ConfigError(f"{language!r} is not a BCP 47 language code such as pt or pt-BR")
     if not Path(data).is_file():
         raise InputError(f"the data file {data} does not exist")
-    if not (Path(recipe.run_dir) / DB_NAME).is_file():
-        raise ConfigError(f"nothing trained yet in {recipe.run_dir}: run `langmerge run` first")
+    require_trained(recipe.run_dir)
 
 
 def _update(recipe, language, data, add, accept, compare_joint, progress, say, mode) -> Outcome:

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from langmerge.errors import LangmergeError
+from langmerge.errors import ConfigError, LangmergeError
 from langmerge.processes import alive
 
 SCHEMA_VERSION = 5
@@ -716,6 +716,12 @@ def read_additions(run_dir: Path) -> list[dict]:
     registry (none when there is no registry yet, or one from before additions existed)."""
     rows = _read_only(run_dir, 4, "SELECT language, kind, path, sha256 FROM additions ORDER BY id")
     return [dict(zip(("language", "kind", "path", "sha256"), r)) for r in rows or []]
+
+
+def require_trained(run_dir: Path, hint: str = "run `langmerge run` first") -> None:
+    """Refuse to read a run directory that has no registry yet, saying what to run."""
+    if not (Path(run_dir) / DB_NAME).is_file():
+        raise ConfigError(f"nothing trained yet in {run_dir}: {hint}")
 
 
 def read_sweep_choice(run_dir: Path) -> dict | None:

@@ -15,12 +15,12 @@ from pathlib import Path
 from langmerge import figures
 from langmerge.analysis import score_text
 from langmerge.data.prepare import ProjectData, load_data
-from langmerge.errors import ConfigError, LangmergeError
+from langmerge.errors import LangmergeError
 from langmerge.evaluate.job import evaluation_key, primary_metric, with_interval
 from langmerge.evaluate.models import merge_ref, resolve
 from langmerge.merge.writer import atomic_output_dir
 from langmerge.recipe import Recipe, load_recipe
-from langmerge.registry import DB_NAME, Registry
+from langmerge.registry import DB_NAME, Registry, require_trained
 from langmerge.stats import METHOD
 
 REPORT_DIR = "report"
@@ -50,8 +50,7 @@ def write_report(recipe_path: Path) -> Path:
     """Build the report of the recipe's run directory; returns the HTML file's path."""
     recipe = load_recipe(recipe_path)
     run_dir = Path(recipe.run_dir)
-    if not (run_dir / DB_NAME).is_file():
-        raise ConfigError(f"nothing trained yet in {run_dir}: run `langmerge run` first")
+    require_trained(run_dir)
     sections = build(recipe, Path(recipe_path))
     title = f"langmerge report: {Path(recipe_path).name}"
     with atomic_output_dir(run_dir / REPORT_DIR, force=True) as tmp:

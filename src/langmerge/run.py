@@ -23,6 +23,7 @@ from langmerge.evaluate.job import (
 )
 from langmerge.evaluate.models import resolve
 from langmerge.merge.recipe_merge import merge_once
+from langmerge.merge.writer import atomic_write
 from langmerge.recipe import MergeVariant, Recipe
 from langmerge.registry import Registry
 from langmerge.stats import METHOD
@@ -293,9 +294,3 @@ def _markdown(rows: list[dict]) -> list[str]:
     out = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     out += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
     return out
-
-
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text)
-    tmp.rename(path)

@@ -13,8 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from langmerge.evaluate.job import interval
+from langmerge.merge.writer import atomic_write
 from langmerge.recipe import Recipe
-from langmerge.run import Study, atomic_write, run
+from langmerge.run import Study, run
 
 SEEDS_JSON, SEEDS_MD = "seeds.json", "seeds.md"
 

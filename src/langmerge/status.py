@@ -6,16 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from langmerge.data.prepare import load_data
-from langmerge.errors import ConfigError, LangmergeError
+from langmerge.errors import LangmergeError
 from langmerge.recipe import load_recipe
-from langmerge.registry import DB_NAME, Registry
+from langmerge.registry import Registry, require_trained
 
 
 def listing(path: Path) -> dict[str, list[dict]]:
     """Rows to print, by table title."""
     recipe = load_recipe(path)
-    if not (Path(recipe.run_dir) / DB_NAME).is_file():
-        raise ConfigError(f"nothing trained yet in {recipe.run_dir}: run `langmerge train` first")
+    require_trained(recipe.run_dir, "run `langmerge train` first")
     try:
         data = load_data(recipe, hub=False)
         hashes = {code: d.digest for code, d in data.languages.items()}

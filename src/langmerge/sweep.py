@@ -16,12 +16,11 @@ from pathlib import Path
 
 import torch
 
-from langmerge.backbones import load_tokenizer, model_class, quiet_transformers
 from langmerge.cost import Meter
 from langmerge.data.prepare import ProjectData, load_data
 from langmerge.errors import ConfigError, InputError
 from langmerge.evaluate.job import evaluate, evaluation_key, primary_metric, require_split, score
-from langmerge.evaluate.models import ModelRef, check_model, merge_ref
+from langmerge.evaluate.models import ModelRef, load, merge_ref
 from langmerge.merge.io import ModelFiles, check_finite, load_adapter
 from langmerge.merge.methods import check_inputs, get_method
 from langmerge.merge.recipe_merge import merge_key, merge_once, recipe_merge_config
@@ -29,7 +28,7 @@ from langmerge.merge.stream import adapter_merge, check_adapters
 from langmerge.processes import exclusive
 from langmerge.progress import progress_bar
 from langmerge.recipe import CHOSEN, Recipe, Sweep, merge_settings
-from langmerge.registry import DB_NAME, Registry
+from langmerge.registry import Registry, require_trained
 
 
 @dataclass(frozen=True)
@@ -96,8 +95,7 @@ def sweep(
     say: Callable[[str], None] = lambda _: None,
 ) -> dict:
     """Run the recipe's sweep (see the module docstring); returns the recorded result."""
-    if not (Path(recipe.run_dir) / DB_NAME).is_file():
-        raise ConfigError(f"nothing trained yet in {recipe.run_dir}: run `langmerge run` first")
+    require_trained(recipe.run_dir)
     data = load_data(recipe).require_valid()
     codes = list(data.languages)
     require_split(data, codes, "validation")
@@ -264,15 +262,7 @@ class InMemoryMerge:
             check_adapters(files, self.adapters)
         finally:
             files.close()
-        quiet_transformers()
-        self.tokenizer = load_tokenizer(base_dir)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = model_class(recipe.task.kind).from_pretrained(base_dir)
-        check_model(
-            model, self.tokenizer, recipe, data.labels, ModelRef("base", base_dir, base_dir)
-        )
-        model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.model = model.to(device).eval()
+        self.model, self.tokenizer = load(ModelRef("base", base_dir, base_dir), recipe, data.labels)
         state = self.model.state_dict(keep_vars=True)
         names = sorted({n for a in self.adapters for n in (*a.modules, *a.saved)})
         unknown = [n for n in names if n not in state]

@@ -12,7 +12,7 @@ import torch
 from langmerge.backbones import find_base, load_tokenizer, model_class, quiet_transformers
 from langmerge.errors import ConfigError, InputError
 from langmerge.recipe import Recipe
-from langmerge.registry import DB_NAME, Registry
+from langmerge.registry import Registry, require_trained
 
 REFERENCES = (
     "base, joint, expert:LANG, merged (the newest merge), merged:NAME (a merge of `langmerge run`"
@@ -37,8 +37,7 @@ def resolve(recipe: Recipe, ref: str, labels: list[str] | None) -> ModelRef:
         return ModelRef(f"base@{_fingerprint(base)}", base, base)
     kind, _, arg = ref.partition(":")
     if kind in ("joint", "expert", "merged"):
-        if not (Path(recipe.run_dir) / DB_NAME).is_file():
-            raise ConfigError(f"nothing trained yet in {recipe.run_dir}: there is no {ref}")
+        require_trained(recipe.run_dir, f"there is no {ref}")
         registry = Registry(recipe.run_dir)
         try:
             return _from_registry(registry, kind, arg, ref, base)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -180,6 +181,20 @@ def copy_model_files(src: Path, dst: Path) -> list[str]:
             shutil.copy2(p, Path(dst) / p.name)
             copied.append(p.name)
     return copied
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write `text` to `path` whole or not at all: through a temp file of its own beside it
+    (two writers never share one), renamed over `path`."""
+    fd, partial = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.",
+                                   suffix=".partial")  # fmt: skip
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(partial, path)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
 
 
 def write_json(path: Path, data: object) -> None:
