@@ -91,7 +91,7 @@ def test_the_guard_keeps_a_worse_merge_out_of_service_until_accepted(fresh, cli,
     assert registry(fresh).current_merge()["id"] == 2
 
 
-@pytest.mark.parametrize("phase", ["fit", "merge_recipe", "evaluate"])
+@pytest.mark.parametrize("phase", ["fit", "merge_recipe", "evaluate_all"])
 def test_an_interruption_leaves_the_served_model_and_a_rerun_finishes(fresh, cli, monkeypatch,
                                                                       phase):  # fmt: skip
     import langmerge.train.trainer as trainer
@@ -99,7 +99,7 @@ def test_an_interruption_leaves_the_served_model_and_a_rerun_finishes(fresh, cli
     relax_guard(fresh, 100.0)
     import langmerge.merge.recipe_merge as merging
 
-    target = {"fit": trainer, "merge_recipe": merging, "evaluate": maintain}[phase]
+    target = {"fit": trainer, "merge_recipe": merging, "evaluate_all": maintain}[phase]
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

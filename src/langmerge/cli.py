@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -13,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from langmerge.errors import ConfigError, LangmergeError
+from langmerge.processes import world_size
 
 app = typer.Typer(
     add_completion=False,
@@ -649,7 +649,7 @@ def main(argv: list[str] | None = None) -> None:
     _tune_allocator()
     try:
         args = _expand_multi(sys.argv[1:] if argv is None else argv)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args[:1] != ["train"]:
+        if world_size() > 1 and args[:1] != ["train"]:
             raise ConfigError(
                 "only `langmerge train` runs as several processes (torchrun, accelerate launch); "
                 "run the other commands once"

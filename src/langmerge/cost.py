@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import resource
 import time
 from pathlib import Path
 
 import torch
 
+from langmerge.processes import world_size
 from langmerge.registry import Cost
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -38,7 +38,7 @@ class Meter:
         else:
             kind, count = "cpu", 1
             peak = _peak_rss()
-        count *= int(os.environ.get("WORLD_SIZE", "1"))  # the processes of a distributed job
+        count *= world_size()  # the processes of a distributed job
         return Cost(
             cpu_s=time.process_time() - self.cpu0,
             device_kind=kind,

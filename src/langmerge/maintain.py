@@ -18,7 +18,7 @@ from pathlib import Path
 
 from langmerge.data.prepare import load_data
 from langmerge.errors import ConfigError, InputError, LangmergeError
-from langmerge.evaluate.job import evaluate, primary_metric
+from langmerge.evaluate.job import evaluate_all, primary_metric
 from langmerge.evaluate.models import merge_ref
 from langmerge.merge.recipe_merge import merge_once
 from langmerge.processes import exclusive
@@ -109,8 +109,9 @@ def _update(recipe, language, data, add, accept, compare_joint, progress, say, m
     old_name = merge_ref(current)
     metric = primary_metric(updated)
     codes = list(project.languages)
-    before = evaluate(updated, old_name, codes, data=project, say=say)
-    after = evaluate(updated, new_name, codes, data=project, say=say)
+    # one request: with the Ray executor both merges are scored at once
+    before, after = evaluate_all(updated, [(old_name, codes), (new_name, codes)], data=project,
+                                 say=say)  # fmt: skip
     alpha = recipe.guard.alpha if recipe.guard.require_significance else None
     shifts = guard(before, after, metric, language, add, recipe.guard.max_drop, alpha)
     failed = [s for s in shifts if not s["ok"]]

@@ -32,3 +32,13 @@ def exclusive(lock: Path, busy: str) -> Iterator[None]:
         except BlockingIOError:
             raise InputError(busy) from None
         yield
+
+
+def world_size() -> int:
+    """How many processes share this job (torchrun, accelerate launch); 1 when alone."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    """This process's rank among the processes of one distributed job (0 when alone)."""
+    return int(os.environ.get("RANK", "0"))

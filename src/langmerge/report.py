@@ -21,6 +21,7 @@ from langmerge.evaluate.models import merge_ref, resolve
 from langmerge.merge.writer import atomic_output_dir
 from langmerge.recipe import Recipe, load_recipe
 from langmerge.registry import DB_NAME, Registry, require_trained
+from langmerge.run import markdown_table
 from langmerge.stats import METHOD
 
 REPORT_DIR = "report"
@@ -350,12 +351,7 @@ def to_markdown(title: str, sections: list[Section]) -> str:
         for caption, rows in s.tables:
             if not rows:
                 continue
-            keys = list(rows[0])
-            out += [f"**{caption}**", "", "| " + " | ".join(map(str, keys)) + " |",
-                    "|" + "---|" * len(keys)]  # fmt: skip
-            out += ["| " + " | ".join(str(r[k]).replace("|", "\\|") for k in keys) + " |"
-                    for r in rows]  # fmt: skip
-            out.append("")
+            out += [f"**{caption}**", "", *markdown_table(rows), ""]
         for stem, _, caption in s.figures:
             out += [f"![{caption}](figures/{stem}.png)", ""]
     return "\n".join(out)

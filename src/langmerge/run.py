@@ -276,11 +276,11 @@ def write_report(recipe: Recipe, study: Study) -> Path:
         f"{study.alpha} (McNemar exact / paired bootstrap). Experts are scored on their own "
         "language.",
         "",
-        *_markdown(quality_rows(study, study.alpha)),
+        *markdown_table(quality_rows(study, study.alpha)),
         "",
         "## Cost (from the ledger)",
         "",
-        *_markdown(cost_rows(study.cost)),
+        *markdown_table(cost_rows(study.cost)),
         "",
         f"Parallel figures are {study.cost['makespan_source']}.",
         "",
@@ -289,8 +289,9 @@ def write_report(recipe: Recipe, study: Study) -> Path:
     return run_dir / REPORT
 
 
-def _markdown(rows: list[dict]) -> list[str]:
+def markdown_table(rows: list[dict]) -> list[str]:
+    """The lines of a Markdown table of `rows` (keys of the first row as the header)."""
     keys = list(rows[0])
-    out = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    out += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
+    out = ["| " + " | ".join(map(str, keys)) + " |", "|" + "---|" * len(keys)]
+    out += ["| " + " | ".join(str(r[k]).replace("|", "\\|") for k in keys) + " |" for r in rows]
     return out

@@ -15,7 +15,7 @@ from pathlib import Path
 from langmerge.evaluate.job import interval
 from langmerge.merge.writer import atomic_write
 from langmerge.recipe import Recipe
-from langmerge.run import Study, run
+from langmerge.run import Study, markdown_table, run
 
 SEEDS_JSON, SEEDS_MD = "seeds.json", "seeds.md"
 
@@ -99,10 +99,7 @@ def note(summary: dict) -> str:
 
 
 def _write(run_dir: Path, summary: dict) -> None:
-    rows = seed_rows(summary)
-    keys = list(rows[0])
     lines = ["# langmerge study over seeds", "", note(summary), "",
-             "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]  # fmt: skip
-    lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
+             *markdown_table(seed_rows(summary))]  # fmt: skip
     atomic_write(run_dir / SEEDS_JSON, json.dumps(summary, indent=2) + "\n")
     atomic_write(run_dir / SEEDS_MD, "\n".join(lines) + "\n")

@@ -37,9 +37,19 @@ def interval(
         raise ValueError("no examples: an interval needs at least one")
     if np.all(v == v[0]):
         return float(v[0]), float(v[0])
+    return _percentiles(_means(v, resamples, seed), level)
+
+
+def _percentiles(boot: np.ndarray, level: float) -> tuple[float, float]:
+    """The central `level` interval of bootstrap replicates."""
     tail = (1.0 - level) / 2
-    low, high = np.quantile(_means(v, resamples, seed), [tail, 1.0 - tail])
+    low, high = np.quantile(boot, [tail, 1.0 - tail])
     return float(low), float(high)
+
+
+def _two_sided_p(boot: np.ndarray) -> float:
+    """The bootstrap's two-sided p-value of "no difference": twice the smaller tail at 0."""
+    return min(1.0, 2 * min(float((boot <= 0).mean()), float((boot >= 0).mean())))
 
 
 @dataclass(frozen=True)
@@ -77,15 +87,12 @@ def compare(
         boot = np.full(1, d[0])
     else:
         boot = _means(d, resamples, seed)
-        tail = (1.0 - level) / 2
-        low, high = (float(q) for q in np.quantile(boot, [tail, 1.0 - tail]))
+        low, high = _percentiles(boot, level)
     binary = np.isin(x, (0.0, 1.0)).all() and np.isin(y, (0.0, 1.0)).all()
     if binary:
         wins, losses = int(((x == 1) & (y == 0)).sum()), int(((x == 0) & (y == 1)).sum())
         return Comparison(diff, low, high, mcnemar_exact(wins, losses), "McNemar exact", len(d))
-    p = min(1.0, 2 * min(float((boot <= 0).mean()), float((boot >= 0).mean())))
-    if np.all(d == 0):
-        p = 1.0
+    p = 1.0 if np.all(d == 0) else _two_sided_p(boot)
     return Comparison(diff, low, high, p, "paired bootstrap", len(d))
 
 
@@ -130,9 +137,8 @@ def compare_languages(
         idx = rng.integers(0, len(x), size=(resamples, len(x)))
         boot_a[i], boot_b[i] = x[idx].mean(axis=1), y[idx].mean(axis=1)
     d = combine(boot_a) - combine(boot_b)
-    tail = (1.0 - level) / 2
-    low, high = (float(q) for q in np.quantile(d, [tail, 1.0 - tail]))
+    low, high = _percentiles(d, level)
     same = all(np.array_equal(x, y) for x, y in zip(xs, ys))
-    p = 1.0 if same else min(1.0, 2 * min(float((d <= 0).mean()), float((d >= 0).mean())))
+    p = 1.0 if same else _two_sided_p(d)
     n = sum(len(x) for x in xs)
     return Comparison(observed, low, high, p, "paired bootstrap within languages", n)

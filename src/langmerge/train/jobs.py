@@ -30,7 +30,7 @@ from langmerge.data.encode import encode
 from langmerge.data.prepare import ProjectData, load_data
 from langmerge.errors import ConfigError
 from langmerge.merge.writer import write_json
-from langmerge.processes import exclusive
+from langmerge.processes import exclusive, rank, world_size
 from langmerge.recipe import Recipe
 from langmerge.registry import DB_NAME, Registry, TrainedModel
 
@@ -82,7 +82,7 @@ def train(
     source = resolve_base(recipe.base)
     check_target_modules(load_config(source), recipe, len(data.labels) if data.labels else None)
     targets = [None] if joint else languages
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and recipe.executor.kind == "ray":
+    if world_size() > 1 and recipe.executor.kind == "ray":
         raise ConfigError("a job spread over several processes runs with the local executor")
     if rank() > 0:  # one of several processes of one job (torchrun, accelerate launch)
         return _follow(recipe, data, targets, force, continue_from)
@@ -100,11 +100,6 @@ def train(
                 for t in targets]  # fmt: skip
     finally:
         registry.close()
-
-
-def rank() -> int:
-    """This process's rank among the processes of one distributed job (0 when alone)."""
-    return int(os.environ.get("RANK", "0"))
 
 
 def _follow(recipe, data, targets, force, continue_from) -> list[Trained]:
@@ -150,7 +145,7 @@ def _train_one(
     with exclusive(work / "lock", busy_message(data, language)):
         # another process may have finished this very model while we waited for nothing (not
         # in a multi-process job: its other ranks decided on the first check and train now)
-        alone = int(os.environ.get("WORLD_SIZE", "1")) == 1
+        alone = world_size() == 1
         if alone and (hit := cached(registry, data, language, hashes, force, say)) is not None:
             return hit
         return _run_job(recipe, registry, data, language, hashes, work, progress, say,
