@@ -206,7 +206,7 @@ def run_hf(
     model = build_peft_model(base_dir, recipe, pad_id)
     trainer = CountingTrainer(
         model=model,
-        args=training_arguments(recipe, out),
+        args=training_arguments(recipe, out, recipe.training.budget("expert", len(train))),
         train_dataset=train,
         data_collator=collator,
     )

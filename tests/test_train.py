@@ -286,7 +286,9 @@ def test_a_decoder_learns_classification_with_its_score_head(tmp_path, cli):
 
     tiny_decoder(tmp_path / "decoder")
     lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
-    path = project(tmp_path, base="decoder", lora=lora)
+    path = project(
+        tmp_path, base="decoder", lora=lora, training={"epochs": 6, "learning_rate": 0.01}
+    )
     code, text = cli("train", path, "--all", "--quiet")
     assert code == 0, text
     code, text = cli("merge", path, "--quiet")

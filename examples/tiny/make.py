@@ -75,8 +75,9 @@ def word_tokenizer(specials: dict[str, str], template: str | None):
 
 
 def tiny_encoder(out: Path, dropout: float = 0.1) -> Path:
-    """A 2-layer BERT with a [CLS] … [SEP] word-level tokenizer."""
-    from transformers import BertConfig, BertModel
+    """A 2-layer BERT with a [CLS] … [SEP] word-level tokenizer, pretrained for a few seconds
+    (see `pretrain_encoder`), as a real backbone knows its words before anyone fine-tunes it."""
+    from transformers import BertConfig
 
     tokenizer = word_tokenizer(
         {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]"},
@@ -92,12 +93,26 @@ def tiny_encoder(out: Path, dropout: float = 0.1) -> Path:
         hidden_dropout_prob=dropout,
         attention_probs_dropout_prob=dropout,
     )
-    import torch
-
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(out)
+    pretrain_encoder(config, tokenizer).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def pretrain_encoder(config, tokenizer, steps: int = 80):
+    """The encoder of a BERT classifier trained on happy and sad sentences of every language
+    (other sentences than the examples': another seed). A randomly initialised encoder gives
+    features too weak for LoRA to learn from in a few steps: its experts would learn nothing,
+    and langmerge's health check would rightly refuse to merge them."""
+    import torch
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(config)
+    texts = [x for lang in LANGS for x in sentences(lang, 200, seed=1000)]
+    batch = tokenizer([x["text"] for x in texts], padding=True, return_tensors="pt")
+    labels = torch.tensor([x["label"] == "sad" for x in texts], dtype=torch.long)
+    pretrain(model, {**batch, "labels": labels}, steps)
+    return model.bert
 
 
 def tiny_decoder(out: Path, chat_template: bool = True) -> Path:
@@ -117,9 +132,37 @@ def tiny_decoder(out: Path, chat_template: bool = True) -> Path:
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          bos_token_id=0, eos_token_id=1, max_position_embeddings=64)  # fmt: skip
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out)
+    model = LlamaForCausalLM(config)
+    examples = [x for lang in LANGS for x in sentences(lang, 200, seed=1000)]
+    prompts = tokenizer([f"{x['text']} answer :" for x in examples])["input_ids"]
+    answers = tokenizer([f"{x['target']} </s>" for x in examples], add_special_tokens=False)
+    ids = [p + a for p, a in zip(prompts, answers["input_ids"])]
+    width = max(map(len, ids))
+    batch = {"input_ids": torch.tensor([x + [1] * (width - len(x)) for x in ids]),
+             "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
+             "labels": torch.tensor([[-100] * len(p) + a + [-100] * (width - len(p) - len(a))
+                                     for p, a in zip(prompts, answers["input_ids"])])}  # fmt: skip
+    pretrain(model, batch, steps=150)
+    model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def pretrain(model, batch: dict, steps: int) -> None:
+    """A few AdamW steps of `model` on random rows of the tensors in `batch` (its labels
+    included): a backbone that has seen text like the examples', but not the examples."""
+    import torch
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    order = torch.Generator().manual_seed(0)
+    n = len(batch["input_ids"])
+    model.train()
+    for _ in range(steps):
+        pick = torch.randint(n, (16,), generator=order)
+        loss = model(**{k: v[pick] for k, v in batch.items()}).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
 
 
 HERE = Path(__file__).parent

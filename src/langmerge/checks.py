@@ -21,6 +21,20 @@ class Report:
     problems: list[str] = field(default_factory=list)
 
 
+def truncation_notes(data, tokenizer, recipe) -> list[str]:
+    """Per language, the share of its texts that training.max_length cuts (when any is)."""
+    from langmerge.data.encode import truncated_share
+
+    limit = recipe.training.max_length
+    notes = []
+    for code, d in data.languages.items():
+        share = truncated_share([*d.train, *d.validation, *d.test], tokenizer, recipe.task, limit)
+        if share > 0:
+            notes.append(f"{code}: {share:.0%} of the texts are longer than training.max_length "
+                         f"({limit} tokens) and are cut")  # fmt: skip
+    return notes
+
+
 def check_recipe(path: Path) -> Report:
     """Validate a recipe (errors in the file itself raise at once) and report on the rest.
     Reads no hub data set and downloads no model."""
@@ -44,8 +58,9 @@ def check_recipe(path: Path) -> Report:
             check_target_modules(
                 load_config(found), recipe, len(data.labels) if data.labels else None
             )
-            load_tokenizer(found)
+            tokenizer = load_tokenizer(found)
             report.notes.append(f"base {recipe.base}: found at {found}; target modules exist")
+            report.notes += truncation_notes(data, tokenizer, recipe)
     except LangmergeError as e:
         report.problems.append(str(e))
     version = schema_version(recipe.run_dir)

@@ -9,10 +9,19 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from langmerge.errors import ConfigError, LangmergeError
+from langmerge.errors import ConfigError, LangmergeError, TrainingFailed
 from langmerge.processes import world_size
+
+AllowDegenerate = Annotated[
+    bool,
+    typer.Option(
+        "--allow-degenerate",
+        help="merge experts whose health check failed (a merge of them is never served)",
+    ),
+]
 
 app = typer.Typer(
     add_completion=False,
@@ -84,6 +93,7 @@ def merge(
         ),
     ] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    allow_degenerate: AllowDegenerate = False,
 ) -> None:
     """Merge experts into one model: `langmerge merge merge.yaml -o OUT`, from flags, or the
     current experts of a recipe: `langmerge merge recipe.yaml` (recorded in its registry)."""
@@ -115,15 +125,18 @@ def merge(
 
         try:
             summary, where = merge_recipe(
-                load_recipe(config), output, overrides, force=force, progress=not quiet,
-                serve="langmerge merge",
+                _allowing(load_recipe(config), allow_degenerate), output, overrides,
+                force=force, progress=not quiet, serve="langmerge merge",
             )  # fmt: skip
         except KeyboardInterrupt:
             raise Interrupted from None
         out.print(
             f"merged the recipe's experts with {summary['config']['method']} into {where} in "
-            f"{summary['seconds']:.1f} s (recorded in the registry; now the current merge)"
-        )
+            f"{summary['seconds']:.1f} s (recorded in the registry; "
+            + ("now the current merge)" if summary["served"] else
+               "not served: it merges degenerate experts)"),
+            highlight=False,
+        )  # fmt: skip
         if summary["stale_experts"]:
             err.print(
                 f"[yellow]warning:[/yellow] {', '.join(summary['stale_experts'])} were trained "
@@ -197,6 +210,14 @@ AddressOption = Annotated[
 ]
 
 
+def _allowing(recipe, allow: bool):
+    """The recipe, merging degenerate experts too when `allow` (--allow-degenerate)."""
+    if not allow:
+        return recipe
+    merge = recipe.merge.model_copy(update={"allow_degenerate": True})
+    return recipe.model_copy(update={"merge": merge})
+
+
 def _load(recipe: Path, executor: str | None, address: str | None):
     """The recipe, with the command line's executor settings over its own."""
     from langmerge.recipe import Executor, load_recipe
@@ -239,11 +260,20 @@ def train(
         raise ConfigError("say what to train: --lang CODE (repeatable), --all, or --joint")
     r = _load(recipe, executor, address)
     languages = list(r.languages) if all_ else lang
+    from langmerge.evaluate.health import is_degenerate
+
     try:
-        run_training(r, languages, joint=joint, force=force, progress=not quiet,
-                     say=lambda m: out.print(m, highlight=False))  # fmt: skip
+        done = run_training(r, languages, joint=joint, force=force, progress=not quiet,
+                            say=lambda m: out.print(m, highlight=False))  # fmt: skip
     except KeyboardInterrupt:
         raise Interrupted("interrupted; run the same command again to resume") from None
+    if bad := [t for t in done if is_degenerate(t.health)]:
+        names = ", ".join("the joint model" if t.language is None else f"expert {t.language}"
+                          for t in bad)  # fmt: skip
+        raise TrainingFailed(
+            f"{names}: degenerate (recorded, not merged unless --allow-degenerate); the lines "
+            "above say what went wrong and what to try"
+        )
 
 
 @app.command()
@@ -304,9 +334,10 @@ def run_(
     seeds: Annotated[
         int, typer.Option(help="repeat the study with this many training seeds", min=1)
     ] = 1,
+    allow_degenerate: AllowDegenerate = False,
 ) -> None:
     """The whole study: experts, joint model, merges, evaluation, quality and cost tables."""
-    loaded = _load(recipe, executor, address)
+    loaded = _allowing(_load(recipe, executor, address), allow_degenerate)
     if seeds == 1:
         _study(loaded, quiet)
         return
@@ -354,17 +385,18 @@ def demo(
 def sweep_(
     recipe: Annotated[Path, typer.Argument(help="the recipe (YAML)")],
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+    allow_degenerate: AllowDegenerate = False,
 ) -> None:
     """Try the recipe's grid of merges on validation data; keep the best as the merge setting
     and serve it if it beats the merge in service."""
-    _sweep(recipe, quiet)
+    _sweep(recipe, quiet, allow_degenerate=allow_degenerate)
 
 
-def _sweep(recipe: Path, quiet: bool, top: int | None = None) -> None:
+def _sweep(recipe: Path, quiet: bool, top: int | None = None, allow_degenerate=False) -> None:
     from langmerge.recipe import load_recipe
     from langmerge.sweep import point_rows, summary_lines, sweep
 
-    loaded = load_recipe(recipe)
+    loaded = _allowing(load_recipe(recipe), allow_degenerate)
     try:
         result = sweep(loaded, progress=not quiet, say=lambda m: out.print(m, highlight=False))
     except KeyboardInterrupt:
@@ -431,9 +463,10 @@ def update(
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
     executor: ExecutorOption = None,
     address: AddressOption = None,
+    allow_degenerate: AllowDegenerate = False,
 ) -> None:
     """Add data to one language: retrain its expert, re-merge, evaluate, guard the others."""
-    loaded = _load(recipe, executor, address)
+    loaded = _allowing(_load(recipe, executor, address), allow_degenerate)
     _maintain(loaded, lang, data, False, accept, compare_joint, quiet, mode)
 
 
@@ -447,9 +480,10 @@ def add_language(
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
     executor: ExecutorOption = None,
     address: AddressOption = None,
+    allow_degenerate: AllowDegenerate = False,
 ) -> None:
     """Add a language: train its expert, re-merge with it, evaluate, guard the others."""
-    loaded = _load(recipe, executor, address)
+    loaded = _allowing(_load(recipe, executor, address), allow_degenerate)
     _maintain(loaded, lang, data, True, accept, compare_joint, quiet)
 
 
@@ -539,7 +573,7 @@ def rollback(
 
 
 def _study(recipe, quiet: bool) -> None:
-    from langmerge.run import REPORT, RESULTS, cost_rows, quality_rows, run
+    from langmerge.run import REPORT, RESULTS, cost_rows, health_rows, quality_rows, run
     from langmerge.stats import METHOD
 
     try:
@@ -550,8 +584,17 @@ def _study(recipe, quiet: bool) -> None:
         _table(quality_rows(study, study.alpha), f"{study.metric} on the {study.split} split")
     )
     out.print(f"{METHOD}; `!`: a paired difference significant at {study.alpha}", highlight=False)
+    for note in study.notes:
+        out.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False)
+    out.print(_table(health_rows(study), "training health"))
     out.print(_table(cost_rows(study.cost), "cost, from the ledger"))
     out.print(f"written: {recipe.run_dir / REPORT}, {recipe.run_dir / RESULTS}")
+    if bad := study.degenerate():
+        raise TrainingFailed(
+            f"{len(bad)} degenerate model(s): {', '.join(bad)}. The study's comparisons with "
+            "them are void and no degenerate merge is served; see the health table for what "
+            "to try"
+        )
 
 
 def _fmt(value) -> str:

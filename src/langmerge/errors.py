@@ -15,3 +15,7 @@ class InputError(LangmergeError):
 
 class OutputExistsError(LangmergeError):
     """The output path exists and `--force` was not given."""
+
+
+class TrainingFailed(LangmergeError):
+    """A model learned nothing (its health check failed): reported and recorded, not used."""

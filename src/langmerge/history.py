@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 
 from langmerge.errors import ConfigError
+from langmerge.evaluate.health import is_degenerate
+from langmerge.evaluate.health import summary as health_summary
 from langmerge.recipe import Recipe, load_recipe
 from langmerge.registry import Registry, read_sweep_choice, require_trained
 from langmerge.status import short_path
@@ -31,11 +33,16 @@ def status_rows(path: Path) -> dict[str, list[dict]]:
     registry = _registry(recipe)
     try:
         current = registry.current_merge()
+        bad = degenerate_rows(registry)
+        unhealthy = {"degenerate models (their health check failed; not merged or served)": bad}
+        unhealthy = unhealthy if bad else {}
         if current is None:
-            return {"no merge in service yet (`langmerge run` or `langmerge merge`)": []}
+            return {"no merge in service yet (`langmerge run` or `langmerge merge`)": [],
+                    **unhealthy}  # fmt: skip
         experts = {e["id"]: e for e in registry.trained("expert")}
         rows = [
             {"language": experts[i]["language"], "expert": f"v{experts[i]['version']}",
+             "health": health_summary(experts[i]["health"]),
              "data hash": experts[i]["data_hash"][:8],
              "path": short_path(experts[i]["path"], run_dir)}
             for i in current["expert_ids"] if i in experts
@@ -56,7 +63,22 @@ def status_rows(path: Path) -> dict[str, list[dict]]:
         row["95% interval"] = f"{metric} {bounds[0]:.3f}–{bounds[1]:.3f}" if bounds else "—"
     title = f"in service: merge {_name(current)} ({short_path(current['path'], run_dir)})"
     source = "the next `langmerge merge` uses (`update` and `add-language` keep the served merge's)"
-    return {title: rows, source: [merge_source(recipe)]}
+    return {title: rows, source: [merge_source(recipe)], **unhealthy}
+
+
+def degenerate_rows(registry: Registry) -> list[dict]:
+    """The newest expert of each language and the newest joint model, when degenerate: what
+    went wrong and what to try."""
+    newest = {}
+    for e in registry.trained("expert"):
+        newest[f"expert {e['language']}"] = e
+    if joint := registry.latest("joint"):
+        newest["joint"] = joint
+    return [
+        {"model": f"{name} v{m['version']}", "problem": "; ".join(m["health"]["problems"]),
+         "try": "; ".join(m["health"]["advice"])}
+        for name, m in newest.items() if is_degenerate(m["health"])
+    ]  # fmt: skip
 
 
 def merge_source(recipe: Recipe) -> dict:

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from langmerge.data.prepare import load_data
-from langmerge.errors import ConfigError, InputError, LangmergeError
-from langmerge.evaluate.job import evaluate_all, primary_metric
+from langmerge.errors import ConfigError, InputError, LangmergeError, TrainingFailed
+from langmerge.evaluate.health import is_degenerate
+from langmerge.evaluate.job import evaluate_all, evaluation_health, primary_metric
 from langmerge.evaluate.models import merge_ref
 from langmerge.merge.recipe_merge import merge_once
 from langmerge.processes import exclusive
@@ -105,6 +106,13 @@ def _update(recipe, language, data, add, accept, compare_joint, progress, say, m
     say(f"{'adding' if add else 'updating'} {language}: {_count(project, language)} examples now")
     continuation = _continuation(recipe, project, language, current) if mode == "continue" else None
     trained = train(updated, [language], progress=progress, say=say, continue_from=continuation)[0]
+    if is_degenerate(trained.health) and not recipe.merge.allow_degenerate:
+        raise TrainingFailed(
+            f"the new expert {language} v{trained.version} is degenerate: "
+            f"{'; '.join(trained.health['problems'])}. It is not merged and the model in service "
+            f"is unchanged; try: {'; '.join(trained.health['advice'])} (or --allow-degenerate "
+            "to merge it anyway, never served)"
+        )
     new_name = _remerge(updated, current, language, progress, say)
     old_name = merge_ref(current)
     metric = primary_metric(updated)
@@ -114,15 +122,22 @@ def _update(recipe, language, data, add, accept, compare_joint, progress, say, m
                                  say=say)  # fmt: skip
     alpha = recipe.guard.alpha if recipe.guard.require_significance else None
     shifts = guard(before, after, metric, language, add, recipe.guard.max_drop, alpha)
+    new_health = evaluation_health(after, project, recipe.evaluation.split)
+    degenerate = next((h["problems"] for h in (trained.health, new_health) if is_degenerate(h)),
+                      [])  # fmt: skip
     failed = [s for s in shifts if not s["ok"]]
-    serve = not failed or accept
+    serve = not degenerate and (not failed or accept)
     new_id = int(new_name.rsplit("#", 1)[1])
     cost = saving(updated, project, trained, new_id, compare_joint, progress, say)
     result = {"cost": cost, "shifts": shifts, "metric": metric, "old_merge": old_name,
-              "new_merge": new_name, "guard_overridden": accept and bool(failed)}  # fmt: skip
-    _finish(updated, language, add, copy, new_id, serve, accept and bool(failed), result)
+              "new_merge": new_name, "guard_overridden": serve and bool(failed),
+              "degenerate": degenerate}  # fmt: skip
+    _finish(updated, language, add, copy, new_id, serve, serve and bool(failed), result)
     outcome = Outcome(language, old_name, new_name, metric, shifts, serve, cost,
                       recipe.guard.alpha)  # fmt: skip
+    if degenerate:
+        raise GuardError(f"the new merge {new_name} is degenerate ({'; '.join(degenerate)}): it "
+                         "is never served; the model in service is unchanged", outcome)  # fmt: skip
     if not serve:
         raise GuardError(_guard_message(outcome, failed), outcome)
     return outcome

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import string
 from pathlib import Path
@@ -146,19 +147,45 @@ class Lora(_Strict):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
+class StepBudget(_Strict):
+    """Optimiser steps per job kind: an expert sees only its language's data, so at equal epochs
+    it takes 1/N of the joint model's steps."""
+
+    expert: int | None = Field(None, ge=1)
+    joint: int | None = Field(None, ge=1)
+
+
 class Training(_Strict):
+    """How a model trains. The defaults are chosen to train a healthy model on data nobody tuned
+    them for (docs/training.md says why each is what it is)."""
+
     epochs: float = Field(3.0, gt=0)
+    steps: int | StepBudget | None = None  # optimiser steps instead of epochs (all or per kind)
+    min_steps: int = Field(200, ge=0)  # at least this many steps, whatever the epochs give
     learning_rate: float = Field(2e-4, gt=0)
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
     batch_size: int = Field(8, ge=1)
     gradient_accumulation: int = Field(1, ge=1)
     max_length: int = Field(128, ge=8)
     seed: int = 0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     group_by_length: bool = True  # batches of similar length: little padding, same loss
+    best_checkpoint: bool = True  # keep the step with the best validation score, not the last
+    eval_steps: int | None = Field(None, ge=1)  # validation every N steps (default: each epoch)
     checkpoint_steps: int = Field(200, ge=1)  # an interrupted job resumes from the last one
     threads: int | None = Field(None, ge=1)  # CPU threads (default: OMP_NUM_THREADS, else all)
+
+    def budget(self, kind: str, examples: int, processes: int = 1) -> int:
+        """The optimiser steps of a `kind` job (expert or joint) on `examples` examples, each
+        step taking a batch on each of `processes` processes."""
+        batch = self.batch_size * self.gradient_accumulation * processes
+        per_epoch = math.ceil(examples / batch)
+        fixed = self.steps if isinstance(self.steps, int) else getattr(self.steps, kind, None)
+        if fixed is not None:
+            return fixed
+        return max(self.min_steps, math.ceil(self.epochs * per_epoch), 1)
 
 
 class Executor(_Strict):
@@ -226,6 +253,7 @@ class MergeSettings(_Strict):
     weights: dict[str, float] | None = None  # per language; default 1
     seed: int = 0
     compare: list[MergeVariant] = Field(default_factory=lambda: list(DEFAULT_VARIANTS))
+    allow_degenerate: bool = False  # merge experts whose health check failed (never served)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -308,10 +336,18 @@ class Guard(_Strict):
     alpha: float = Field(0.05, gt=0.0, lt=1.0)
 
 
+METRICS = {
+    "classification": ("accuracy", "macro_f1"),
+    "generation": ("rougeL", "rouge1", "rouge2", "token_f1", "exact_match"),
+    "labels": ("accuracy", "macro_f1"),  # generation with a label set
+}
+
+
 class Evaluation(_Strict):
     """How `langmerge run` evaluates and reports."""
 
     split: Literal["test", "validation"] = "test"
+    metric: str | None = None  # the primary metric (default: accuracy for labels, else rougeL)
     batch_size: int = Field(32, ge=1)
     workers: int = Field(0, ge=0)  # parallel workers for the cost projection (0: one per language)
     alpha: float = Field(0.05, gt=0.0, lt=1.0)  # significance level of paired comparisons
@@ -364,6 +400,17 @@ class Recipe(_Strict):
                 )
         elif not self.data.given():
             raise ValueError("data: give `data:`, `train:` or `hub:`")
+        return self
+
+    @model_validator(mode="after")
+    def _known_metric(self) -> Recipe:
+        kind = "labels" if self.task.kind == "generation" and self.task.labels else self.task.kind
+        metric = self.evaluation.metric
+        if metric is not None and metric not in METRICS[kind]:
+            raise ValueError(
+                f"evaluation.metric: {metric!r} is not a metric of this task; "
+                f"choose one of {', '.join(METRICS[kind])}"
+            )
         return self
 
     @model_validator(mode="after")

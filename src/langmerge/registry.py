@@ -16,13 +16,13 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from langmerge.errors import ConfigError, LangmergeError
 from langmerge.processes import alive
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 DB_NAME = "registry.sqlite"
 
 MIGRATIONS: dict[int, str] = {
@@ -166,6 +166,12 @@ MIGRATIONS: dict[int, str] = {
         job_id INTEGER NOT NULL REFERENCES jobs(id),
         result TEXT NOT NULL                  -- JSON: points, selection, winner, test scores
     );
+    """,
+    6: """
+    ALTER TABLE experts ADD COLUMN health TEXT NOT NULL DEFAULT '{}';   -- JSON: the verdict
+    ALTER TABLE experts ADD COLUMN training TEXT NOT NULL DEFAULT '{}'; -- JSON: steps, curve
+    ALTER TABLE joints ADD COLUMN health TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE joints ADD COLUMN training TEXT NOT NULL DEFAULT '{}';
     """,
 }
 
@@ -401,17 +407,17 @@ class Registry:
             version = self.next_version(model.kind, model.language)
             m = replace(model, version=version, path=place(version) if place else model.path)
             common = (m.version, m.base, m.recipe_hash, m.data_hash, m.path, job_id,
-                      json.dumps(m.scores))  # fmt: skip
+                      *(json.dumps(x) for x in (m.scores, m.health, m.training)))  # fmt: skip
+            columns = "version, base, recipe_hash, data_hash, path, job_id, scores, health, "
+            columns += "training"
             if m.kind == "expert":
                 db.execute(
-                    "INSERT INTO experts (language, version, base, recipe_hash, data_hash, path, "
-                    "job_id, scores) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    f"INSERT INTO experts (language, {columns}) VALUES ({', '.join('?' * 10)})",
                     (m.language, *common),
                 )
             else:
                 db.execute(
-                    "INSERT INTO joints (languages, version, base, recipe_hash, data_hash, path, "
-                    "job_id, scores) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    f"INSERT INTO joints (languages, {columns}) VALUES ({', '.join('?' * 10)})",
                     (json.dumps(m.languages), *common),
                 )
             recorded.append(m)
@@ -432,7 +438,8 @@ class Registry:
         names = [c[0] for c in cur.description]
         rows = [dict(zip(names, row)) for row in cur.fetchall()]
         for row in rows:
-            row["scores"] = json.loads(row["scores"])
+            for key in ("scores", "health", "training"):
+                row[key] = json.loads(row[key])
             if "languages" in row:
                 row["languages"] = json.loads(row["languages"])
         return rows
@@ -668,6 +675,8 @@ class TrainedModel:
     scores: dict
     version: int = 0  # set by `finish_training`
     path: str = ""  # set by `finish_training` when it places the files
+    health: dict = field(default_factory=dict)  # the verdict of evaluate/health.py
+    training: dict = field(default_factory=dict)  # steps, the best step, the validation curve
 
 
 def _model_query(kind: str, language: str | None, alias: str = "") -> tuple[str, str, tuple]:

@@ -14,8 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from langmerge.data.prepare import load_data
+from langmerge.evaluate.health import is_degenerate
+from langmerge.evaluate.health import summary as health_summary
 from langmerge.evaluate.job import (
+    PER_EXAMPLE,
     evaluate_all,
+    evaluation_health,
     per_example,
     primary_metric,
     require_split,
@@ -44,6 +48,13 @@ class Study:
     cost: dict
     models: dict[str, str] = field(default_factory=dict)  # row → registry name of the model
     alpha: float = 0.05  # significance level of the paired comparisons
+    health: dict[str, dict] = field(default_factory=dict)  # row (expert:LANG) → verdict
+    identical: list[list[str]] = field(default_factory=list)  # merges with equal predictions
+    notes: list[str] = field(default_factory=list)  # what the study skipped or refused, and why
+
+    def degenerate(self) -> list[str]:
+        """The rows (models) whose health verdict is degenerate."""
+        return [row for row, h in self.health.items() if is_degenerate(h)]
 
 
 def run(
@@ -51,13 +62,25 @@ def run(
     progress: bool = True,
     say: Callable[[str], None] = lambda _: None,
 ) -> Study:
-    """Train, merge, evaluate; write report.md and results.json into the run directory."""
+    """Train, merge, evaluate; write report.md and results.json into the run directory. A
+    degenerate expert is not merged (unless `merge.allow_degenerate`), a degenerate merge is
+    never served, and comparisons with a degenerate model are void."""
     data = load_data(recipe).require_valid()
     codes = list(data.languages)
     require_split(data, codes, recipe.evaluation.split)  # before hours of training, not after
-    train(recipe, codes, progress=progress, say=say)
-    train(recipe, joint=True, progress=progress, say=say)
-    merges = [_merge(recipe, v, progress, say) for v in recipe.merge.compare]
+    experts = train(recipe, codes, progress=progress, say=say)
+    (joint,) = train(recipe, joint=True, progress=progress, say=say)
+    health = {f"expert:{t.language}": t.health for t in experts} | {"joint": joint.health}
+    notes = []
+    bad = [f"{row[7:]}" for row, h in health.items() if row != "joint" and is_degenerate(h)]
+    if bad and not recipe.merge.allow_degenerate:
+        notes.append(
+            f"no merge made: expert {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} "
+            "degenerate (see the health table); retrain, or pass --allow-degenerate"
+        )
+        merges = []  # fmt: skip
+    else:
+        merges = [_merge(recipe, v, progress, say) for v in recipe.merge.compare]
     split = recipe.evaluation.split
     rows = [("joint", "joint", None)]
     rows += [(f"merged:{name}", f"merged:{name}", None) for name in merges]
@@ -70,15 +93,39 @@ def run(
         quality.setdefault(row, {}).update(scores)
         if langs is None:
             models[row] = resolve(recipe, ref, data.labels).name
+        if row.startswith("merged:"):
+            health[row] = evaluation_health(scores, data, split)
     metric = primary_metric(recipe)
-    scored = [(mean(quality[f"merged:{n}"], metric, codes), n) for n in merges]
-    best = f"merged:{max(scored)[1]}" if scored else None
+    identical = identical_groups({f"merged:{n}": quality[f"merged:{n}"] for n in merges})
+    healthy = [n for n in merges if not is_degenerate(health[f"merged:{n}"])]
+    if len(healthy) < len(merges):
+        notes.append("not ranked, never served: the degenerate merges "
+                     + ", ".join(n for n in merges if n not in healthy))  # fmt: skip
+    # the simplest of equal means wins (the compare list's order), as among identical merges
+    scored = [(mean(quality[f"merged:{n}"], metric, codes), -i, n) for i, n in enumerate(merges)
+              if n in healthy]  # fmt: skip
+    best = f"merged:{max(scored)[2]}" if scored else None
     if best is not None:
         _serve_first(recipe, models[best], say)
+    for group in identical:
+        notes.append(f"{', '.join(group)} make identical predictions on every language: one "
+                     "merge, not a ranking")  # fmt: skip
     study = Study(codes, metric, split, quality, best, cost_table(recipe, codes), models,
-                  recipe.evaluation.alpha)  # fmt: skip
+                  recipe.evaluation.alpha, health, identical, notes)  # fmt: skip
     write_report(recipe, study)
     return study
+
+
+def identical_groups(merges: dict[str, dict[str, dict]]) -> list[list[str]]:
+    """Groups of two or more merges whose per-example predictions are equal on every
+    language (the same model as far as the evaluation can tell)."""
+    groups: dict[str, list[str]] = {}
+    for row, scores in merges.items():
+        each = [(m.get(PER_EXAMPLE) or {}) for m in scores.values()]
+        each = [e.get("predicted") or e.get("generated") for e in each]
+        if all(e is not None for e in each):
+            groups.setdefault(json.dumps(each, ensure_ascii=False), []).append(row)
+    return [g for g in groups.values() if len(g) > 1]
 
 
 def _merge(recipe: Recipe, variant: MergeVariant, progress: bool, say) -> str:
@@ -197,27 +244,59 @@ def schedule(durations: list[float], workers: int) -> float:
 
 def quality_rows(study: Study, alpha: float = 0.05) -> list[dict]:
     """The quality table: one row per model, the primary metric per language with its 95%
-    interval, mean and worst; then the best merge minus joint per language, paired, with `!`
-    where the difference is significant at `alpha`."""
+    interval, mean and worst (and mean macro-F1 for labels, where a one-label model shows);
+    then the best merge minus joint per language, paired, with `!` where the difference is
+    significant at `alpha`, or "void" when either model is degenerate. A degenerate model's
+    row (an expert's cell) says so."""
+    f1 = study.metric != "macro_f1" and any(
+        "macro_f1" in (m or {}) for scores in study.quality.values() for m in scores.values()
+    )
     rows = []
     for row, scores in study.quality.items():
         values = [scores[c][study.metric] for c in study.languages]
         mark = " *" if row == study.best_merge else ""
+        if is_degenerate(study.health.get(row)):
+            mark += " (degenerate)"
+        cells = {}
+        for c in study.languages:
+            cells[c] = with_interval(scores[c], study.metric)
+            if row.startswith("experts") and is_degenerate(study.health.get(f"expert:{c}")):
+                cells[c] += " (degenerate)"
         rows.append({
             "model": row + mark,
-            **{c: with_interval(scores[c], study.metric) for c in study.languages},
+            **cells,
             "mean": f"{sum(values) / len(values):.3f}",
             "worst": f"{min(values):.3f}",
+            **({"F1 mean": f"{mean(scores, 'macro_f1', study.languages):.3f}"} if f1 else {}),
         })  # fmt: skip
     if study.best_merge and "joint" in study.quality:
         best, joint = study.quality[study.best_merge], study.quality["joint"]
         gaps = [best[c][study.metric] - joint[c][study.metric] for c in study.languages]
+        void = [who for who, row in (("the joint model", "joint"), ("the best merge",
+                study.best_merge)) if is_degenerate(study.health.get(row))]  # fmt: skip
+        if void:
+            text = f"void: {' and '.join(void)} {'is' if len(void) == 1 else 'are'} degenerate"
+            cells = {c: text for c in study.languages}
+        else:
+            cells = {c: paired_text(best[c], joint[c], study.metric, alpha)
+                     for c in study.languages}  # fmt: skip
         rows.append({
             "model": "best merge − joint",
-            **{c: paired_text(best[c], joint[c], study.metric, alpha) for c in study.languages},
-            "mean": f"{sum(gaps) / len(gaps):+.3f}",
-            "worst": f"{min(gaps):+.3f}",
+            **cells,
+            "mean": "void" if void else f"{sum(gaps) / len(gaps):+.3f}",
+            "worst": "void" if void else f"{min(gaps):+.3f}",
+            **({"F1 mean": ""} if f1 else {}),
         })  # fmt: skip
+    return rows
+
+
+def health_rows(study: Study) -> list[dict]:
+    """The health table: every trained model's verdict and every merge's (from its
+    predictions on the evaluation split), with the evidence and what to try."""
+    rows = []
+    for row, h in study.health.items():
+        rows.append({"model": row, "health": health_summary(h),
+                     "advice": "; ".join((h or {}).get("advice", []))})  # fmt: skip
     return rows
 
 
@@ -266,6 +345,9 @@ def write_report(recipe: Recipe, study: Study) -> Path:
         "quality": study.quality,
         "models": study.models,
         "cost": study.cost,
+        "health": study.health,
+        "identical": study.identical,
+        "notes": study.notes,
     }
     atomic_write(run_dir / RESULTS, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     lines = [
@@ -277,6 +359,16 @@ def write_report(recipe: Recipe, study: Study) -> Path:
         "language.",
         "",
         *markdown_table(quality_rows(study, study.alpha)),
+        "",
+        *[f"- {n}" for n in study.notes],
+        *([""] if study.notes else []),
+        "## Training health",
+        "",
+        "Each trained model checked on its validation split after training, each merge on its "
+        f"predictions on the {study.split} split (a model whose predictions collapse, whose "
+        "loss diverged or whose answers are empty or identical is degenerate).",
+        "",
+        *markdown_table(health_rows(study)),
         "",
         "## Cost (from the ledger)",
         "",

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from langmerge.data.prepare import load_data
 from langmerge.errors import LangmergeError
+from langmerge.evaluate.health import summary as health_summary
 from langmerge.recipe import load_recipe
 from langmerge.registry import Registry, require_trained
 
@@ -49,6 +50,8 @@ def listing(path: Path) -> dict[str, list[dict]]:
             "version": f"v{row['version']}" + (" *" if current else ""),
             "up to date": fresh(row, key) if current else "",
             "validation": _scores(row["scores"]),
+            "health": health_summary(row["health"]),
+            "steps": _steps(row["training"]),
             "data hash": row["data_hash"][:8],
             "wall s": f"{row['wall_s']:.1f}",
             "tokens": row["tokens"],
@@ -92,6 +95,13 @@ def _scores(scores: dict) -> str:
     mean = {n: sum(s[n] for s in per_language) / len(per_language) for n in names}
     short = {"accuracy": "acc", "macro_f1": "F1", "loss": "loss"}
     return " ".join(f"{short[n]} {mean[n]:.3f}" for n in names)
+
+
+def _steps(training: dict) -> str:
+    """ "120/200": the step whose weights were kept, of the steps trained."""
+    if not training.get("steps"):
+        return "-"
+    return f"{training.get('best_step') or training['steps']}/{training['steps']}"
 
 
 def short_path(path: str, run_dir: Path) -> str:

@@ -18,12 +18,25 @@ import torch
 
 from langmerge.cost import Meter
 from langmerge.data.prepare import ProjectData, load_data
-from langmerge.errors import ConfigError, InputError
-from langmerge.evaluate.job import evaluate, evaluation_key, primary_metric, require_split, score
+from langmerge.errors import ConfigError, InputError, TrainingFailed
+from langmerge.evaluate.health import is_degenerate
+from langmerge.evaluate.job import (
+    evaluate,
+    evaluation_health,
+    evaluation_key,
+    primary_metric,
+    require_split,
+    score,
+)
 from langmerge.evaluate.models import ModelRef, load, merge_ref
 from langmerge.merge.io import ModelFiles, check_finite, load_adapter
 from langmerge.merge.methods import check_inputs, get_method
-from langmerge.merge.recipe_merge import merge_key, merge_once, recipe_merge_config
+from langmerge.merge.recipe_merge import (
+    degenerate_experts,
+    merge_key,
+    merge_once,
+    recipe_merge_config,
+)
 from langmerge.merge.stream import adapter_merge, check_adapters
 from langmerge.processes import exclusive
 from langmerge.progress import progress_bar
@@ -118,6 +131,11 @@ def _sweep(recipe, data: ProjectData, codes, points, progress, say) -> dict:
             raise ConfigError(
                 f"no trained expert for {', '.join(missing)}: run `langmerge train RECIPE --all`"
             )
+        if (bad := degenerate_experts(experts)) and not recipe.merge.allow_degenerate:
+            raise InputError(
+                f"{'; '.join(bad)}. A degenerate expert is not merged: retrain it, or pass "
+                "--allow-degenerate (the sweep then serves nothing)"
+            )
         metric, select = primary_metric(recipe), recipe.sweep.select
         keys = {c: evaluation_key(recipe, data.languages[c].digest) for c in codes}
         configs = {name: _config(recipe, experts, p) for name, p in points}
@@ -144,13 +162,22 @@ def _sweep(recipe, data: ProjectData, codes, points, progress, say) -> dict:
                     found[name] = registry.sweep_point(point_keys[name])
                     value = selection_score(metrics, metric, select)
                     say(f"  {name}: {select} {metric} {value:.3f} ({seconds:.1f} s)")
-            best = choose([(n, found[n]["metrics"]) for n, _ in points], metric, select)
+            healthy = [n for n, _ in points if not is_degenerate(
+                evaluation_health(found[n]["metrics"], data, "validation"))]  # fmt: skip
+            if not healthy:
+                raise TrainingFailed("every merge of the sweep is degenerate on validation "
+                                     "(predictions collapsed): nothing to choose")  # fmt: skip
+            if len(healthy) < len(points):
+                say(f"sweep: {len(points) - len(healthy)} degenerate point(s) left out of the "
+                    "choice")  # fmt: skip
+            best = choose([(n, found[n]["metrics"]) for n in healthy], metric, select)
             alpha = recipe.evaluation.alpha
-            winner, simpler = settle([n for n, _ in points], found, best, metric, select, alpha)
+            winner, simpler = settle(healthy, found, best, metric, select, alpha)
             result = {
                 "select": select,
                 "metric": metric,
                 "languages": codes,
+                "degenerate": [n for n, _ in points if n not in healthy],
                 "points": [
                     {
                         "name": n,
@@ -186,8 +213,12 @@ def _sweep(recipe, data: ProjectData, codes, points, progress, say) -> dict:
     finally:
         registry.close()
     # the decision's evaluation and merge are ledger jobs of their own, after the sweep's
-    serve = _against_current(recipe, data, codes, dict(points)[winner], winner, experts, result,
-                             progress, say)  # fmt: skip
+    if bad:
+        say("degenerate experts: the sweep's choice is recorded, nothing is served")
+        serve = None
+    else:
+        serve = _against_current(recipe, data, codes, dict(points)[winner], winner, experts,
+                                 result, progress, say)  # fmt: skip
     result["sweep_s"] = sum(p["seconds"] for p in result["points"])
     registry = Registry(recipe.run_dir)
     try:

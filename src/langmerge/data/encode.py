@@ -43,3 +43,21 @@ def _generation(e: Example, tokenizer, task: Task, max_length: int) -> dict:
     target = target[: max(max_length - len(prompt), max_length // 2)]
     prompt = prompt[max(0, len(prompt) + len(target) - max_length) :]
     return {"input_ids": prompt + target, "labels": [IGNORE] * len(prompt) + target}
+
+
+def truncated_share(examples: Sequence[Example], tokenizer, task: Task, max_length: int) -> float:
+    """The share of `examples` longer than `max_length` tokens, which encoding cuts. A text of
+    more than 16 characters per allowed token is counted without tokenising it whole."""
+    if not examples:
+        return 0.0
+    cap = 16 * max_length
+    cut = 0
+    for e in examples:
+        text = e.text if len(e.text) <= cap else e.text[:cap]
+        if task.kind == "classification":
+            n = len(tokenizer(text)["input_ids"])
+        else:
+            answer = tokenizer(e.answer[:cap], add_special_tokens=False)["input_ids"]
+            n = len(prompt_ids(text, tokenizer, task)) + len(answer) + 1
+        cut += n > max_length or len(e.text) > cap
+    return cut / len(examples)

@@ -12,7 +12,7 @@ from langmerge.cost import Meter
 from langmerge.data.encode import encode, prompt_ids
 from langmerge.data.prepare import Example, ProjectData, load_data
 from langmerge.errors import ConfigError, InputError
-from langmerge.evaluate import metrics
+from langmerge.evaluate import health, metrics
 from langmerge.evaluate.models import ModelRef, load, resolve
 from langmerge.evaluate.predict import generate, predict_classes
 from langmerge.recipe import Recipe
@@ -45,7 +45,10 @@ def with_interval(scores: dict | None, metric: str) -> str:
 
 
 def primary_metric(recipe: Recipe) -> str:
-    """The metric tables lead with: accuracy for labels (also generated ones), else ROUGE-L."""
+    """The metric tables lead with: the recipe's `evaluation.metric`, else accuracy for labels
+    (also generated ones), else ROUGE-L."""
+    if recipe.evaluation.metric:
+        return recipe.evaluation.metric
     if recipe.task.kind == "classification" or recipe.task.labels:
         return "accuracy"
     return "rougeL"
@@ -126,6 +129,21 @@ def require_split(data: ProjectData, codes: list[str], split: str) -> None:
             f"{', '.join(empty)} {'has' if len(empty) == 1 else 'have'} no {split} examples: "
             f"give a {split} file, or set split.{split} above 0"
         )
+
+
+def evaluation_health(found: dict[str, dict], data: ProjectData, split: str) -> dict:
+    """A model's health verdict from its evaluation (language → metrics with per-example
+    predictions): labels collapsed to one, or empty or identical generated answers."""
+    parts = {}
+    for code, m in found.items():
+        each = (m or {}).get(PER_EXAMPLE) or {}
+        gold = [e.answer for e in data.languages[code].split(split)]
+        if len(each.get("predicted") or []) == len(gold):
+            predicted = ["(unparseable)" if p is None else p for p in each["predicted"]]
+            parts[code] = health.label_problems(gold, predicted, f"{split} texts")
+        elif len(each.get("generated") or []) == len(gold):
+            parts[code] = health.generation_problems(each["generated"], gold, f"{split} prompts")
+    return health.verdict(parts)
 
 
 def evaluation_key(recipe: Recipe, data_hash: str) -> str:

@@ -12,10 +12,24 @@ from langmerge.data.encode import IGNORE
 from langmerge.evaluate.metrics import accuracy, macro_f1
 
 
-@torch.inference_mode()
 def validation_scores(model, encoded: list[dict], kind: str, pad_id: int, batch_size: int) -> dict:
     """Classification: accuracy, macro-F1 and mean loss; generation: the mean loss per target
     token and its perplexity. Batches hold examples of similar length (little padding)."""
+    found = validation_pass(model, encoded, kind, pad_id, batch_size)
+    if not found:
+        return {}
+    loss = found["loss"]
+    if kind == "classification":
+        gold, predicted = found["gold"], found["predicted"]
+        return {"accuracy": accuracy(gold, predicted), "macro_f1": macro_f1(gold, predicted),
+                "loss": loss}  # fmt: skip
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+@torch.inference_mode()
+def validation_pass(model, encoded: list[dict], kind: str, pad_id: int, batch_size: int) -> dict:
+    """The mean loss over `encoded` (per example for classification, per target token for
+    generation) and, for classification, the gold and predicted class indices in order."""
     if not encoded:
         return {}
     was_training = model.training
@@ -51,11 +65,11 @@ def validation_scores(model, encoded: list[dict], kind: str, pad_id: int, batch_
             loss_sum += float(losses)
             loss_count += int((targets != IGNORE).sum())
     model.train(was_training)
-    loss = loss_sum / max(loss_count, 1)
+    found = {"loss": loss_sum / max(loss_count, 1)}
     if kind == "classification":
-        return {"accuracy": accuracy(gold, predicted), "macro_f1": macro_f1(gold, predicted),
-                "loss": loss}  # fmt: skip
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        inverse = sorted(range(len(order)), key=order.__getitem__)  # back to the given order
+        found.update(gold=[gold[i] for i in inverse], predicted=[predicted[i] for i in inverse])
+    return found
 
 
 @torch.inference_mode()

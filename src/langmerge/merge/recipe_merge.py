@@ -9,6 +9,7 @@ from pathlib import Path
 
 from langmerge.cost import Meter
 from langmerge.errors import ConfigError, InputError
+from langmerge.evaluate.health import is_degenerate
 from langmerge.merge.config import MergeConfig, build_config
 from langmerge.merge.run import run_merge
 from langmerge.recipe import Recipe
@@ -39,6 +40,16 @@ def recipe_merge_config(recipe: Recipe, experts: dict[str, dict], overrides: dic
     }
     data.update({k: v for k, v in overrides.items() if v is not None})
     return build_config(data, "merge settings of the recipe")
+
+
+def degenerate_experts(experts: dict[str, dict]) -> list[str]:
+    """'expert de v2 is degenerate: …' for each expert (language → registry row) whose health
+    check failed."""
+    return [
+        f"expert {code} v{e['version']} is degenerate: {'; '.join(e['health']['problems'])}"
+        for code, e in experts.items()
+        if is_degenerate(e.get("health"))
+    ]
 
 
 def merge_key(cfg: MergeConfig) -> str:
@@ -77,6 +88,14 @@ def merge_recipe(
                 f"no trained expert for {', '.join(missing)}: run "
                 f"`langmerge train RECIPE --lang {missing[0]}` (or --all) first"
             )
+        if bad := degenerate_experts(experts):
+            if not recipe.merge.allow_degenerate:
+                raise InputError(
+                    f"{'; '.join(bad)}. A degenerate expert is not merged: retrain it (see "
+                    "`langmerge ls` for the verdict and what to try), or pass "
+                    "--allow-degenerate to merge it anyway (such a merge is never served)"
+                )
+            serve = None
         cfg = recipe_merge_config(recipe, experts, overrides or {})
         ids = [e["id"] for e in experts.values()]
         inputs = hashlib.sha256(
@@ -99,6 +118,8 @@ def merge_recipe(
         summary["merge_id"] = registry.finish_merge(
             job, meter.cost(), cfg.method, params, ids, str(out), serve
         )
+        summary["served"] = serve is not None
+        summary["degenerate_experts"] = bad
         summary["stale_experts"] = [
             f"{code} v{e['version']}"
             for code, e in experts.items()

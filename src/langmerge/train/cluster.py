@@ -323,7 +323,7 @@ def _get(ray, ref, submitted: float):
 
 def _record(registry, recipe, data, target, planned, outcome: Attempt, say):
     """One ledger row for the attempt; the model placed and recorded when it worked."""
-    from langmerge.train.jobs import Trained, _identity, record_trained
+    from langmerge.train.jobs import Trained, _identity, record_trained, say_health
 
     kind, languages, name = _identity(data, target)
     hashes, work = planned
@@ -344,8 +344,10 @@ def _record(registry, recipe, data, target, planned, outcome: Attempt, say):
     wall = outcome.ended - outcome.started
     say(f"{name}: v{record.version} in {record.path} ({wall:.1f} s on {outcome.worker}, "
         f"{outcome.cost.tokens} tokens)")  # fmt: skip
-    return Trained(kind, target, record.version, Path(record.path), False, outcome.staged.scores,
-                   outcome.staged.resumed_from, wall, outcome.cost.tokens)  # fmt: skip
+    staged = outcome.staged
+    say_health(name, staged.health, staged.training, say)
+    return Trained(kind, target, record.version, Path(record.path), False, staged.scores,
+                   staged.resumed_from, wall, outcome.cost.tokens, staged.health)  # fmt: skip
 
 
 def _name(target: str | None) -> str:

@@ -13,7 +13,7 @@ import hashlib
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ from langmerge.backbones import (
     resolve_base,
 )
 from langmerge.cost import Meter
-from langmerge.data.encode import encode
+from langmerge.data.encode import encode, truncated_share
 from langmerge.data.prepare import ProjectData, load_data
 from langmerge.errors import ConfigError
 from langmerge.merge.writer import write_json
@@ -58,6 +58,7 @@ class Trained:
     resumed_from: int | None = None
     wall_s: float = 0.0
     tokens: int = 0
+    health: dict = field(default_factory=dict)
 
 
 def train(
@@ -172,7 +173,27 @@ def cached(registry: Registry, data: ProjectData, language: str | None, hashes: 
     if hit is None:
         return None
     say(f"{name}: up to date (v{hit['version']}, {hit['path']}); --force retrains")
-    return Trained(kind, language, hit["version"], Path(hit["path"]), True, hit["scores"])
+    say_health(name, hit["health"], hit["training"], say)
+    return Trained(kind, language, hit["version"], Path(hit["path"]), True, hit["scores"],
+                   health=hit["health"])  # fmt: skip
+
+
+def say_health(name: str, health: dict, training: dict, say: Callable[[str], None]) -> None:
+    """The health verdict of a trained model, with what to try when it is degenerate."""
+    from langmerge.evaluate.health import DEGENERATE
+
+    if not health:
+        return
+    best, steps = training.get("best_step"), training.get("steps")
+    where = f" (weights of step {best} of {steps}, the best on validation)" if best else ""
+    if health["verdict"] != DEGENERATE:
+        say(f"{name}: healthy{where}")
+    else:
+        say(f"{name}: DEGENERATE{where}: " + "; ".join(health["problems"]))
+        for advice in health["advice"]:
+            say(f"  {advice}")
+    for warning in health.get("warnings", []):
+        say(f"warning: {name}: {warning}")
 
 
 def busy_message(data: ProjectData, language: str | None) -> str:
@@ -197,6 +218,8 @@ class Staged:
     steps: int
     loss: float | None
     resumed_from: int | None
+    health: dict = field(default_factory=dict)  # the verdict of evaluate/health.py
+    training: dict = field(default_factory=dict)  # steps, the best step, the validation curve
 
 
 def fit_and_stage(
@@ -226,27 +249,94 @@ def fit_and_stage(
 
     if continue_from is None:
         train_set = [x for code in languages for x in encoded("train", code)]
-        say(f"{name}: training on {len(train_set)} examples")
+        limit = recipe.training.max_length
+        for code in languages:
+            examples = data.languages[code].split("train")
+            if share := truncated_share(examples, tokenizer, recipe.task, limit):
+                say(f"{name}: {share:.0%} of {code}'s training texts are longer than "
+                    f"training.max_length ({limit} tokens) and are cut")  # fmt: skip
     else:
         train_set = encode(continue_from.examples, tokenizer, recipe.task, data.labels,
                            recipe.training.max_length)  # fmt: skip
+    kind = "joint" if language is None else "expert"
+    steps = recipe.training.budget(kind, len(train_set), world_size())
+    if continue_from is None:
+        say(f"{name}: training on {len(train_set)} examples, {steps} optimiser steps")
+    else:
         say(f"{name}: training {continue_from.adapter.name} further on "
-            f"{len(train_set)} new examples")  # fmt: skip
+            f"{len(train_set)} new examples, {steps} optimiser steps")  # fmt: skip
+    if steps < FEW_STEPS:
+        say(f"warning: {name} gets only {steps} optimiser steps; it may learn nothing: set "
+            "training.min_steps or training.steps (per expert and joint)")  # fmt: skip
+    validation = {code: encoded("validation", code) for code in languages}
+    validation = {code: v for code, v in validation.items() if v}
     start = continue_from.adapter if continue_from else None
     result = fit(base_dir, recipe, train_set, tokenizer.pad_token_id, work / "checkpoints",
-                 progress, counts, start)  # fmt: skip
+                 progress, counts, start, validation, kind, leader)  # fmt: skip
     if not leader:
         return None
     if result.resumed_from is not None:
         say(f"{name}: resumed from the checkpoint at step {result.resumed_from}")
     scores = {
         code: validation_scores(result.model, encoded("validation", code), recipe.task.kind,
-                                tokenizer.pad_token_id, recipe.training.batch_size)
+                                tokenizer.pad_token_id, recipe.evaluation.batch_size)
         for code in languages
     }  # fmt: skip
+    training = {"steps": result.steps, "best_step": result.best_step, "curve": result.curve,
+                "train_loss": result.loss, "last_train_loss": result.last_loss}  # fmt: skip
+    health = check_health(result, recipe, data, languages, tokenizer, scores, continue_from)
     staged = work / "adapter"
     result.model.save_pretrained(staged)
-    return Staged(staged, Path(base_dir), scores, result.steps, result.loss, result.resumed_from)
+    return Staged(staged, Path(base_dir), scores, result.steps, result.loss, result.resumed_from,
+                  health, training)  # fmt: skip
+
+
+FEW_STEPS = 50  # fewer optimiser steps than this: warn that the model may learn nothing
+HEALTH_PROMPTS = 16  # generation: validation prompts per language answered for the check
+
+
+def check_health(result, recipe: Recipe, data: ProjectData, languages: list[str], tokenizer,
+                 scores: dict, continue_from: Continuation | None) -> dict:  # fmt: skip
+    """The health verdict of a freshly trained model on its validation split: its predictions
+    per language, its losses against the untrained model's (not for a continued expert, whose
+    start was trained already)."""
+    from langmerge.data.encode import prompt_ids
+    from langmerge.evaluate import health
+    from langmerge.evaluate.job import primary_metric
+    from langmerge.evaluate.predict import generate, validation_pass
+
+    task, batch = recipe.task, recipe.evaluation.batch_size
+    parts = {}
+    for code in languages:
+        examples = data.languages[code].split("validation")
+        if not examples:
+            continue
+        if task.kind == "classification":
+            enc = encode(examples, tokenizer, task, data.labels, recipe.training.max_length)
+            found = validation_pass(result.model, enc, task.kind, tokenizer.pad_token_id, batch)
+            labels = data.labels
+            parts[code] = health.label_problems(
+                [labels[i] for i in found["gold"]], [labels[i] for i in found["predicted"]]
+            )
+        else:
+            some = examples[:HEALTH_PROMPTS]
+            prompts = [prompt_ids(e.text, tokenizer, task)[-recipe.training.max_length :]
+                       for e in some]  # fmt: skip
+            answers = generate(result.model, prompts, tokenizer, task.max_new_tokens, batch)
+            parts[code] = health.generation_problems(answers, [e.answer for e in some])
+    curve = result.curve or []
+    untrained = curve[0] if curve and curve[0]["step"] == 0 and continue_from is None else {}
+    metric = primary_metric(recipe) if task.kind == "classification" else None
+    losses = [s["loss"] for s in scores.values() if s]
+    kept = next((p for p in curve if p["step"] == result.best_step), {})
+    loss = health.loss_problems(
+        result.last_loss if result.best_step == result.steps else None,
+        sum(losses) / len(losses) if losses else None,
+        untrained.get("loss"),
+        kept.get(metric) if metric else None,
+        untrained.get(metric) if metric else None,
+    )
+    return health.verdict(parts, loss)
 
 
 def record_trained(
@@ -272,6 +362,7 @@ def record_trained(
             "base_dir": str(staged.base_dir), "task": recipe.task.model_dump(),
             "labels": data.labels, "recipe_hash": recipe_hash, "data_hash": data_hash,
             "steps": staged.steps, "train_loss": staged.loss, "validation": staged.scores,
+            "health": staged.health, "best_step": staged.training.get("best_step"),
             "continued_from": str(continue_from.adapter) if continue_from else None,
         })  # fmt: skip
         final = staged.path.parent.parent / f"v{version}"
@@ -281,7 +372,8 @@ def record_trained(
         return str(final)
 
     record = TrainedModel(kind, language, languages, str(staged.base_dir), recipe_hash, data_hash,
-                          staged.scores)  # fmt: skip
+                          staged.scores, health=staged.health,
+                          training=staged.training)  # fmt: skip
     return registry.finish_training(job, cost, record, place, ended)
 
 
@@ -319,5 +411,6 @@ def _run_job(
     shutil.rmtree(work, ignore_errors=True)
     wall = registry.job(job)["wall_s"]
     say(f"{name}: v{record.version} in {record.path} ({wall:.1f} s, {counts.tokens} tokens)")
+    say_health(name, staged.health, staged.training, say)
     return Trained(kind, language, record.version, Path(record.path), False, staged.scores,
-                   staged.resumed_from, wall, counts.tokens)  # fmt: skip
+                   staged.resumed_from, wall, counts.tokens, staged.health)  # fmt: skip

@@ -1,0 +1,213 @@
+"""The quality yardstick: the whole study with default training settings on real multilingual
+text, over several training seeds — per language the joint model, each expert on its own
+language, the best merge (chosen on validation, scored on test) and its gap to joint with a
+paired 95% interval, and how many trained models were degenerate.
+
+Data sets (both real text, neither generated nor templated):
+- `kaomoji`: the demo's data (the `kaomoji-dataset` package): kaomoji names and keywords in
+  en, de, es, ja, zh, 8 categories.
+- `manpages`: Debian's translated manual pages (fetched with `apt-get download`, see
+  bench/debian_manpages.py): a page's one-line summary and first DESCRIPTION paragraph, labelled
+  with its manual section (command, syscall, library, file format, admin command).
+
+    .venv/bin/python bench/quality.py                       # both data sets, seeds 0 1 2
+    .venv/bin/python bench/quality.py --data kaomoji --seeds 0 --set training.learning_rate=1e-3
+
+The recipe names only the task, the languages and their data (plus `--set` overrides): every
+training setting is langmerge's default. Results: a table per data set, and JSON in
+bench/results/quality-<data>.json (the per-seed figures and the settings used).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+
+from _common import machine_info  # noqa: E402
+
+
+def kaomoji_data(out: Path) -> dict:
+    """The demo's five languages (all of their texts, German's held-back share included)."""
+    from langmerge.data.demo import CATEGORIES, LANGUAGES, examples
+
+    out.mkdir(parents=True, exist_ok=True)
+    for code in LANGUAGES:
+        rows = examples(code)
+        (out / f"{code}.jsonl").write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        )
+    return {"languages": LANGUAGES, "labels": CATEGORIES}
+
+
+def manpages_data(out: Path) -> dict:
+    """Debian's translated manual pages, one file per language."""
+    from debian_manpages import build
+
+    summary = build(out)
+    languages = sorted(summary["languages"]) if "languages" in summary else sorted(summary)
+    labels = sorted({label for rows in _read_all(out, languages) for label in rows})
+    return {"languages": languages, "labels": labels}
+
+
+def _read_all(folder: Path, languages: list[str]) -> list[set]:
+    return [
+        {json.loads(line)["label"] for line in (folder / f"{c}.jsonl").read_text().splitlines()}
+        for c in languages
+    ]
+
+
+DATA = {"kaomoji": kaomoji_data, "manpages": manpages_data}
+
+
+def write_project(root: Path, name: str, overrides: dict) -> Path:
+    """A project folder: the data set's files, the embedded backbone trimmed to its texts, and a
+    recipe that names nothing but what a user must (base, task, languages, data)."""
+    from langmerge.embedded import embedded_backbone
+
+    data_dir = root / "data"
+    info = DATA[name](data_dir)
+    texts = sorted({json.loads(line)["text"] for c in info["languages"]
+                    for line in (data_dir / f"{c}.jsonl").read_text().splitlines()})  # fmt: skip
+    recipe = {
+        "base": str(embedded_backbone(texts)),
+        "task": {"kind": "classification", "labels": info["labels"]},
+        "languages": {c: {"data": f"data/{c}.jsonl"} for c in info["languages"]},
+        "run_dir": "run",
+    }
+    for dotted, value in overrides.items():
+        node = recipe
+        *path, last = dotted.split(".")
+        for key in path:
+            node = node.setdefault(key, {})
+        node[last] = value
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, allow_unicode=True, sort_keys=False))
+    return path
+
+
+def study(recipe_path: Path, seed: int) -> dict:
+    """One seed's study: `langmerge run`, then every merge scored on validation to choose the
+    best one as a user of the sweep would (the study's own `*` is chosen on test)."""
+    from langmerge import stats
+    from langmerge.evaluate.health import is_degenerate
+    from langmerge.evaluate.job import evaluate, per_example
+    from langmerge.recipe import load_recipe
+    from langmerge.run import run
+    from langmerge.seeds import seed_recipes
+
+    recipe = seed_recipes(load_recipe(recipe_path), seed + 1)[seed]
+    start = time.perf_counter()
+    s = run(recipe, progress=False, say=lambda m: print(f"  [seed {seed}] {m}", flush=True))
+    metric, codes = s.metric, s.languages
+    merges = [row for row in s.quality if row.startswith("merged:")]
+    healthy = [m for m in merges if not is_degenerate(s.health.get(m))]
+    on_validation = {
+        m: evaluate(recipe, m, codes, "validation") for m in healthy
+    }  # fmt: skip
+    best = max(healthy, key=lambda m: sum(on_validation[m][c][metric] for c in codes),
+               default=None)  # fmt: skip
+    languages = {}
+    for c in codes:
+        joint = s.quality["joint"][c]
+        row = {"joint": joint[metric], "joint_macro_f1": joint.get("macro_f1"),
+               "expert": s.quality["experts (own language)"][c][metric]}  # fmt: skip
+        if best is not None:
+            merged = s.quality[best][c]
+            c_ = stats.compare(per_example(merged, metric), per_example(joint, metric))
+            row.update(best=merged[metric], gap=c_.diff, gap_low=c_.low, gap_high=c_.high,
+                       gap_p=c_.p)  # fmt: skip
+        languages[c] = row
+    return {
+        "seed": recipe.training.seed,
+        "metric": metric,
+        "best_merge": best,
+        "languages": languages,
+        "degenerate": s.degenerate(),
+        "health": {row: (h or {}).get("problems", []) for row, h in s.health.items()},
+        "steps": _steps(recipe),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _steps(recipe) -> dict:
+    from langmerge.registry import Registry
+
+    registry = Registry(recipe.run_dir)
+    try:
+        rows = registry.trained("expert") + registry.trained("joint")
+        return {(r.get("language") or "joint"): r["training"].get("steps") for r in rows}
+    finally:
+        registry.close()
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    """Per language: mean ± sd over seeds of joint, expert, best merge and the gap, and the
+    range of the gap's per-seed intervals."""
+    codes = list(runs[0]["languages"])
+    table = []
+    for c in [*codes, "mean"]:
+        def values(key):
+            if c == "mean":
+                return [statistics.fmean(r["languages"][x][key] for x in codes) for r in runs
+                        if all(key in r["languages"][x] for x in codes)]  # fmt: skip
+            return [r["languages"][c][key] for r in runs if key in r["languages"][c]]
+
+        row = {"language": c}
+        for key in ("joint", "expert", "best", "gap"):
+            v = values(key)
+            sd = statistics.stdev(v) if len(v) > 1 else 0.0
+            row[key] = f"{statistics.fmean(v):+.3f} ± {sd:.3f}" if key == "gap" and v else (
+                f"{statistics.fmean(v):.3f} ± {sd:.3f}" if v else "—")  # fmt: skip
+        if c != "mean":
+            lows = [r["languages"][c]["gap_low"] for r in runs if "gap_low" in r["languages"][c]]
+            highs = [r["languages"][c]["gap_high"] for r in runs if "gap_high" in r["languages"][c]]
+            sig = sum(r["languages"][c].get("gap_p", 1) < 0.05 for r in runs)
+            row["gap 95% (per seed)"] = ", ".join(
+                f"[{lo:+.2f}, {hi:+.2f}]" for lo, hi in zip(lows, highs))
+            row["significant"] = f"{sig}/{len(runs)}"
+        table.append(row)
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default="kaomoji,manpages", help="comma-separated data sets")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a recipe setting, e.g. training.learning_rate=1e-3 (YAML value)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/langmerge-quality"))
+    parser.add_argument("--tag", default="", help="suffix of the results file")
+    args = parser.parse_args()
+    overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for name in args.data.split(","):
+        suffix = "-".join(f"{k}={v}" for k, v in overrides.items())
+        root = args.work / (name + (f"-{suffix}" if suffix else ""))
+        recipe = write_project(root, name, overrides)
+        runs = [study(recipe, seed) for seed in seeds]
+        table = summarise(runs)
+        print(f"\n{name}: {runs[0]['metric']} on test, {len(seeds)} seeds (mean ± sd); "
+              f"degenerate models: {sum(len(r['degenerate']) for r in runs)}")  # fmt: skip
+        keys = list(table[0])
+        print("| " + " | ".join(keys) + " |")
+        print("|" + "---|" * len(keys))
+        for row in table:
+            print("| " + " | ".join(str(row.get(k, "")) for k in keys) + " |")
+        result = {"data": name, "overrides": overrides, "seeds": seeds, "runs": runs,
+                  "table": table, "machine": machine_info(("torch", "transformers", "peft"))}  # fmt: skip
+        out = HERE / "results" / f"quality-{name}{args.tag}.json"
+        out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+        print(f"written: {out}")
+
+
+if __name__ == "__main__":
+    main()
