@@ -123,7 +123,7 @@ def study(recipe_path: Path, seed: int) -> dict:
         if best is not None:
             merged = s.quality[best][c]
             c_ = stats.compare(per_example(merged, metric), per_example(joint, metric))
-            row.update(best=merged[metric], gap=c_.diff, gap_low=c_.low, gap_high=c_.high,
+            row.update(best=merged[metric], gap=c_.difference, gap_low=c_.low, gap_high=c_.high,
                        gap_p=c_.p)  # fmt: skip
         languages[c] = row
     return {
@@ -155,7 +155,8 @@ def summarise(runs: list[dict]) -> list[dict]:
     codes = list(runs[0]["languages"])
     table = []
     for c in [*codes, "mean"]:
-        def values(key):
+
+        def values(key: str, c: str = c) -> list[float]:
             if c == "mean":
                 return [statistics.fmean(r["languages"][x][key] for x in codes) for r in runs
                         if all(key in r["languages"][x] for x in codes)]  # fmt: skip
@@ -172,7 +173,8 @@ def summarise(runs: list[dict]) -> list[dict]:
             highs = [r["languages"][c]["gap_high"] for r in runs if "gap_high" in r["languages"][c]]
             sig = sum(r["languages"][c].get("gap_p", 1) < 0.05 for r in runs)
             row["gap 95% (per seed)"] = ", ".join(
-                f"[{lo:+.2f}, {hi:+.2f}]" for lo, hi in zip(lows, highs))
+                f"[{lo:+.2f}, {hi:+.2f}]" for lo, hi in zip(lows, highs)
+            )
             row["significant"] = f"{sig}/{len(runs)}"
         table.append(row)
     return table
@@ -182,8 +184,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="kaomoji,manpages", help="comma-separated data sets")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a recipe setting, e.g. training.learning_rate=1e-3 (YAML value)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a recipe setting, e.g. training.learning_rate=1e-3 (YAML value)",
+    )
     parser.add_argument("--work", type=Path, default=Path("/tmp/langmerge-quality"))
     parser.add_argument("--tag", default="", help="suffix of the results file")
     args = parser.parse_args()
@@ -202,8 +209,9 @@ def main() -> None:
         print("|" + "---|" * len(keys))
         for row in table:
             print("| " + " | ".join(str(row.get(k, "")) for k in keys) + " |")
+        machine = machine_info(("torch", "transformers", "peft"))
         result = {"data": name, "overrides": overrides, "seeds": seeds, "runs": runs,
-                  "table": table, "machine": machine_info(("torch", "transformers", "peft"))}  # fmt: skip
+                  "table": table, "machine": machine}  # fmt: skip
         out = HERE / "results" / f"quality-{name}{args.tag}.json"
         out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
         print(f"written: {out}")

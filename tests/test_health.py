@@ -67,10 +67,12 @@ def test_losses_diverged_learned_nothing_or_only_overconfident():
 def test_the_verdict_names_the_language_and_what_to_try():
     parts = {"en": health.label_problems(["x", "y"] * 4, ["x"] * 8), "de": {"problems": [],
              "evidence": {}}}  # fmt: skip
-    v = health.verdict(parts, health.loss_problems(0.5, 0.6, 0.7))
+    v = health.verdict(parts, health.loss_problems(0.2, 0.3, 0.7))
     assert v["verdict"] == "degenerate"
     assert v["problems"][0].startswith("en: predicts `x` for 100% of 8 validation texts")
-    assert v["advice"] == [health.ADVICE_COLLAPSE]
+    assert v["advice"] == [health.ADVICE_COLLAPSE]  # the loss fell: trained too hard
+    barely = health.verdict(parts, health.loss_problems(0.5, 0.6, 0.7))
+    assert barely["advice"] == [health.ADVICE_NOTHING]  # it fell by a seventh: too little
     assert health.summary(v).startswith("degenerate: en: predicts `x`")
     assert health.summary({}) == "unchecked" and not health.is_degenerate({})
     diverged = health.verdict({}, health.loss_problems(math.inf, 0.6, 0.7))
@@ -161,8 +163,9 @@ def one_label_project(root):
     write_jsonl(root / "data" / "en-test.jsonl", mixed)
     en = {"train": "data/en-train.jsonl", "validation": "data/en-validation.jsonl",
           "test": "data/en-test.jsonl"}  # fmt: skip
-    return project(root, training={"epochs": 10, "best_checkpoint": False}, languages={"en": en, "de": {"data":
-                   "data/de.jsonl"}, "fr": {"data": "data/fr.jsonl"}})  # fmt: skip
+    others = {"de": {"data": "data/de.jsonl"}, "fr": {"data": "data/fr.jsonl"}}
+    training = {"epochs": 10, "best_checkpoint": False}
+    return project(root, training=training, languages={"en": en, **others})
 
 
 def test_an_expert_trained_on_one_label_is_degenerate_and_not_merged(tmp_path, cli):
@@ -181,7 +184,8 @@ def test_an_expert_trained_on_one_label_is_degenerate_and_not_merged(tmp_path, c
     assert code == 0 and "not served: it merges degenerate experts" in " ".join(out.split())
     assert Registry(load_recipe(path).run_dir).current_merge() is None
     code, out = cli("ls", path)
-    assert code == 0 and "degenerate: en: predicts" in " ".join(out.split())
+    assert code == 0 and "degenerate models" in out
+    assert "predicts `happy` for 100% of 12 validation texts" in " ".join(out.split())
 
 
 def test_a_run_with_an_exploding_learning_rate_is_flagged_and_serves_nothing(tmp_path, cli):

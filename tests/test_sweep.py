@@ -169,12 +169,13 @@ def test_points_are_cached_and_an_interrupted_sweep_resumes(swept, monkeypatch):
 
 def test_the_winner_goes_into_service_when_it_beats_the_merge_in_service(swept):
     recipe = load_recipe(swept)
-    # put the merge the sweep scored worst (DARE at density 0.5 on these tiny experts) in service
-    weaker = {"method": "dare_ties", "density": 0.5}
-    summary, _ = merge_recipe(recipe, overrides=weaker, progress=False, name="dare",
+    # put a merge in service that is worse than any point of the grid: the experts' deltas
+    # subtracted from the base instead of added (every label flipped on these tiny experts)
+    weaker = {"method": "linear", "lam": -1.0}
+    summary, _ = merge_recipe(recipe, overrides=weaker, progress=False, name="weak",
                               serve="a weaker merge, for the test")  # fmt: skip
     result = sweeping.sweep(recipe, progress=False)
-    assert result["current"]["name"] == f"merged:dare#{summary['merge_id']}"
+    assert result["current"]["name"] == f"merged:weak#{summary['merge_id']}"
     assert result["winner_score"] > result["current"]["score"]  # the case this test is about
     registry = Registry(recipe.run_dir)
     try:

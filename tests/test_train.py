@@ -285,9 +285,10 @@ def test_a_decoder_learns_classification_with_its_score_head(tmp_path, cli):
     from tiny import tiny_decoder
 
     tiny_decoder(tmp_path / "decoder")
-    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    modules = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": modules}
     path = project(
-        tmp_path, base="decoder", lora=lora, training={"epochs": 6, "learning_rate": 0.01}
+        tmp_path, base="decoder", lora=lora, training={"epochs": 6, "learning_rate": 0.02}
     )
     code, text = cli("train", path, "--all", "--quiet")
     assert code == 0, text

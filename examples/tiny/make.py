@@ -142,7 +142,7 @@ def tiny_decoder(out: Path, chat_template: bool = True) -> Path:
              "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
              "labels": torch.tensor([[-100] * len(p) + a + [-100] * (width - len(p) - len(a))
                                      for p, a in zip(prompts, answers["input_ids"])])}  # fmt: skip
-    pretrain(model, batch, steps=150)
+    pretrain(model, batch, steps=300)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
@@ -156,13 +156,18 @@ def pretrain(model, batch: dict, steps: int) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     order = torch.Generator().manual_seed(0)
     n = len(batch["input_ids"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same weights on every machine and in every process
     model.train()
-    for _ in range(steps):
-        pick = torch.randint(n, (16,), generator=order)
-        loss = model(**{k: v[pick] for k, v in batch.items()}).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    try:
+        for _ in range(steps):
+            pick = torch.randint(n, (16,), generator=order)
+            loss = model(**{k: v[pick] for k, v in batch.items()}).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
 
 
 HERE = Path(__file__).parent

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from langmerge.data.prepare import load_data
 from langmerge.errors import LangmergeError
-from langmerge.evaluate.health import summary as health_summary
 from langmerge.recipe import load_recipe
 from langmerge.registry import Registry, require_trained
 
@@ -50,7 +49,7 @@ def listing(path: Path) -> dict[str, list[dict]]:
             "version": f"v{row['version']}" + (" *" if current else ""),
             "up to date": fresh(row, key) if current else "",
             "validation": _scores(row["scores"]),
-            "health": health_summary(row["health"]),
+            "health": (row["health"] or {}).get("verdict", "unchecked"),
             "steps": _steps(row["training"]),
             "data hash": row["data_hash"][:8],
             "wall s": f"{row['wall_s']:.1f}",
@@ -59,6 +58,13 @@ def listing(path: Path) -> dict[str, list[dict]]:
             "path": short_path(row["path"], recipe.run_dir),
         }
 
+    def problems(row: dict, name: str) -> list[dict]:
+        health = row["health"] or {}
+        return [{"model": name, "problem": p} for p in health.get("problems", [])]
+
+    degenerate = [
+        p for e in experts for p in problems(e, f"expert {e['language']} v{e['version']}")
+    ] + [p for j in joints for p in problems(j, f"joint v{j['version']}")]
     return {
         "experts (* = current version)": [
             {
@@ -83,6 +89,7 @@ def listing(path: Path) -> dict[str, list[dict]]:
             }
             for m in merges
         ],
+        "degenerate models": degenerate,
     }
 
 

@@ -23,6 +23,7 @@ CONSTANT_MARGIN = 0.05  # macro-F1 within this of a constant predictor's: no bet
 IDENTICAL_SHARE = 0.9  # one generated answer for at least this share of the prompts
 EMPTY_SHARE = 0.5  # at least this share of generated answers empty
 LEARNED_MARGIN = 0.02  # the primary metric must beat the untrained model's by more than this
+UNDERFIT_FALL = 0.3  # a validation loss that fell by less than this share: too little training
 
 ADVICE_COLLAPSE = (
     "try a lower training.learning_rate (e.g. a third of it), a longer warm-up, or more steps "
@@ -143,14 +144,14 @@ def verdict(parts: dict[str, dict], loss: dict | None = None) -> dict:
         evidence[code] = part["evidence"]
     advice = []
     if problems:
-        advice.append(ADVICE_COLLAPSE)
+        advice.append(ADVICE_NOTHING if _barely_learned(loss) else ADVICE_COLLAPSE)
     if loss is not None:
         problems += loss["problems"]
         warnings += loss.get("warnings", [])
         evidence["loss"] = loss["evidence"]
         if any("diverged" in p for p in loss["problems"]):
             advice = [ADVICE_DIVERGED]
-        elif any("learned nothing" in p for p in loss["problems"]):
+        elif any("learned nothing" in p for p in loss["problems"]) and not advice:
             advice.append(ADVICE_NOTHING)
     return {
         "verdict": DEGENERATE if problems else HEALTHY,
@@ -159,6 +160,16 @@ def verdict(parts: dict[str, dict], loss: dict | None = None) -> dict:
         "advice": advice,
         "evidence": evidence,
     }
+
+
+def _barely_learned(loss: dict | None) -> bool:
+    """Whether the validation loss fell by less than UNDERFIT_FALL of the untrained model's:
+    collapsed predictions then come from too little training rather than too much."""
+    found = (loss or {}).get("evidence", {})
+    val, untrained = found.get("validation_loss"), found.get("untrained_validation_loss")
+    if val is None or untrained is None or not (math.isfinite(val) and math.isfinite(untrained)):
+        return False
+    return val > (1 - UNDERFIT_FALL) * untrained
 
 
 def is_degenerate(health: dict | None) -> bool:
