@@ -630,7 +630,7 @@ def main() -> int:
             corr["note"] = (
                 "random masks: langmerge and mergekit draw them from different RNGs, so only "
                 "delta_rel_l2_distance and delta_norm_ratio (|delta_a| / |delta_mergekit|) are "
-                "meaningful. The CLI form uses DESIGN §4 semantics (disjoint mean, rescale "
+                "meaningful. The CLI form uses langmerge's semantics (disjoint mean, rescale "
                 "1/density); the YAML form uses mergekit's (normalize=false, L1 rescale)."
             )
         results["correctness"][method] = corr

@@ -14,7 +14,7 @@ so scaling 1; fixed seed), merged into ONE adapter by
 Reconstruction error, per module ||ΔW − B@A||_F / ||ΔW||_F, aggregated over modules as
 sqrt(Σ ||ΔW − B@A||²) / sqrt(Σ ||ΔW||²). For `ties` / `*ties_svd`, ΔW is PEFT's own dense merge
 (`peft.utils.merge_utils.ties` on its `get_delta_weight` tensors), which at density 1 and equal
-weights is also DESIGN §4's `ties`; the same reference is used for both tools. For `knots_ties`, ΔW
+weights is also langmerge's `ties`; the same reference is used for both tools. For `knots_ties`, ΔW
 is the exact KnOTS merge: the error is langmerge's reported `rel_error`, weighted by ||B@A|| of the
 exact (rank-320) result, and it is cross-checked against a dense float64 KnOTS reference on the
 smaller modules of layer 0 (KnOTS-TIES is ill-conditioned: the vote on singular vectors of close

@@ -1,4 +1,4 @@
-"""Measuring what a job costs (DESIGN §5): CPU seconds, device, peak memory."""
+"""Measuring what a job costs: CPU seconds, device, peak memory."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The run directory's registry: one SQLite database of experts, merges, evaluations and the cost
-ledger (DESIGN §2, §5).
+ledger.
 
 Schema versioned, migrations in code, WAL journal so readers never block the writer. Every write
 is one transaction: a job row is inserted as `running` before the work and turned into `done` or
@@ -182,7 +182,7 @@ class RegistryError(LangmergeError):
 
 @dataclass(frozen=True)
 class Cost:
-    """What a job consumed, measured by the caller (DESIGN §5)."""
+    """What a job consumed, measured by the caller."""
 
     cpu_s: float = 0.0
     device_kind: str = "cpu"

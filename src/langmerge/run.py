@@ -164,7 +164,7 @@ def cost_table(
     joint: dict | None = None,
     before: float | None = None,
 ) -> dict:
-    """DESIGN §5 from the ledger only: the experts (default: the current ones) one after another
+    """From the ledger only: the experts (default: the current ones) one after another
     and with K parallel workers (projected by a longest-first schedule of their measured times),
     the joint model (default: the newest), and the merges (those that ended by `before`)."""
     registry = Registry(recipe.run_dir)

@@ -1,4 +1,4 @@
-"""Merge methods as pure tensor functions (the semantics pinned in DESIGN §4).
+"""Merge methods as pure tensor functions (the semantics pinned in the README's Merging section).
 
 Every method maps deltas τ₁…τₙ of one tensor (expert − base) to one merged delta τ; the merged
 weight is θ₀ + τ. A method is a sparsifier applied to each delta (none, trim, dare, breadcrumbs,
