@@ -204,6 +204,12 @@ def test_a_run_with_an_exploding_learning_rate_is_flagged_and_serves_nothing(tmp
     assert results["best_merge"] is None
     code, out = cli("status", path)
     assert "degenerate" in out
+    # the report's health table says the same, with what to try
+    assert cli("report", path)[0] == 0
+    markdown = (load_recipe(path).run_dir / "report" / "report.md").read_text()
+    health_table = markdown.split("## Training health")[1].split("##")[0]
+    assert health_table.count("| degenerate: ") == 4
+    assert health.ADVICE_DIVERGED in health_table
 
 
 def test_a_comparison_with_a_degenerate_joint_model_is_void():

@@ -34,7 +34,15 @@ def test_a_recipe_loads_with_paths_taken_from_its_folder(tmp_path):
     assert recipe.languages["de"].validation is None
     assert recipe.run_dir == tmp_path / "runs" / "demo"
     assert recipe.base == str(tmp_path / "models" / "base")
-    assert recipe.training.learning_rate == 2e-4 and recipe.merge.lam == 1.0
+    assert recipe.training.learning_rate == 1e-3 and recipe.merge.lam == 1.0
+
+
+def test_the_learning_rate_and_epochs_default_by_task_kind_unless_given(tmp_path):
+    classify = load_recipe(write(tmp_path, {**RECIPE, "training": {}}))
+    assert (classify.training.learning_rate, classify.training.epochs) == (1e-3, 10.0)
+    generate = {**RECIPE, "task": {"kind": "generation"}, "training": {"epochs": 1}}
+    generate = load_recipe(write(tmp_path, generate))
+    assert (generate.training.learning_rate, generate.training.epochs) == (2e-4, 1.0)
 
 
 def test_a_hub_id_stays_a_hub_id(tmp_path):

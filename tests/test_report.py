@@ -107,6 +107,8 @@ def test_the_report_is_one_self_contained_page_and_a_markdown_twin(reported):
     assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
     markdown = (folder / "report.md").read_text()
     assert markdown.count("](figures/") == 6
+    health = markdown.split("## Training health")[1].split("##")[0]
+    assert "| degenerate" not in health and health.count("| healthy |") == 5
     assert not list(folder.parent.glob(".report*"))  # nothing half-written left behind
 
 

@@ -214,6 +214,8 @@ def test_a_study_over_two_seeds_keeps_each_seed_apart_and_aggregates(tmp_path, c
     assert len(hashes[0]) == len(hashes[1]) == 1 and hashes[0] != hashes[1]
     assert summary["cost"]["experts_serial_s"] == pytest.approx(walls)
     assert "over seeds 0, 1" in " ".join(text.split())
+    assert summary["degenerate"] == {"0": [], "1": []}
+    assert "No model was degenerate in any seed." in " ".join(text.split())
     # the report shows the seeds' table as seeds.json has it
     from langmerge.seeds import seed_rows
 

@@ -352,6 +352,12 @@ def run_(
     out.print(note(summary), highlight=False)
     run_dir = loaded.run_dir
     out.print(f"written: {run_dir / SEEDS_MD}, {run_dir / SEEDS_JSON}", highlight=False)
+    if bad := {seed: b for seed, b in summary["degenerate"].items() if b}:
+        raise TrainingFailed(
+            "degenerate models in "
+            + "; ".join(f"seed {seed}: {', '.join(b)}" for seed, b in bad.items())
+            + ". No degenerate merge is served; see each seed's health table for what to try"
+        )
 
 
 @app.command()

@@ -155,14 +155,24 @@ class StepBudget(_Strict):
     joint: int | None = Field(None, ge=1)
 
 
+# The training settings whose default depends on the task (docs/training.md says why):
+# a classification head trained from scratch with the backbone's LoRA needs a higher rate and
+# more passes (kept honest by the best checkpoint) than generation, whose LoRA only nudges an
+# LLM that already writes text.
+TASK_DEFAULTS = {
+    "classification": {"learning_rate": 1e-3, "epochs": 10.0},
+    "generation": {"learning_rate": 2e-4, "epochs": 3.0},
+}
+
+
 class Training(_Strict):
     """How a model trains. The defaults are chosen to train a healthy model on data nobody tuned
     them for (docs/training.md says why each is what it is)."""
 
-    epochs: float = Field(3.0, gt=0)
+    epochs: float | None = Field(None, gt=0)  # default by task kind: TASK_DEFAULTS
     steps: int | StepBudget | None = None  # optimiser steps instead of epochs (all or per kind)
     min_steps: int = Field(200, ge=0)  # at least this many steps, whatever the epochs give
-    learning_rate: float = Field(2e-4, gt=0)
+    learning_rate: float | None = Field(None, gt=0)  # default by task kind: TASK_DEFAULTS
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
     batch_size: int = Field(8, ge=1)
     gradient_accumulation: int = Field(1, ge=1)
@@ -388,6 +398,13 @@ class Recipe(_Strict):
                 )
             v = {code: {} if spec is None else spec for code, spec in v.items()}
         return v
+
+    @model_validator(mode="after")
+    def _task_defaults(self) -> Recipe:
+        for key, value in TASK_DEFAULTS[self.task.kind].items():
+            if getattr(self.training, key) is None:
+                setattr(self.training, key, value)
+        return self
 
     @model_validator(mode="after")
     def _every_language_has_data(self) -> Recipe:

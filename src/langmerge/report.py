@@ -16,7 +16,13 @@ from langmerge import figures
 from langmerge.analysis import score_text
 from langmerge.data.prepare import ProjectData, load_data
 from langmerge.errors import LangmergeError
-from langmerge.evaluate.job import evaluation_key, primary_metric, with_interval
+from langmerge.evaluate.health import summary as health_summary
+from langmerge.evaluate.job import (
+    evaluation_health,
+    evaluation_key,
+    primary_metric,
+    with_interval,
+)
 from langmerge.evaluate.models import merge_ref, resolve
 from langmerge.merge.writer import atomic_output_dir
 from langmerge.recipe import Recipe, load_recipe
@@ -70,6 +76,7 @@ def build(recipe: Recipe, recipe_path: Path) -> list[Section]:
     registry = Registry(recipe.run_dir)
     try:
         sections = [_overview(recipe, data, registry), _quality(recipe, data, registry)]
+        sections += [_health(recipe, data, registry)]
         sections += [_cost(recipe, data, registry), _sweep(registry)]
     finally:
         registry.close()
@@ -161,6 +168,35 @@ def _quality(recipe: Recipe, data: ProjectData, registry: Registry) -> Section:
     if bars:
         png = figures.grouped_bars(codes, bars, metric)
         section.figures.append(("quality", png, f"{metric} per language and model"))
+    return section
+
+
+def _health(recipe: Recipe, data: ProjectData, registry: Registry) -> Section:
+    """Every current trained model's health verdict (from training) and every shown merge's
+    (from its predictions on the evaluation split), with what to try when degenerate."""
+    section = Section("Training health")
+    models = {f"expert {e['language']} v{e['version']}": e["health"]
+              for e in (registry.latest("expert", c) for c in data.languages) if e}  # fmt: skip
+    if joint := registry.latest("joint"):
+        models[f"joint v{joint['version']}"] = joint["health"]
+    split = recipe.evaluation.split
+    for label, scores in quality(recipe, data, registry).items():
+        current = {c: s for c, s in scores.items() if s and not s.get("earlier_data")}
+        if label.startswith("merged:") and len(current) == len(data.languages):
+            models[label] = evaluation_health(current, data, split)
+    if not models:
+        return section
+    section.text.append(
+        "Each trained model is checked on its validation split after training, each merge on "
+        f"its predictions on the {split} split: predictions collapsed to one label, a diverged "
+        "loss, or empty or identical answers make a model degenerate. A degenerate model is not "
+        "merged, served or compared."
+    )
+    rows = [
+        {"model": name, "health": health_summary(h), "try": "; ".join((h or {}).get("advice", []))}
+        for name, h in models.items()
+    ]
+    section.tables.append(("health of the current models and merges", rows))
     return section
 
 

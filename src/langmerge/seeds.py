@@ -70,13 +70,28 @@ def aggregate(studies: list[Study], seeds: list[int]) -> dict:
         "joint_s": sum(s.cost["joint_s"] for s in studies),
         "merge_s": sum(s.cost["merge_s"] for s in studies),
     }
+    degenerate = {str(seed): s.degenerate() for s, seed in zip(studies, seeds)}
     return {"seeds": seeds, "metric": first.metric, "split": first.split,
-            "languages": first.languages, "quality": rows, "cost": cost}  # fmt: skip
+            "languages": first.languages, "quality": rows, "cost": cost,
+            "degenerate": degenerate}  # fmt: skip
+
+
+def degenerate_seeds(summary: dict, row: str) -> int:
+    """In how many seeds the table row's model was degenerate (for the experts' row: any of
+    the language experts)."""
+
+    def hit(bad: list[str]) -> bool:
+        if row == "experts (own language)":
+            return any(b.startswith("expert:") for b in bad)
+        return row in bad
+
+    return sum(hit(bad) for bad in summary.get("degenerate", {}).values())
 
 
 def seed_rows(summary: dict) -> list[dict]:
-    """ "mean ± sd across seeds (mean half-width of the per-seed intervals)" per language."""
-    out = []
+    """ "mean ± sd across seeds (mean half-width of the per-seed intervals)" per language, and
+    in how many seeds the model was degenerate (its scores then are no result)."""
+    out, runs = [], len(summary["seeds"])
     for row, langs in summary["quality"].items():
         cells = {}
         for code, v in langs.items():
@@ -84,18 +99,23 @@ def seed_rows(summary: dict) -> list[dict]:
             half = f" (±{statistics.fmean(widths):.2f})" if widths else ""
             cells[code] = f"{v['mean']:.3f} ± {v['sd']:.3f}{half}"
         means = [v["mean"] for v in langs.values()]
-        out.append({"model": row, **cells, "mean": f"{statistics.fmean(means):.3f}"})
+        bad = degenerate_seeds(summary, row)
+        out.append({"model": row, **cells, "mean": f"{statistics.fmean(means):.3f}",
+                    "degenerate": f"{bad}/{runs}" if bad else ""})  # fmt: skip
     return out
 
 
 def note(summary: dict) -> str:
+    bad = sum(len(b) for b in summary.get("degenerate", {}).values())
     return (
         f"{summary['metric']} on the {summary['split']} split over seeds "
         f"{', '.join(map(str, summary['seeds']))}: mean ± standard deviation across seeds, and in "
         "brackets the mean half-width of the per-seed 95% intervals (test-sample noise). Cost of "
         f"every seed's jobs: experts {summary['cost']['experts_serial_s']:.1f} s, joint "
-        f"{summary['cost']['joint_s']:.1f} s, merges {summary['cost']['merge_s']:.1f} s."
-    )
+        f"{summary['cost']['joint_s']:.1f} s, merges {summary['cost']['merge_s']:.1f} s. "
+        + (f"{bad} degenerate model(s) across the seeds: their scores are no result."
+           if bad else "No model was degenerate in any seed.")
+    )  # fmt: skip
 
 
 def _write(run_dir: Path, summary: dict) -> None:
