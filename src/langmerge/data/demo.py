@@ -74,8 +74,9 @@ def write_demo_project(
         "split": {"validation": 0.15, "test": 0.25, "seed": 0},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.05,
                  "target_modules": ["query", "key", "value", "dense"]},
-        "training": {"epochs": 20 if quick else 30, "learning_rate": 2e-3, "batch_size": 16,
-                     "max_length": 32, "warmup_ratio": 0.1, "seed": 0, "checkpoint_steps": 500},
+        # langmerge's training defaults; max_length 32 since a kaomoji name is a few words
+        "training": {**({"epochs": 5} if quick else {}), "max_length": 32, "seed": 0,
+                     "checkpoint_steps": 500},
         "merge": {"compare": ["ties"] if quick else [
             "linear", {"method": "ties", "density": 1.0},
             {"method": "dare_ties", "density": 0.5}, {"method": "knots_ties", "density": 1.0},
