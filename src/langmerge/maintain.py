@@ -275,7 +275,7 @@ def warnings_of(shifts: list[dict]) -> list[str]:
 def saving(recipe, project, trained, merge_id: int, compare_joint: bool, progress, say) -> dict:
     """The update's cost (its expert's training and the re-merge) against retraining the joint
     model on all data including the new data: measured with `compare_joint`, else projected
-    from the last joint job in the ledger, scaled by the examples it would see."""
+    from the last joint job in the ledger, scaled by the optimiser steps it would take."""
     registry = Registry(recipe.run_dir)
     try:
         expert = registry.latest("expert", trained.language)
@@ -284,8 +284,10 @@ def saving(recipe, project, trained, merge_id: int, compare_joint: bool, progres
         joint = registry.latest("joint")
     finally:
         registry.close()
-    epochs = recipe.training.epochs
-    examples_now = round(epochs * sum(len(d.train) for d in project.languages.values()))
+    # the joint job's step budget on all data now (min_steps and steps included)
+    steps_now = recipe.training.budget(
+        "joint", sum(len(d.train) for d in project.languages.values())
+    )
     update_cost = {
         "wall_s": expert["wall_s"] + merge_job["wall_s"],
         "flops": (expert["flops"] or 0.0) + (merge_job["flops"] or 0.0),
@@ -301,14 +303,14 @@ def saving(recipe, project, trained, merge_id: int, compare_joint: bool, progres
         finally:
             registry.close()
         retrain = {"wall_s": joint["wall_s"], "flops": joint["flops"], "source": "measured"}
-    elif joint is not None and joint["examples"]:
-        scale = examples_now / joint["examples"]
+    elif joint is not None and (steps_then := (joint["training"] or {}).get("steps")):
+        scale = steps_now / steps_then
         retrain = {
             "wall_s": joint["wall_s"] * scale,
             "flops": (joint["flops"] or 0.0) * scale,
             "source": f"projected from joint v{joint['version']} in the ledger "
-            f"({joint['wall_s']:.1f} s for {joint['examples']} examples, scaled to "
-            f"{examples_now})",
+            f"({joint['wall_s']:.1f} s for {steps_then} optimiser steps, scaled to "
+            f"{steps_now})",
         }
     else:
         retrain = None
