@@ -14,8 +14,9 @@ Data sets (both real text, neither generated nor templated):
     .venv/bin/python bench/quality.py --data kaomoji --seeds 0 --set training.learning_rate=1e-3
 
 The recipe names only the task, the languages, their data and the split (validation 15%, test
-25%, plus `--set` overrides): every training setting is langmerge's default. Results: a table per data set, and JSON in
-bench/results/quality-<data>.json (the per-seed figures and the settings used).
+25%, plus `--set` overrides): every training setting is langmerge's default. Results: a table
+per data set, and JSON in bench/results/quality-<data>.json (the per-seed figures and the
+settings used).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Every merge method against a straightforward reference written here (DESIGN §4)."""
+"""Every merge method against a straightforward reference written here (the maths its docstring
+pins)."""
 
 import itertools
 import math
