@@ -76,7 +76,10 @@ def main() -> None:
     path = write_demo_project(WORK / "project", quick=True)
     base = load_recipe(path)
     cores = len(os.sched_getaffinity(0))
-    training = base.training.model_copy(update={"epochs": args.epochs, "threads": cores})
+    # exactly --epochs: min_steps would otherwise raise every expert to its floor
+    training = base.training.model_copy(
+        update={"epochs": args.epochs, "min_steps": 0, "threads": cores}
+    )
 
     def variant(name: str, executor: dict):
         ex = base.executor.model_copy(update=executor)

