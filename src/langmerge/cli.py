@@ -75,6 +75,16 @@ def merge(
     epsilon: Annotated[float | None, typer.Option(help="della: keep-probability spread")] = None,
     t: Annotated[float | None, typer.Option("--t", help="slerp: position in [0, 1]")] = None,
     rescale: Annotated[str | None, typer.Option(help="DARE: density, l1 or none")] = None,
+    alpha: Annotated[
+        float | None, typer.Option(help="regmean: share of the off-diagonal Gram entries kept")
+    ] = None,
+    fallback: Annotated[
+        str | None, typer.Option(help="regmean: method for tensors that are no linear map")
+    ] = None,
+    statistics: Annotated[
+        list[Path] | None,
+        typer.Option(help="regmean: each expert's statistics folder, in the order of --experts"),
+    ] = None,
     space: Annotated[
         str | None, typer.Option(help="LoRA merge space: delta (exact ΔW) or factors (PEFT parity)")
     ] = None,
@@ -111,6 +121,8 @@ def merge(
         "epsilon": epsilon,
         "t": t,
         "rescale": rescale,
+        "alpha": alpha,
+        "fallback": fallback,
         "shard_size": shard_size,
         "emit": emit,
         "adapter_rank": adapter_rank,
@@ -118,8 +130,10 @@ def merge(
         "allow_pickle": allow_pickle or None,
     }
     if config is not None and _is_recipe(config):
-        if base is not None or experts or weights:
-            raise ConfigError("a recipe names its experts: drop --base/--experts/--weights")
+        if base is not None or experts or weights or statistics:
+            raise ConfigError(
+                "a recipe names its experts: drop --base/--experts/--weights/--statistics"
+            )
         from langmerge.merge.recipe_merge import merge_recipe
         from langmerge.recipe import load_recipe
 
@@ -147,17 +161,27 @@ def merge(
     if output is None:
         raise ConfigError("give the output directory: -o OUT")
     if config is not None:
-        if base is not None or experts or weights:
-            raise ConfigError("give either a config file or --base/--experts/--weights, not both")
+        if base is not None or experts or weights or statistics:
+            raise ConfigError(
+                "give either a config file or --base/--experts/--weights/--statistics, not both"
+            )
         cfg = load_config(config, **overrides)
     else:
         if method is None or base is None or not experts:
             raise ConfigError("without a config file, --method, --base and --experts are needed")
         w = _floats(weights, len(experts)) if weights else [1.0] * len(experts)
+        if statistics and len(statistics) != len(experts):
+            raise ConfigError(
+                f"got {len(statistics)} --statistics for {len(experts)} --experts: one each"
+            )
+        stats = [str(p) for p in statistics] if statistics else [None] * len(experts)
         data = {k: v for k, v in overrides.items() if v is not None}
         data.update(
             base=str(base),
-            experts=[{"path": str(p), "weight": wi} for p, wi in zip(experts, w, strict=True)],
+            experts=[
+                {"path": str(p), "weight": wi, "statistics": st}
+                for p, wi, st in zip(experts, w, stats, strict=True)
+            ],
         )
         cfg = build_config(data, "command line")
     try:
@@ -165,6 +189,9 @@ def merge(
     except KeyboardInterrupt:
         raise Interrupted from None
     what = [f"{summary['full']['tensors_merged']} tensors merged"] if "full" in summary else []
+    if aware := summary.get("data_aware"):
+        what.append(f"{aware['tensors']} by regmean, {aware['fallback_tensors']} by "
+                    f"{aware['fallback']} (no linear map, or no statistics)")  # fmt: skip
     if "adapter" in summary:
         a = summary["adapter"]
         note = (

@@ -12,6 +12,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from langmerge.errors import ConfigError
 from langmerge.merge.methods import METHODS, MergeParams, get_method
+from langmerge.merge.regmean import ALPHA
 from langmerge.yamlfile import read_mapping, validate
 
 
@@ -35,6 +36,7 @@ class ExpertSpec(BaseModel):
     weight: float = 1.0
     density: float | None = None
     name: str | None = None
+    statistics: Path | None = None  # folder of input Gram matrices (data-aware methods)
 
     @property
     def label(self) -> str:
@@ -56,6 +58,8 @@ class MergeConfig(BaseModel):
     t: float = Field(0.5, ge=0.0, le=1.0)
     rescale: Literal["density", "l1", "none"] = "density"
     seed: int = 0
+    alpha: float = Field(ALPHA, gt=0.0, le=1.0)  # regmean: share of off-diagonal Gram entries
+    fallback: MethodName = "linear"  # regmean: the method for tensors that are no linear map
     space: Literal["delta", "factors"] = "delta"
     emit: Literal["full", "adapter", "both"] = "full"
     adapter_rank: int | None = Field(None, ge=1)
@@ -99,6 +103,11 @@ class MergeConfig(BaseModel):
         for e in self.experts:
             if e.density is not None and not 0.0 < e.density <= 1.0:
                 raise ValueError(f"density of expert {e.label} must be in (0, 1], got {e.density}")
+        fallback = get_method(self.fallback)
+        if fallback.data_aware or fallback.knots or fallback.combine == "slerp":
+            raise ValueError(
+                f"fallback {self.fallback} cannot merge single tensors; use linear, ties, …"
+            )
         labels = [e.label for e in self.experts]
         if len(set(labels)) != len(labels):
             raise ValueError(f"expert names must be unique, got {labels}; set `name:` on each")
@@ -128,7 +137,15 @@ class MergeConfig(BaseModel):
         def fix(p: Path) -> Path:
             return p if p.is_absolute() else (root / p)
 
-        experts = [e.model_copy(update={"path": fix(e.path)}) for e in self.experts]
+        experts = [
+            e.model_copy(
+                update={
+                    "path": fix(e.path),
+                    "statistics": fix(e.statistics) if e.statistics is not None else None,
+                }
+            )
+            for e in self.experts
+        ]
         return self.model_copy(update={"base": fix(self.base), "experts": experts})
 
 

@@ -305,3 +305,41 @@ def load_adapter(path: Path, *, allow_pickle: bool = False, label: str | None = 
     if not adapter.modules and not adapter.saved:
         raise InputError(f"{path}: the adapter holds no LoRA tensors")
     return adapter
+
+
+# ---------------------------------------------------------------------------------------------
+# Input statistics of an expert (written by langmerge.statistics.collect).
+
+STATISTICS_META = "statistics.json"
+
+
+class Statistics:
+    """The Gram matrices of one expert, read one module at a time."""
+
+    def __init__(self, path: Path, label: str = ""):
+        self.path = Path(path)
+        self.label = label or self.path.parent.name
+        meta = self.path / STATISTICS_META
+        if not meta.is_file():
+            raise InputError(
+                f"no statistics in {self.path} (expected {STATISTICS_META}): collect them first "
+                "(`langmerge merge` of a recipe does so for its experts)"
+            )
+        try:
+            info = json.loads(meta.read_text())
+            self.rows: dict[str, int] = info["rows"]
+            self.aliases: dict[str, str] = info["aliases"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise InputError(f"corrupt {meta}: {e}; delete {self.path} to collect again") from None
+        self.files = ModelFiles(self.path, label=f"statistics of {self.label}")
+
+    def __contains__(self, name: str) -> bool:
+        return self.aliases.get(name, name) in self.rows
+
+    def gram(self, name: str) -> Tensor:
+        """Gᵢ = XᵢᵀXᵢ (float32) of the module whose weight is `name`."""
+        key = self.aliases.get(name, name)
+        return self.files.read(key).float().mul_(self.rows[key])
+
+    def close(self) -> None:
+        self.files.close()

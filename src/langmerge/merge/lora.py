@@ -133,6 +133,8 @@ def merge_lora(
     methods work on the factors; every other method merges the exact ΔWᵢ.
     """
     m = get_method(method)
+    if m.data_aware:
+        raise ConfigError(f"{method} needs Gram matrices: call merge.regmean.regmean_lora")
     s = _check_factors(factors, scalings)
     w, params = _params(
         m, len(factors), weights, density, lam, seed, normalize, gamma, epsilon, t, rescale
@@ -253,6 +255,8 @@ def merge_lora_factored(
     least their natural rank; otherwise the best truncation, with its relative error reported.
     """
     m = get_method(method)
+    if m.data_aware:
+        raise ConfigError(f"{method} needs Gram matrices: call merge.regmean.regmean_lora")
     s = _check_factors(factors, scalings)
     w, params = _params(
         m, len(factors), weights, density, lam, seed, normalize, gamma, epsilon, 0.5, rescale

@@ -368,13 +368,14 @@ class Method:
     name: str
     summary: str
     sparsify: Sparsify = "none"
-    combine: Literal["sum", "ties", "model_stock", "slerp"] = "sum"
+    combine: Literal["sum", "ties", "model_stock", "slerp", "regmean"] = "sum"
     normalize: bool = False  # default for `normalize` when the merge does not set it
     knots: bool = False  # LoRA-only: merge in the KnOTS-aligned basis (see merge/lora.py)
     min_models: int = 1
     max_models: int | None = None
     uses_weights: bool = True
     aliases: tuple[str, ...] = field(default=())
+    data_aware: bool = False  # needs each expert's input statistics (see merge/regmean.py)
 
     @property
     def random(self) -> bool:
@@ -403,6 +404,12 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             "knots_dare_ties", "DARE-TIES in the KnOTS basis (LoRA)", "dare", "ties", True, True
+        ),
+        Method(
+            "regmean",
+            "least squares on each expert's input Gram matrices (data-aware; linear maps)",
+            combine="regmean",
+            data_aware=True,
         ),
         Method(
             "model_stock",
@@ -518,6 +525,8 @@ def merge_deltas(
     m = get_method(method)
     if m.knots:
         raise ConfigError(f"{method} merges LoRA factors: call merge_lora with (B, A) pairs")
+    if m.data_aware:
+        raise ConfigError(f"{method} needs Gram matrices: call merge.regmean.regmean")
     if not deltas:
         raise ConfigError("no deltas to merge")
     check_inputs(m, len(deltas), weights)

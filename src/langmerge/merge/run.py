@@ -14,14 +14,23 @@ from safetensors.torch import save_file
 from langmerge import __version__
 from langmerge.errors import ConfigError
 from langmerge.merge.config import MergeConfig
-from langmerge.merge.io import Adapter, ModelFiles, is_adapter_dir, load_adapter
-from langmerge.merge.lora import PEFT_METHODS, LoraUpdate, merge_lora_factored, merge_lora_peft
+from langmerge.merge.io import Adapter, ModelFiles, Statistics, is_adapter_dir, load_adapter
+from langmerge.merge.lora import (
+    PEFT_METHODS,
+    LoraUpdate,
+    exact,
+    factor_product,
+    merge_lora_factored,
+    merge_lora_peft,
+)
 from langmerge.merge.methods import check_inputs, get_method, merge_tensor
+from langmerge.merge.regmean import regmean, regmean_lora
 from langmerge.merge.stream import (
     adapter_merge,
     check_adapters,
     check_full_experts,
     full_model_merge,
+    regmean_merge,
     stream_merge,
 )
 from langmerge.merge.writer import atomic_output_dir, copy_model_files, parse_size, write_json
@@ -38,15 +47,38 @@ def run_merge(cfg: MergeConfig, out: Path, *, force: bool = False, progress: boo
     params = cfg.params()
     base = ModelFiles(cfg.base, allow_pickle=cfg.allow_pickle, label="base")
     experts: list[ModelFiles] = []
+    stats: list[Statistics] = []
     try:
-        return _run(cfg, method, params, base, experts, out, force, progress, start)
+        check_before_writing(cfg, method, out)
+        if method.data_aware:
+            stats.extend(open_statistics(cfg))
+        return _run(cfg, method, params, base, experts, stats, out, force, progress, start)
     finally:
-        for files in (base, *experts):
+        for files in (base, *experts, *stats):
             files.close()
 
 
-def _run(cfg, method, params, base, experts, out, force, progress, start) -> dict:
-    check_before_writing(cfg, method, out)
+def open_statistics(cfg: MergeConfig) -> list[Statistics]:
+    """Each expert's input statistics, which a data-aware method needs."""
+    missing = [e.label for e in cfg.experts if e.statistics is None]
+    if missing:
+        raise ConfigError(
+            f"{cfg.method} needs each expert's input statistics: set `statistics:` (a folder "
+            f"written by langmerge.statistics.collect) for {', '.join(missing)}; a recipe's "
+            "merge collects them itself"
+        )
+    opened: list[Statistics] = []
+    try:
+        for e in cfg.experts:
+            opened.append(Statistics(e.statistics, e.label))
+    except BaseException:
+        for s in opened:
+            s.close()
+        raise
+    return opened
+
+
+def _run(cfg, method, params, base, experts, stats, out, force, progress, start) -> dict:
     lora = [is_adapter_dir(e.path) for e in cfg.experts]
     if any(lora) and not all(lora):
         raise ConfigError("experts mix LoRA adapters and full models; merge one kind at a time")
@@ -59,7 +91,10 @@ def _run(cfg, method, params, base, experts, out, force, progress, start) -> dic
             check_factor_space(cfg, method, adapters)
         if cfg.emit != "full" and not any(a.modules for a in adapters):
             raise ConfigError("the adapters hold no LoRA modules: there is no adapter to write")
-        merged = adapter_merge(adapters, method, cfg.weights, params, cfg.space)
+        if method.data_aware:
+            fallback = adapter_merge(adapters, get_method(cfg.fallback), cfg.weights, params)
+        else:
+            merged = adapter_merge(adapters, method, cfg.weights, params, cfg.space)
     else:
         if method.knots:
             raise ConfigError(f"{method.name} merges LoRA adapters; the experts are full models")
@@ -70,7 +105,15 @@ def _run(cfg, method, params, base, experts, out, force, progress, start) -> dic
             ModelFiles(e.path, allow_pickle=cfg.allow_pickle, label=e.label) for e in cfg.experts
         )
         check_full_experts(base, experts)
-        merged = full_model_merge(experts, method, cfg.weights, params)
+        if method.data_aware:
+            fallback = full_model_merge(experts, get_method(cfg.fallback), cfg.weights, params)
+        else:
+            merged = full_model_merge(experts, method, cfg.weights, params)
+    tally: dict[str, int] = {}
+    if method.data_aware:
+        if cfg.space != "delta":
+            raise ConfigError(f"{method.name} merges in space 'delta' only")
+        merged = regmean_merge(adapters or experts, stats, cfg.weights, cfg.alpha, fallback, tally)
 
     summary: dict = {
         "langmerge_version": __version__,
@@ -97,7 +140,14 @@ def _run(cfg, method, params, base, experts, out, force, progress, start) -> dic
         if cfg.emit in ("adapter", "both"):
             adapter_dir = tmp if cfg.emit == "adapter" else tmp / "adapter"
             adapter_dir.mkdir(exist_ok=True)
-            summary["adapter"] = write_adapter(cfg, adapters, base, adapter_dir, progress)
+            summary["adapter"] = write_adapter(cfg, adapters, base, adapter_dir, progress, stats)
+        if method.data_aware:
+            summary["data_aware"] = {
+                "tensors": tally.get("regmean", 0),
+                "fallback_tensors": tally.get("fallback", 0),
+                "fallback": cfg.fallback,
+                "alpha": cfg.alpha,
+            }
         summary["seconds"] = round(time.perf_counter() - start, 3)
         write_json(tmp / "langmerge_merge.json", summary)
     return summary
@@ -155,10 +205,27 @@ def check_factor_space(cfg: MergeConfig, method, adapters: list[Adapter]) -> Non
 
 
 def write_adapter(
-    cfg: MergeConfig, adapters: list[Adapter], base: ModelFiles, out_dir: Path, progress: bool
+    cfg: MergeConfig,
+    adapters: list[Adapter],
+    base: ModelFiles,
+    out_dir: Path,
+    progress: bool,
+    stats: list[Statistics] | None = None,
 ) -> dict:
     """Write the merge as one PEFT LoRA adapter; report how well it reproduces the merge."""
     method, params, weights = get_method(cfg.method), cfg.params(), cfg.weights
+    stats = stats or []
+    data_aware = method.data_aware
+
+    def by_regmean(name: str, mods: list) -> bool:
+        return (
+            data_aware
+            and all(name in s for s in stats)
+            and all(m is None or m.layout == "linear" for m in mods)
+        )
+
+    if method.data_aware:  # tensors without statistics are merged by the fallback method
+        method = get_method(cfg.fallback)
     names = [n for n in base.tensors if any(n in a.modules for a in adapters)]
     ranks = [max((m.A.shape[0] for m in a.modules.values()), default=0) for a in adapters]
     rank = max(ranks) if cfg.space == "factors" else cfg.adapter_rank or sum(ranks)
@@ -184,6 +251,15 @@ def write_adapter(
                 )
                 if layout != "linear":  # back to the weight's orientation, as in delta space
                     up = LoraUpdate(up.A.T, up.B.T, up.rel_error, up.norm)
+            elif by_regmean(name, [m for m, _ in mods]):
+                factors = [
+                    (m.B, m.A) if m else (torch.zeros(shape[0], 1), torch.zeros(1, shape[1]))
+                    for m, _ in mods
+                ]
+                b, a = regmean_lora(factors, [m.scaling if m else 1.0 for m, _ in mods],
+                                    [s.gram(name) for s in stats], weights=weights,
+                                    alpha=cfg.alpha)  # fmt: skip
+                up = exact(b, a, rank) if rank >= b.shape[1] else factor_product(b, a, rank)
             else:
                 factors = [
                     (m.B, m.A) if m else (torch.zeros(shape[0], 1), torch.zeros(1, shape[1]))
@@ -225,9 +301,11 @@ def write_adapter(
             a.saved[name].float() - theta0 if name in a.saved else torch.zeros_like(theta0)
             for a in adapters
         ]
-        state[f"base_model.model.{name}"] = (
-            theta0 + merge_tensor(method, deltas, weights, params, name, theta0)
-        ).to(base.tensors[name].dtype)
+        if theta0.dim() == 2 and by_regmean(name, []):
+            delta = regmean(deltas, [s.gram(name) for s in stats], weights=weights, alpha=cfg.alpha)
+        else:
+            delta = merge_tensor(method, deltas, weights, params, name, theta0)
+        state[f"base_model.model.{name}"] = (theta0 + delta).to(base.tensors[name].dtype)
     save_file(state, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
     write_json(out_dir / "adapter_config.json", adapter_config(adapters, rank, saved))
     (out_dir / "README.md").write_text(

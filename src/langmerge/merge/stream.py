@@ -18,6 +18,7 @@ from langmerge.errors import InputError
 from langmerge.merge.io import Adapter, ModelFiles, check_finite
 from langmerge.merge.lora import merge_lora, merge_lora_peft
 from langmerge.merge.methods import MergeParams, Method, merge_tensor
+from langmerge.merge.regmean import regmean, regmean_lora
 from langmerge.merge.writer import ShardedWriter
 from langmerge.progress import progress_bar
 
@@ -196,6 +197,54 @@ def adapter_merge(
             ]
             return merge_tensor(method, deltas, weights, params, name, base32)
         return None
+
+    return merged
+
+
+def regmean_merge(
+    experts: Sequence[ModelFiles] | Sequence[Adapter],
+    statistics: Sequence,
+    weights: Sequence[float],
+    alpha: float,
+    fallback: TensorMerge,
+    tally: dict[str, int],
+) -> TensorMerge:
+    """RegMean for every linear map whose input Gram matrix every expert's statistics hold
+    (LoRA experts in factored form); `fallback` merges every other tensor. `tally` counts
+    the tensors merged each way."""
+    lora = bool(experts) and isinstance(experts[0], Adapter)
+
+    def merged(name: str, base32: Tensor) -> Tensor | None:
+        if base32.dim() == 2 and all(name in s for s in statistics):
+            if lora and any(name in a.modules for a in experts):
+                mods = [a.modules.get(name) for a in experts]
+                if all(m is None or m.layout == "linear" for m in mods):
+                    factors = [(m.B, m.A) if m else (base32.new_zeros(base32.shape[0], 1),
+                                base32.new_zeros(1, base32.shape[1])) for m in mods]  # fmt: skip
+                    b, a = regmean_lora(factors, [m.scaling if m else 1.0 for m in mods],
+                                        [s.gram(name) for s in statistics], weights=weights,
+                                        alpha=alpha)  # fmt: skip
+                    tally["regmean"] = tally.get("regmean", 0) + 1
+                    return b @ a
+            elif lora and any(name in a.saved for a in experts):  # a trained head
+                deltas = [a.saved[name].float() - base32 if name in a.saved
+                          else torch.zeros_like(base32) for a in experts]  # fmt: skip
+                tally["regmean"] = tally.get("regmean", 0) + 1
+                return regmean(deltas, [s.gram(name) for s in statistics], weights=weights,
+                               alpha=alpha)  # fmt: skip
+            elif not lora:
+                deltas = []
+                for e in experts:
+                    t = e.read(name)
+                    check_finite(t, name, f"expert {e.label}")
+                    deltas.append(t.float().sub_(base32))
+                tally["regmean"] = tally.get("regmean", 0) + 1
+                return regmean(deltas, [s.gram(name) for s in statistics], weights=weights,
+                               alpha=alpha)  # fmt: skip
+        out = fallback(name, base32)
+        if out is not None:
+            tally["fallback"] = tally.get("fallback", 0) + 1
+        return out
 
     return merged
 
