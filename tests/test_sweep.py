@@ -48,10 +48,12 @@ def last_sweep(path):
 
 def test_the_default_grid_is_simplest_first():
     names = [name for name, _ in sweeping.grid(Sweep())]
-    assert len(names) == 30  # linear ×3 λ, ties and dare_ties ×4 densities ×3 λ, knots ×3 λ
+    # linear ×3 λ, ties and dare_ties ×4 densities ×3 λ, knots ×3 λ, regmean ×3 λ ×3 α
+    assert len(names) == 39
     assert names[:7] == ["linear-l1", "linear-l1.2", "linear-l0.8", "ties-d1-l1", "ties-d0.8-l1",
                          "ties-d0.5-l1", "ties-d0.2-l1"]  # fmt: skip
-    assert names[-1] == "knots_ties-d1-l0.8"
+    assert names[29] == "knots_ties-d1-l0.8"
+    assert names[30:33] == ["regmean-l1-a0.9", "regmean-l1-a1", "regmean-l1-a0.5"]
 
 
 def test_the_best_point_by_mean_or_by_worst_language():

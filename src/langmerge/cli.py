@@ -491,7 +491,7 @@ def update(
     accept: AcceptOption = False,
     compare_joint: CompareJointOption = False,
     mode: Annotated[
-        str, typer.Option(help="retrain (from the base, all data) or continue (new data only)")
+        str, typer.Option(help="retrain (from the experts' start) or continue (new data only)")
     ] = "retrain",
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
     executor: ExecutorOption = None,

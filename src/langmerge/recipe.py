@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 
 from langmerge.errors import ConfigError
 from langmerge.merge.config import MethodName
+from langmerge.merge.regmean import ALPHA
 from langmerge.registry import read_additions, read_sweep_choice
 from langmerge.yamlfile import read_mapping, validate
 
@@ -233,16 +234,19 @@ class MergeVariant(_Strict):
     method: MethodName
     density: float | None = Field(None, gt=0.0, le=1.0)
     lam: float | None = Field(None, alias="lambda")
+    alpha: float | None = Field(None, gt=0.0, le=1.0)  # regmean
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     def name(self) -> str:
-        """A short name, unique within a run: ties, dare_ties-d0.5, …"""
+        """A short name, unique within a run: ties, dare_ties-d0.5, regmean-a0.5, …"""
         parts = [self.method]
         if self.density is not None:
             parts.append(f"d{self.density:g}")
         if self.lam is not None:
             parts.append(f"l{self.lam:g}")
+        if self.alpha is not None:
+            parts.append(f"a{self.alpha:g}")
         return "-".join(parts)
 
 
@@ -251,6 +255,7 @@ DEFAULT_VARIANTS = [
     MergeVariant(method="ties", density=1.0),
     MergeVariant(method="dare_ties", density=0.5),
     MergeVariant(method="knots_ties", density=1.0),
+    MergeVariant(method="regmean"),
 ]
 
 
@@ -262,6 +267,8 @@ class MergeSettings(_Strict):
     lam: float = Field(1.0, alias="lambda")
     weights: dict[str, float] | None = None  # per language; default 1
     seed: int = 0
+    alpha: float = Field(ALPHA, gt=0.0, le=1.0)  # regmean: share of off-diagonal Gram entries
+    fallback: MethodName = "linear"  # regmean: the method for tensors that are no linear map
     compare: list[MergeVariant] = Field(default_factory=lambda: list(DEFAULT_VARIANTS))
     allow_degenerate: bool = False  # merge experts whose health check failed (never served)
 
@@ -307,6 +314,7 @@ DEFAULT_GRID = [
     SweepMethod(method="ties", density=DENSITIES),
     SweepMethod(method="dare_ties", density=DENSITIES),
     SweepMethod(method="knots_ties"),
+    SweepMethod(method="regmean"),
 ]
 
 
@@ -317,6 +325,7 @@ class Sweep(_Strict):
 
     grid: list[SweepMethod] = Field(default_factory=lambda: list(DEFAULT_GRID), min_length=1)
     lam: list[float] = Field(default_factory=lambda: [0.8, 1.0, 1.2], alias="lambda", min_length=1)
+    alpha: list[float] = Field(default_factory=lambda: [0.5, 0.9, 1.0], min_length=1)  # regmean
     weights: list[dict[str, float]] = Field(default_factory=list)  # alternatives to equal weights
     select: Literal["mean", "worst"] = "mean"  # by the languages' mean or the worst language
 
@@ -332,6 +341,13 @@ class Sweep(_Strict):
     def _positive(cls, v: list[float]) -> list[float]:
         if any(not lam > 0 for lam in v):
             raise ValueError(f"the sweep's λ values must be above 0, got {v}")
+        return v
+
+    @field_validator("alpha")
+    @classmethod
+    def _share(cls, v: list[float]) -> list[float]:
+        if any(not 0 < a <= 1 for a in v):
+            raise ValueError(f"the sweep's alpha values must be in (0, 1], got {v}")
         return v
 
 
@@ -363,6 +379,45 @@ class Evaluation(_Strict):
     alpha: float = Field(0.05, gt=0.0, lt=1.0)  # significance level of paired comparisons
 
 
+class Experts(_Strict):
+    """Where each language's expert starts training: from the base, or from a seed, a short
+    joint warm-up on every language's training data (branch-train-merge). Experts branched
+    from the seed share what it learned; merges take their deltas against the seed, and
+    maintenance branches a retrained or added language from the same seed."""
+
+    start: Literal["base", "seed"] = "base"
+    seed_steps: int | None = Field(None, ge=1)  # the warm-up's optimiser steps, or …
+    seed_epochs: float = Field(1.0, gt=0.0)  # … its length in epochs of all languages' data
+
+    def seed_budget(self, examples: int, batch: int) -> int:
+        """The seed's optimiser steps on `examples` training examples in batches of `batch`."""
+        if self.seed_steps is not None:
+            return self.seed_steps
+        return max(1, math.ceil(self.seed_epochs * math.ceil(examples / batch)))
+
+
+class Statistics(_Strict):
+    """The input statistics kept with each expert for data-aware merges (regmean): collected in
+    one forward pass over the expert's training data right after it is trained."""
+
+    collect: bool = True  # after training; a data-aware merge collects missing ones itself
+    dtype: Literal["float32", "bfloat16"] = "float32"  # storage precision of the matrices
+    memory: str = "8GB"  # float32 matrices held at once; more passes over the data if exceeded
+
+    @field_validator("memory")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        from langmerge.merge.writer import parse_size
+
+        try:
+            size = parse_size(v)
+        except Exception:
+            size = 0
+        if size <= 0:
+            raise ValueError(f"memory: give a size such as 8GB or 512MB, not {v!r}")
+        return v
+
+
 class Recipe(_Strict):
     """A whole project. See README, section "Recipes"."""
 
@@ -380,6 +435,8 @@ class Recipe(_Strict):
     executor: Executor = Executor()
     evaluation: Evaluation = Evaluation()
     guard: Guard = Guard()
+    statistics: Statistics = Statistics()
+    experts: Experts = Experts()
     run_dir: Path = Path("runs")
     _sweep: dict | None = PrivateAttr(None)  # the sweep whose choice replaced `merge:` settings
 
@@ -440,14 +497,19 @@ class Recipe(_Strict):
             )
         return self
 
-    def digest(self) -> str:
-        """The recipe hash: what a trained expert depends on besides its data.
+    def digest(self, kind: str = "expert") -> str:
+        """The recipe hash: what a trained expert (or the `joint` model) depends on besides its
+        data.
 
         Settings that change only how fast training runs (threads, checkpoint steps) are left
-        out, so changing them does not retrain anything."""
+        out, so changing them does not retrain anything; the experts' start (base or seed)
+        concerns the experts only."""
+        include = {"base", "task", "lora", "training"}
+        if kind == "expert" and self.experts.start == "seed":  # a base start: hashes as before
+            include.add("experts")
         settings = self.model_dump(
             mode="json",
-            include={"base", "task", "lora", "training"},
+            include=include,
             exclude={"training": {"threads", "checkpoint_steps"}, "task": {"max_new_tokens"}},
         )
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
@@ -491,7 +553,7 @@ def with_data(recipe: Recipe, language: str, path: Path) -> Recipe:
     return recipe.model_copy(update={"languages": languages})
 
 
-CHOSEN = ("method", "density", "lam", "weights")  # the merge settings a sweep chooses
+CHOSEN = ("method", "density", "lam", "alpha", "weights")  # the merge settings a sweep chooses
 
 
 def merge_settings(recipe: Recipe) -> dict:
@@ -506,7 +568,10 @@ def with_sweep_choice(recipe: Recipe, sweep: dict | None) -> Recipe:
     `merge:` settings changed since that sweep: then the file's edit wins."""
     if sweep is None or sweep.get("recipe_merge") != merge_settings(recipe):
         return recipe
-    merge = recipe.merge.model_copy(update={k: sweep["choice"][k] for k in CHOSEN})
+    choice = sweep["choice"]  # (a sweep made before regmean chose no alpha)
+    merge = recipe.merge.model_copy(
+        update={k: choice.get(k, getattr(recipe.merge, k)) for k in CHOSEN}
+    )
     out = recipe.model_copy(update={"merge": merge})
     out._sweep = sweep
     return out

@@ -22,7 +22,7 @@ from pathlib import Path
 from langmerge.errors import ConfigError, LangmergeError
 from langmerge.processes import alive
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 DB_NAME = "registry.sqlite"
 
 MIGRATIONS: dict[int, str] = {
@@ -172,6 +172,33 @@ MIGRATIONS: dict[int, str] = {
     ALTER TABLE experts ADD COLUMN training TEXT NOT NULL DEFAULT '{}'; -- JSON: steps, curve
     ALTER TABLE joints ADD COLUMN health TEXT NOT NULL DEFAULT '{}';
     ALTER TABLE joints ADD COLUMN training TEXT NOT NULL DEFAULT '{}';
+    """,
+    7: """
+    CREATE TABLE jobs_v7 (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL
+            CHECK (kind IN ('expert', 'joint', 'merge', 'evaluate', 'sweep', 'seed')),
+        languages TEXT NOT NULL,
+        recipe_hash TEXT NOT NULL,
+        data_hash TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed')),
+        pid INTEGER NOT NULL,
+        started REAL NOT NULL,
+        ended REAL,
+        wall_s REAL,
+        cpu_s REAL,
+        device_kind TEXT,
+        device_count INTEGER,
+        device_s REAL,
+        tokens INTEGER,
+        examples INTEGER,
+        peak_memory_bytes INTEGER,
+        flops REAL,
+        error TEXT
+    );
+    INSERT INTO jobs_v7 SELECT * FROM jobs;
+    DROP TABLE jobs;
+    ALTER TABLE jobs_v7 RENAME TO jobs;
     """,
 }
 

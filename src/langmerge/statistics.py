@@ -11,13 +11,14 @@ not fit the memory budget at once, the data is passed through again for each gro
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from langmerge.data.batching import PadToLongest
 from langmerge.errors import InputError
 from langmerge.merge.io import STATISTICS_META
 from langmerge.merge.writer import ShardedWriter, atomic_output_dir, write_json
@@ -194,3 +195,26 @@ def _one_pass(model, batches, group: dict[str, nn.Linear], moved, device, counts
         for h in handles:
             h.remove()
     return sums
+
+
+def present(folder: Path) -> bool:
+    """Whether `folder` holds complete statistics (they are written atomically)."""
+    return (Path(folder) / STATISTICS_META).is_file()
+
+
+def encoded_batches(encoded: list[dict], pad_id: int, size: int) -> Callable[[], Iterator[dict]]:
+    """Batches of encoded examples sorted by length (little padding), for `collect`."""
+    ordered = sorted(encoded, key=lambda x: len(x["input_ids"]))
+    collate = PadToLongest(pad_id)
+
+    def batches() -> Iterator[dict]:
+        for i in range(0, len(ordered), size):
+            yield collate(ordered[i : i + size])
+
+    return batches
+
+
+def describe(c: Collected) -> str:
+    """'38 matrices for 73 modules, 151.2 MB, 5,120 tokens, 3.1 s'"""
+    return (f"{c.matrices} matrices for {c.modules} modules, {c.bytes / 1e6:.1f} MB, "
+            f"{c.tokens:,} tokens, {c.seconds:.1f} s")  # fmt: skip

@@ -21,7 +21,7 @@ def listing(path: Path) -> dict[str, list[dict]]:
         hashes["joint"] = data.joint_digest() if not data.not_read else None
     except LangmergeError:
         hashes = {}  # the data cannot be read now: freshness unknown
-    recipe_hash = recipe.digest()
+    recipe_hash = (recipe.digest("expert"), recipe.digest("joint"))
     registry = Registry(recipe.run_dir)
     try:
         experts = registry.trained("expert")
@@ -37,11 +37,12 @@ def listing(path: Path) -> dict[str, list[dict]]:
     def fresh(row: dict, key: str) -> str:
         if key not in hashes or hashes[key] is None:
             return "?"
-        same = row["recipe_hash"] == recipe_hash and row["data_hash"] == hashes[key]
+        wanted = recipe_hash[key == "joint"]
+        same = row["recipe_hash"] == wanted and row["data_hash"] == hashes[key]
         return (
             "yes"
             if same
-            else ("data changed" if row["recipe_hash"] == recipe_hash else "recipe changed")
+            else ("data changed" if row["recipe_hash"] == wanted else "recipe changed")
         )
 
     def model_row(row: dict, key: str, current: bool) -> dict:

@@ -37,7 +37,9 @@ from langmerge.merge.recipe_merge import (
     merge_once,
     recipe_merge_config,
 )
-from langmerge.merge.stream import adapter_merge, check_adapters
+from langmerge.merge.regmean import ALPHA
+from langmerge.merge.run import open_statistics
+from langmerge.merge.stream import adapter_merge, check_adapters, regmean_merge
 from langmerge.processes import exclusive
 from langmerge.progress import progress_bar
 from langmerge.recipe import CHOSEN, Recipe, Sweep, merge_settings
@@ -52,18 +54,23 @@ class Point:
     density: float = 1.0
     lam: float = 1.0
     weights: tuple[tuple[str, float], ...] = ()  # () = every language weight 1
+    alpha: float = ALPHA  # regmean
 
     def name(self) -> str:
-        """ties-d0.5-l1.2 (`grid` adds -w1 for the first of the sweep's `weights`, …)."""
+        """ties-d0.5-l1.2, regmean-l1-a0.5 (`grid` adds -w1 for the first of the sweep's
+        `weights`, …)."""
+        method = get_method(self.method)
         parts = [self.method]
-        if get_method(self.method).sparsify != "none":
+        if method.sparsify != "none":
             parts.append(f"d{self.density:g}")
         parts.append(f"l{self.lam:g}")
+        if method.data_aware:
+            parts.append(f"a{self.alpha:g}")
         return "-".join(parts)
 
     def settings(self) -> dict:
         return {"method": self.method, "density": self.density, "lam": self.lam,
-                "weights": dict(self.weights) or None}  # fmt: skip
+                "alpha": self.alpha, "weights": dict(self.weights) or None}  # fmt: skip
 
 
 def grid(sweep: Sweep) -> list[tuple[str, Point]]:
@@ -79,11 +86,13 @@ def grid(sweep: Sweep) -> list[tuple[str, Point]]:
                 continue
             densities = entry.density if method.sparsify != "none" else [1.0]
             lams = sweep.lam if method.combine != "slerp" else [1.0]
+            alphas = sweep.alpha if method.data_aware else [ALPHA]
             for d in densities:
                 for lam in lams:
-                    p = Point(method.name, d, lam, weights)
-                    order = (i, j, abs(lam - 1.0), -lam, -d)
-                    points.setdefault(p.name() + (f"-w{i}" if i else ""), (order, p))
+                    for alpha in alphas:
+                        p = Point(method.name, d, lam, weights, alpha)
+                        order = (i, j, abs(lam - 1.0), -lam, -d, abs(alpha - ALPHA))
+                        points.setdefault(p.name() + (f"-w{i}" if i else ""), (order, p))
     ranked = sorted(points.items(), key=lambda item: item[1][0])
     return [(name, p) for name, (_, p) in ranked]
 
@@ -308,12 +317,27 @@ class InMemoryMerge:
     @torch.no_grad()
     def apply(self, cfg) -> None:
         method = get_method(cfg.method)
-        merged = adapter_merge(self.adapters, method, cfg.weights, cfg.params())
+        if method.data_aware:
+            stats = open_statistics(cfg)
+            fallback = adapter_merge(self.adapters, get_method(cfg.fallback), cfg.weights,
+                                     cfg.params())  # fmt: skip
+            merged = regmean_merge(self.adapters, stats, cfg.weights, cfg.alpha, fallback, {},
+                                   cfg.lam)  # fmt: skip
+        else:
+            stats = []
+            merged = adapter_merge(self.adapters, method, cfg.weights, cfg.params())
+        try:
+            self._set(merged, cfg.method)
+        finally:
+            for s in stats:
+                s.close()
+
+    def _set(self, merged, method: str) -> None:
         for name, param in self.params.items():
             theta = self.originals[name].float()
             delta = merged(name, theta.clone())
             out = theta if delta is None else theta + delta
-            check_finite(out, name, f"the {cfg.method} merge (overflow?)")
+            check_finite(out, name, f"the {method} merge (overflow?)")
             param.data.copy_(out.to(param.dtype))
 
     def score(self, codes: list[str], split: str) -> tuple[dict, int, int]:
@@ -362,7 +386,7 @@ def _comparison(c) -> dict:
 
 
 def _overrides(p: Point) -> dict:
-    return {"method": p.method, "density": p.density, "lam": p.lam}
+    return {"method": p.method, "density": p.density, "lam": p.lam, "alpha": p.alpha}
 
 
 def _with_weights(recipe: Recipe, p: Point) -> Recipe:

@@ -11,9 +11,12 @@ from langmerge.cost import Meter
 from langmerge.errors import ConfigError, InputError
 from langmerge.evaluate.health import is_degenerate
 from langmerge.merge.config import MergeConfig, build_config
+from langmerge.merge.methods import get_method
 from langmerge.merge.run import run_merge
 from langmerge.recipe import Recipe
 from langmerge.registry import DB_NAME, Registry
+from langmerge.statistics import FOLDER
+from langmerge.train.jobs import ensure_statistics
 
 
 def recipe_merge_config(recipe: Recipe, experts: dict[str, dict], overrides: dict) -> MergeConfig:
@@ -27,19 +30,28 @@ def recipe_merge_config(recipe: Recipe, experts: dict[str, dict], overrides: dic
         )
     m = recipe.merge
     weights = m.weights or {}
+    method = overrides.get("method") or m.method
     data = {
         "method": m.method,
         "density": m.density,
         "lam": m.lam,
         "seed": m.seed,
+        "alpha": m.alpha,
+        "fallback": m.fallback,
         "base": bases.pop(),
         "experts": [
             {"path": e["path"], "name": code, "weight": weights.get(code, 1.0)}
+            | ({"statistics": str(statistics_dir(e))} if get_method(method).data_aware else {})
             for code, e in experts.items()
         ],
     }
     data.update({k: v for k, v in overrides.items() if v is not None})
     return build_config(data, "merge settings of the recipe")
+
+
+def statistics_dir(expert: dict) -> Path:
+    """Where the input statistics of an expert (its registry row) are kept: next to it."""
+    return Path(expert["path"]) / FOLDER
 
 
 def degenerate_experts(experts: dict[str, dict]) -> list[str]:
@@ -68,6 +80,7 @@ def merge_recipe(
     name: str | None = None,
     serve: str | None = None,
     experts: dict[str, dict] | None = None,
+    say: Callable[[str], None] = lambda _: None,
 ) -> tuple[dict, Path]:
     """Merge the recipe's current experts; returns the merge summary and the output path. The
     summary's `stale_experts` names experts trained with other recipe settings than today's.
@@ -107,7 +120,11 @@ def merge_recipe(
         )
         meter = Meter()
         try:
+            collected = []
+            if get_method(cfg.method).data_aware:  # experts trained without them
+                collected = ensure_statistics(recipe, experts, say)
             summary = run_merge(cfg, out, force=force, progress=progress)
+            summary["statistics_collected"] = collected
         except BaseException as e:
             registry.fail_job(job, "interrupted" if isinstance(e, KeyboardInterrupt) else str(e))
             raise
@@ -157,6 +174,6 @@ def merge_once(
         say(f"merge {name}: up to date ({done[-1]['path']})")
         return done[-1]["id"]
     summary, out = merge_recipe(recipe, None, overrides, progress=progress, name=name,
-                                experts=experts)  # fmt: skip
+                                experts=experts, say=say)  # fmt: skip
     say(f"merge {name}: {out} ({summary['seconds']:.1f} s)")
     return summary["merge_id"]

@@ -113,7 +113,9 @@ def _run(cfg, method, params, base, experts, stats, out, force, progress, start)
     if method.data_aware:
         if cfg.space != "delta":
             raise ConfigError(f"{method.name} merges in space 'delta' only")
-        merged = regmean_merge(adapters or experts, stats, cfg.weights, cfg.alpha, fallback, tally)
+        merged = regmean_merge(
+            adapters or experts, stats, cfg.weights, cfg.alpha, fallback, tally, cfg.lam
+        )
 
     summary: dict = {
         "langmerge_version": __version__,
@@ -259,6 +261,7 @@ def write_adapter(
                 b, a = regmean_lora(factors, [m.scaling if m else 1.0 for m, _ in mods],
                                     [s.gram(name) for s in stats], weights=weights,
                                     alpha=cfg.alpha)  # fmt: skip
+                b = b * cfg.lam
                 up = exact(b, a, rank) if rank >= b.shape[1] else factor_product(b, a, rank)
             else:
                 factors = [
@@ -302,7 +305,8 @@ def write_adapter(
             for a in adapters
         ]
         if theta0.dim() == 2 and by_regmean(name, []):
-            delta = regmean(deltas, [s.gram(name) for s in stats], weights=weights, alpha=cfg.alpha)
+            delta = regmean(deltas, [s.gram(name) for s in stats], weights=weights,
+                            alpha=cfg.alpha).mul_(cfg.lam)  # fmt: skip
         else:
             delta = merge_tensor(method, deltas, weights, params, name, theta0)
         state[f"base_model.model.{name}"] = (theta0 + delta).to(base.tensors[name].dtype)

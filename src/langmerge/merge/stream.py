@@ -208,13 +208,24 @@ def regmean_merge(
     alpha: float,
     fallback: TensorMerge,
     tally: dict[str, int],
+    lam: float = 1.0,
 ) -> TensorMerge:
-    """RegMean for every linear map whose input Gram matrix every expert's statistics hold
-    (LoRA experts in factored form); `fallback` merges every other tensor. `tally` counts
-    the tensors merged each way."""
+    """RegMean (its delta scaled by λ) for every linear map whose input Gram matrix every
+    expert's statistics hold (LoRA experts in factored form); `fallback` merges every other
+    tensor. `tally` counts the tensors merged each way."""
     lora = bool(experts) and isinstance(experts[0], Adapter)
 
     def merged(name: str, base32: Tensor) -> Tensor | None:
+        out = by_regmean(name, base32)
+        if out is not None:
+            tally["regmean"] = tally.get("regmean", 0) + 1
+            return out if lam == 1.0 else out.mul_(lam)
+        out = fallback(name, base32)
+        if out is not None:
+            tally["fallback"] = tally.get("fallback", 0) + 1
+        return out
+
+    def by_regmean(name: str, base32: Tensor) -> Tensor | None:
         if base32.dim() == 2 and all(name in s for s in statistics):
             if lora and any(name in a.modules for a in experts):
                 mods = [a.modules.get(name) for a in experts]
@@ -224,12 +235,10 @@ def regmean_merge(
                     b, a = regmean_lora(factors, [m.scaling if m else 1.0 for m in mods],
                                         [s.gram(name) for s in statistics], weights=weights,
                                         alpha=alpha)  # fmt: skip
-                    tally["regmean"] = tally.get("regmean", 0) + 1
                     return b @ a
             elif lora and any(name in a.saved for a in experts):  # a trained head
                 deltas = [a.saved[name].float() - base32 if name in a.saved
                           else torch.zeros_like(base32) for a in experts]  # fmt: skip
-                tally["regmean"] = tally.get("regmean", 0) + 1
                 return regmean(deltas, [s.gram(name) for s in statistics], weights=weights,
                                alpha=alpha)  # fmt: skip
             elif not lora:
@@ -238,13 +247,9 @@ def regmean_merge(
                     t = e.read(name)
                     check_finite(t, name, f"expert {e.label}")
                     deltas.append(t.float().sub_(base32))
-                tally["regmean"] = tally.get("regmean", 0) + 1
                 return regmean(deltas, [s.gram(name) for s in statistics], weights=weights,
                                alpha=alpha)  # fmt: skip
-        out = fallback(name, base32)
-        if out is not None:
-            tally["fallback"] = tally.get("fallback", 0) + 1
-        return out
+        return None
 
     return merged
 

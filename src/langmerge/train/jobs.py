@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from langmerge import statistics
 from langmerge.backbones import (
     check_target_modules,
     load_config,
@@ -29,10 +30,11 @@ from langmerge.cost import Meter
 from langmerge.data.encode import encode, truncated_share
 from langmerge.data.prepare import ProjectData, load_data
 from langmerge.errors import ConfigError
-from langmerge.merge.writer import write_json
+from langmerge.merge.writer import parse_size, write_json
 from langmerge.processes import exclusive, rank, world_size
 from langmerge.recipe import Recipe
 from langmerge.registry import DB_NAME, Registry, TrainedModel
+from langmerge.train.seed import ensure_seed, expert_base
 
 METADATA = "langmerge.json"
 
@@ -76,7 +78,8 @@ def train(
         raise ValueError("name the languages to train, or ask for the joint model")
     # a label set taken from the data needs every language's data, whatever is trained
     labels_from_data = recipe.task.kind == "classification" and recipe.task.labels is None
-    needed = None if joint or labels_from_data else languages
+    seeded = not joint and recipe.experts.start == "seed"  # the seed trains on every language
+    needed = None if joint or labels_from_data or seeded else languages
     data = load_data(recipe, needed).require_valid()
     for w in data.warnings:
         say(f"warning: {w}")
@@ -90,6 +93,9 @@ def train(
     registry = Registry(recipe.run_dir)
     try:
         registry.mark_abandoned()
+        if seeded:
+            torch.set_num_threads(_threads(recipe.training.threads))
+            ensure_seed(recipe, registry, data, progress, say)
         if recipe.executor.kind == "ray" and continue_from is None:
             from langmerge.train.cluster import train_on_ray
 
@@ -157,7 +163,7 @@ def plan(
     recipe: Recipe, data: ProjectData, language: str | None, continue_from: Continuation | None
 ) -> tuple[tuple[str, str], Path]:
     """The (recipe, data) hashes of the model `language` (None: joint) and its work folder."""
-    recipe_hash = recipe.digest()
+    recipe_hash = recipe.digest("joint" if language is None else "expert")
     data_hash = data.joint_digest() if language is None else data.languages[language].digest
     if continue_from is not None:  # not the model a retrain on this data would make
         data_hash = hashlib.sha256(f"{data_hash}+{continue_from.adapter}".encode()).hexdigest()[:16]
@@ -240,7 +246,8 @@ def fit_and_stage(
     from langmerge.train.trainer import fit
 
     _, languages, name = _identity(data, language)
-    base_dir = prepare_base(recipe, data.labels)
+    base_dir = prepare_base(recipe, data.labels) if language is None else expert_base(
+        recipe, data.labels)  # fmt: skip
     tokenizer = load_tokenizer(base_dir)
 
     def encoded(split: str, code: str) -> list[dict]:
@@ -284,11 +291,54 @@ def fit_and_stage(
     }  # fmt: skip
     training = {"steps": result.steps, "best_step": result.best_step, "curve": result.curve,
                 "train_loss": result.loss, "last_train_loss": result.last_loss}  # fmt: skip
-    health = check_health(result, recipe, data, languages, tokenizer, scores, continue_from)
+    trained_start = continue_from is not None or (  # not an untrained model to compare with
+        language is not None and recipe.experts.start == "seed"
+    )
+    health = check_health(result, recipe, data, languages, tokenizer, scores, trained_start)
     staged = work / "adapter"
     result.model.save_pretrained(staged)
+    if kind == "expert" and recipe.statistics.collect:
+        # a continued expert trained on the new examples only, but stands for all of them
+        seen = train_set if continue_from is None else encoded("train", language)
+        collect_statistics(result.model, seen, tokenizer.pad_token_id, recipe,
+                           staged / statistics.FOLDER, name, say)  # fmt: skip
     return Staged(staged, Path(base_dir), scores, result.steps, result.loss, result.resumed_from,
                   health, training)  # fmt: skip
+
+
+def collect_statistics(model, encoded: list[dict], pad_id: int, recipe: Recipe, out: Path,
+                       name: str, say: Callable[[str], None]) -> None:  # fmt: skip
+    """The input statistics of a trained expert on its training data, kept with it for
+    data-aware merges."""
+    s = recipe.statistics
+    batches = statistics.encoded_batches(encoded, pad_id, recipe.evaluation.batch_size)
+    done = statistics.collect(model, batches, out, dtype=s.dtype, budget=parse_size(s.memory),
+                              force=True)  # fmt: skip
+    say(f"{name}: input statistics for data-aware merges: {statistics.describe(done)}")
+
+
+def ensure_statistics(recipe: Recipe, experts: dict[str, dict],
+                      say: Callable[[str], None]) -> list[str]:  # fmt: skip
+    """Collect the input statistics of the experts (language → registry row) that lack them
+    (trained before langmerge kept them, or with `statistics.collect: false`), on their
+    language's training data; returns those languages."""
+    from langmerge.train.trainer import build_peft_model
+
+    missing = [code for code, e in experts.items()
+               if not statistics.present(Path(e["path"]) / statistics.FOLDER)]  # fmt: skip
+    if not missing:
+        return []
+    data = load_data(recipe).require_valid()
+    for code in missing:
+        e = experts[code]
+        base_dir = Path(e["base"])
+        tokenizer = load_tokenizer(base_dir)
+        examples = data.languages[code].split("train")
+        enc = encode(examples, tokenizer, recipe.task, data.labels, recipe.training.max_length)
+        model = build_peft_model(base_dir, recipe, tokenizer.pad_token_id, Path(e["path"]))
+        collect_statistics(model, enc, tokenizer.pad_token_id, recipe,
+                           Path(e["path"]) / statistics.FOLDER, f"expert {code}", say)  # fmt: skip
+    return missing
 
 
 FEW_STEPS = 50  # fewer optimiser steps than this: warn that the model may learn nothing
@@ -296,10 +346,10 @@ HEALTH_PROMPTS = 16  # generation: validation prompts per language answered for 
 
 
 def check_health(result, recipe: Recipe, data: ProjectData, languages: list[str], tokenizer,
-                 scores: dict, continue_from: Continuation | None) -> dict:  # fmt: skip
+                 scores: dict, trained_start: bool) -> dict:  # fmt: skip
     """The health verdict of a freshly trained model on its validation split: its predictions
-    per language, its losses against the untrained model's (not for a continued expert, whose
-    start was trained already)."""
+    per language, its losses against the untrained model's (not for a continued expert or one
+    branched from the seed, whose start was trained already)."""
     from langmerge.data.encode import prompt_ids
     from langmerge.evaluate import health
     from langmerge.evaluate.job import primary_metric
@@ -325,7 +375,7 @@ def check_health(result, recipe: Recipe, data: ProjectData, languages: list[str]
             answers = generate(result.model, prompts, tokenizer, task.max_new_tokens, batch)
             parts[code] = health.generation_problems(answers, [e.answer for e in some])
     curve = result.curve or []
-    untrained = curve[0] if curve and curve[0]["step"] == 0 and continue_from is None else {}
+    untrained = curve[0] if curve and curve[0]["step"] == 0 and not trained_start else {}
     metric = primary_metric(recipe) if task.kind == "classification" else None
     losses = [s["loss"] for s in scores.values() if s]
     kept = next((p for p in curve if p["step"] == result.best_step), {})

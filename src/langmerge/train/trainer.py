@@ -97,12 +97,14 @@ def fit(
     validation: dict[str, list[dict]] | None = None,
     kind: str = "expert",
     leader: bool = True,
+    steps: int | None = None,
 ) -> FitResult:
     """Train adapters on the encoded examples `train` for the recipe's step budget of a `kind`
     job; checkpoints go to `work`, and a run that finds checkpoints there resumes from the
     newest. With `validation` (language → encoded examples) the model is scored before training,
     each epoch (or `eval_steps`) and at the end, and ends with the weights of the best step.
-    `counts` is updated as training goes; `start` is a trained adapter to continue from."""
+    `counts` is updated as training goes; `start` is a trained adapter to continue from; `steps`
+    replaces the recipe's budget."""
     t = recipe.training
     counts = counts if counts is not None else Counts()
     model = build_peft_model(base_dir, recipe, pad_id, start)
@@ -119,7 +121,9 @@ def fit(
     trainer = CountingTrainer(
         counts,
         model=model,
-        args=training_arguments(recipe, work, t.budget(kind, len(train), world_size())),
+        args=training_arguments(
+            recipe, work, steps if steps is not None else t.budget(kind, len(train), world_size())
+        ),
         train_dataset=train,
         data_collator=PadToLongest(pad_id, multiple_of=8 if cuda else 1),  # GPU kernels like 8
         callbacks=callbacks,
