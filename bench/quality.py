@@ -74,7 +74,7 @@ DATA = {"kaomoji": kaomoji_data, "manpages": manpages_data}
 SPLIT = {"validation": 0.15, "test": 0.25, "seed": 0}
 
 
-def write_project(root: Path, name: str, overrides: dict) -> Path:
+def write_project(root: Path, name: str, overrides: dict, filename: str = "recipe.yaml") -> Path:
     """A project folder: the data set's files, the embedded backbone trimmed to its texts, and a
     recipe that names nothing but what a user must (base, task, languages, data) and the split."""
     from langmerge.embedded import embedded_backbone
@@ -96,17 +96,30 @@ def write_project(root: Path, name: str, overrides: dict) -> Path:
         for key in path:
             node = node.setdefault(key, {})
         node[last] = value
-    path = root / "recipe.yaml"
+    path = root / filename
     path.write_text(yaml.safe_dump(recipe, allow_unicode=True, sort_keys=False))
     return path
 
 
+GROUPS = {  # which merges each reported "best" is chosen among (on validation)
+    "best": lambda method: True,
+    "weight_only": lambda method: not get_method(method).data_aware,
+    "regmean": lambda method: method == "regmean",
+}
+
+
+def get_method(name: str):
+    from langmerge.merge.methods import get_method as lookup
+
+    return lookup(name)
+
+
 def study(recipe_path: Path, seed: int) -> dict:
     """One seed's study: `langmerge run`, then every merge scored on validation to choose the
-    best one as a user of the sweep would (the study's own `*` is chosen on test)."""
-    from langmerge import stats
+    best one as a user of the sweep would (the study's own `*` is chosen on test): the best of
+    all merges, of the weight-only methods, and regmean, each against joint on test."""
     from langmerge.evaluate.health import is_degenerate
-    from langmerge.evaluate.job import evaluate, per_example
+    from langmerge.evaluate.job import evaluate
     from langmerge.recipe import load_recipe
     from langmerge.run import run
     from langmerge.seeds import seed_recipes
@@ -120,29 +133,59 @@ def study(recipe_path: Path, seed: int) -> dict:
     on_validation = {
         m: evaluate(recipe, m, codes, "validation") for m in healthy
     }  # fmt: skip
-    best = max(healthy, key=lambda m: sum(on_validation[m][c][metric] for c in codes),
-               default=None)  # fmt: skip
+    chosen = {}
+    for group, member in GROUPS.items():
+        pool = [m for m in healthy if member(m.removeprefix("merged:").split("-")[0])]
+        chosen[group] = max(pool, key=lambda m: sum(on_validation[m][c][metric] for c in codes),
+                            default=None)  # fmt: skip
     languages = {}
     for c in codes:
         joint = s.quality["joint"][c]
         row = {"joint": joint[metric], "joint_macro_f1": joint.get("macro_f1"),
                "expert": s.quality["experts (own language)"][c][metric]}  # fmt: skip
-        if best is not None:
-            merged = s.quality[best][c]
-            c_ = stats.compare(per_example(merged, metric), per_example(joint, metric))
-            row.update(best=merged[metric], gap=c_.difference, gap_low=c_.low, gap_high=c_.high,
-                       gap_p=c_.p)  # fmt: skip
+        for group, m in chosen.items():
+            if m is not None:
+                row.update(_versus(s.quality[m][c], joint, metric, group))
         languages[c] = row
     return {
         "seed": recipe.training.seed,
         "metric": metric,
-        "best_merge": best,
+        "best_merge": chosen["best"],
+        "chosen": chosen,
         "languages": languages,
         "degenerate": s.degenerate(),
         "health": {row: (h or {}).get("problems", []) for row, h in s.health.items()},
         "steps": _steps(recipe),
+        "cost": _cost(recipe, s.cost, chosen["best"]),
         "seconds": time.perf_counter() - start,
     }
+
+
+def _versus(merged: dict, joint: dict, metric: str, group: str) -> dict:
+    from langmerge import stats
+    from langmerge.evaluate.job import per_example
+
+    c = stats.compare(per_example(merged, metric), per_example(joint, metric))
+    key = "" if group == "best" else f"{group}_"
+    return {f"{key}score": merged[metric], f"{key}gap": c.difference, f"{key}gap_low": c.low,
+            f"{key}gap_high": c.high, f"{key}gap_p": c.p} | (
+            {"best": merged[metric]} if group == "best" else {})  # fmt: skip
+
+
+def _cost(recipe, cost: dict, best: str | None) -> dict:
+    """The initial cost against the joint model, and the saving of maintaining one language
+    (its expert retrained, the chosen merge redone) against retraining the joint model, from
+    the ledger: mean expert wall time + the merge's, over the joint job's wall time."""
+    import statistics as st
+
+    experts = [e["wall_s"] for e in cost["experts"].values()]
+    name = best.removeprefix("merged:").split("#")[0] if best else None
+    merge = cost["merges_s"].get(name, cost["merge_s"])
+    update = st.fmean(experts) + merge
+    return {"seed_s": cost.get("seed_s", 0.0), "experts_serial_s": cost["experts_serial_s"],
+            "joint_s": cost["joint_s"], "merge_s": merge,
+            "initial_vs_joint": cost["serial_vs_joint"],
+            "update_saving": 1 - update / cost["joint_s"]}  # fmt: skip
 
 
 def _steps(recipe) -> dict:
@@ -157,8 +200,9 @@ def _steps(recipe) -> dict:
 
 
 def summarise(runs: list[dict]) -> list[dict]:
-    """Per language: mean ± sd over seeds of joint, expert, best merge and the gap, and the
-    range of the gap's per-seed intervals."""
+    """Per language: mean ± sd over seeds of joint, expert, the best merge and each group's gap
+    to joint, with the per-seed intervals of the best merge's gap and how often each group's
+    gap was significant."""
     codes = list(runs[0]["languages"])
     table = []
     for c in [*codes, "mean"]:
@@ -170,21 +214,30 @@ def summarise(runs: list[dict]) -> list[dict]:
             return [r["languages"][c][key] for r in runs if key in r["languages"][c]]
 
         row = {"language": c}
-        for key in ("joint", "expert", "best", "gap"):
+        for key in ("joint", "expert", "best", "gap", "weight_only_gap", "regmean_gap"):
             v = values(key)
             sd = statistics.stdev(v) if len(v) > 1 else 0.0
-            row[key] = f"{statistics.fmean(v):+.3f} ± {sd:.3f}" if key == "gap" and v else (
+            row[key] = f"{statistics.fmean(v):+.3f} ± {sd:.3f}" if key.endswith("gap") and v else (
                 f"{statistics.fmean(v):.3f} ± {sd:.3f}" if v else "—")  # fmt: skip
         if c != "mean":
             lows = [r["languages"][c]["gap_low"] for r in runs if "gap_low" in r["languages"][c]]
             highs = [r["languages"][c]["gap_high"] for r in runs if "gap_high" in r["languages"][c]]
-            sig = sum(r["languages"][c].get("gap_p", 1) < 0.05 for r in runs)
             row["gap 95% (per seed)"] = ", ".join(
                 f"[{lo:+.2f}, {hi:+.2f}]" for lo, hi in zip(lows, highs)
             )
-            row["significant"] = f"{sig}/{len(runs)}"
+            for key in ("", "weight_only_", "regmean_"):
+                sig = sum(r["languages"][c].get(f"{key}gap_p", 1) < 0.05
+                          and r["languages"][c].get(f"{key}gap", 0) < 0 for r in runs)  # fmt: skip
+                row[f"{key}worse"] = f"{sig}/{len(runs)}"
+        else:
+            for key in ("initial_vs_joint", "update_saving"):
+                v = [r["cost"][key] for r in runs]
+                row[key] = f"{statistics.fmean(v):.2f}"
         table.append(row)
     return table
+
+
+ARMS = {"base": {}, "seed": {"experts.start": "seed"}}  # where the experts start
 
 
 def main() -> None:
@@ -200,28 +253,45 @@ def main() -> None:
     )
     parser.add_argument("--work", type=Path, default=Path("/tmp/langmerge-quality"))
     parser.add_argument("--tag", default="", help="suffix of the results file")
+    parser.add_argument(
+        "--arms",
+        default="base,seed",
+        help="where the experts start: base, seed (the seed arm shares the base arm's project, "
+        "so its joint model is trained once)",
+    )
     args = parser.parse_args()
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
     seeds = [int(s) for s in args.seeds.split(",")]
     for name in args.data.split(","):
         suffix = "-".join(f"{k}={v}" for k, v in overrides.items())
         root = args.work / (name + (f"-{suffix}" if suffix else ""))
-        recipe = write_project(root, name, overrides)
-        runs = [study(recipe, seed) for seed in seeds]
-        table = summarise(runs)
-        print(f"\n{name}: {runs[0]['metric']} on test, {len(seeds)} seeds (mean ± sd); "
-              f"degenerate models: {sum(len(r['degenerate']) for r in runs)}")  # fmt: skip
-        keys = list(table[0])
-        print("| " + " | ".join(keys) + " |")
-        print("|" + "---|" * len(keys))
-        for row in table:
-            print("| " + " | ".join(str(row.get(k, "")) for k in keys) + " |")
+        arms = {}
+        for arm in args.arms.split(","):
+            recipe = write_project(root, name, overrides | ARMS[arm], f"recipe-{arm}.yaml")
+            runs = [study(recipe, seed) for seed in seeds]
+            arms[arm] = {"runs": runs, "table": summarise(runs)}
+            print(f"\n{name}, experts from the {arm}: {runs[0]['metric']} on test, "
+                  f"{len(seeds)} seeds (mean ± sd); degenerate models: "
+                  f"{sum(len(r['degenerate']) for r in runs)}")  # fmt: skip
+            _print(arms[arm]["table"])
         machine = machine_info(("torch", "transformers", "peft"))
-        result = {"data": name, "overrides": overrides, "seeds": seeds, "runs": runs,
-                  "table": table, "machine": machine}  # fmt: skip
         out = HERE / "results" / f"quality-{name}{args.tag}.json"
+        if out.is_file():  # the other arms of an earlier run with the same settings stay
+            earlier = json.loads(out.read_text())
+            if (earlier.get("overrides"), earlier.get("seeds")) == (overrides, seeds):
+                arms = earlier.get("arms", {}) | arms
+        result = {"data": name, "overrides": overrides, "seeds": seeds, "arms": arms,
+                  "machine": machine}  # fmt: skip
         out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
         print(f"written: {out}")
+
+
+def _print(table: list[dict]) -> None:
+    keys = list(dict.fromkeys(k for row in table for k in row))
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
+    for row in table:
+        print("| " + " | ".join(str(row.get(k, "")) for k in keys) + " |")
 
 
 if __name__ == "__main__":

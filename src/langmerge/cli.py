@@ -639,9 +639,10 @@ def methods() -> None:
     """List the merge methods."""
     from langmerge.merge.methods import METHODS
 
-    table = Table("method", "what it does", "random", "LoRA only")
+    table = Table("method", "what it does", "random", "LoRA only", "needs")
     for m in METHODS.values():
-        table.add_row(m.name, m.summary, "yes" if m.random else "", "yes" if m.knots else "")
+        needs = "each expert's input statistics (alpha, fallback)" if m.data_aware else ""
+        table.add_row(m.name, m.summary, "yes" if m.random else "", "yes" if m.knots else "", needs)
     out.print(table)
 
 

@@ -44,6 +44,7 @@ from langmerge.processes import exclusive
 from langmerge.progress import progress_bar
 from langmerge.recipe import CHOSEN, Recipe, Sweep, merge_settings
 from langmerge.registry import Registry, require_trained
+from langmerge.train.jobs import ensure_statistics
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,8 @@ def _sweep(recipe, data: ProjectData, codes, points, progress, say) -> dict:
         meter = Meter()
         tokens = examples = 0
         try:
+            if any(get_method(p.method).data_aware for _, p in todo):
+                ensure_statistics(recipe, experts, say)  # for experts trained without them
             merger = InMemoryMerge(recipe, data, experts) if todo else None
             with progress_bar("sweep", len(todo), progress) as step:
                 for name, p in todo:
