@@ -74,6 +74,12 @@ DATA = {"kaomoji": kaomoji_data, "manpages": manpages_data}
 SPLIT = {"validation": 0.15, "test": 0.25, "seed": 0}
 
 
+# langmerge's default compare list, and regmean at two more α (the sweep's other values)
+COMPARE = ["linear", {"method": "ties", "density": 1.0}, {"method": "dare_ties", "density": 0.5},
+           {"method": "knots_ties", "density": 1.0}, "regmean", {"method": "regmean", "alpha": 0.5},
+           {"method": "regmean", "alpha": 1.0}]  # fmt: skip
+
+
 def write_project(root: Path, name: str, overrides: dict, filename: str = "recipe.yaml") -> Path:
     """A project folder: the data set's files, the embedded backbone trimmed to its texts, and a
     recipe that names nothing but what a user must (base, task, languages, data) and the split."""
@@ -88,6 +94,7 @@ def write_project(root: Path, name: str, overrides: dict, filename: str = "recip
         "task": {"kind": "classification", "labels": info["labels"]},
         "languages": {c: {"data": f"data/{c}.jsonl"} for c in info["languages"]},
         "split": SPLIT,
+        "merge": {"compare": COMPARE},
         "run_dir": "run",
     }
     for dotted, value in overrides.items():
@@ -175,17 +182,30 @@ def _versus(merged: dict, joint: dict, metric: str, group: str) -> dict:
 def _cost(recipe, cost: dict, best: str | None) -> dict:
     """The initial cost against the joint model, and the saving of maintaining one language
     (its expert retrained, the chosen merge redone) against retraining the joint model, from
-    the ledger: mean expert wall time + the merge's, over the joint job's wall time."""
+    the ledger: by wall time (mean expert + the merge, over the joint job), and by training
+    tokens (mean expert over the joint job: the same work per token), which does not depend on
+    how busy the machine was when each job ran."""
     import statistics as st
+
+    from langmerge.registry import Registry
 
     experts = [e["wall_s"] for e in cost["experts"].values()]
     name = best.removeprefix("merged:").split("#")[0] if best else None
     merge = cost["merges_s"].get(name, cost["merge_s"])
     update = st.fmean(experts) + merge
+    registry = Registry(recipe.run_dir)
+    try:
+        seeds = [j for j in registry.ledger() if j["kind"] == "seed" and j["status"] == "done"]
+    finally:
+        registry.close()
+    seed_tokens = seeds[-1]["tokens"] if seeds and cost.get("seed_s") else 0
+    tokens = [e["tokens"] for e in cost["experts"].values()]
     return {"seed_s": cost.get("seed_s", 0.0), "experts_serial_s": cost["experts_serial_s"],
             "joint_s": cost["joint_s"], "merge_s": merge,
             "initial_vs_joint": cost["serial_vs_joint"],
-            "update_saving": 1 - update / cost["joint_s"]}  # fmt: skip
+            "initial_tokens_vs_joint": (seed_tokens + sum(tokens)) / cost["joint_tokens"],
+            "update_saving": 1 - update / cost["joint_s"],
+            "update_saving_tokens": 1 - st.fmean(tokens) / cost["joint_tokens"]}  # fmt: skip
 
 
 def _steps(recipe) -> dict:
@@ -230,7 +250,12 @@ def summarise(runs: list[dict]) -> list[dict]:
                           and r["languages"][c].get(f"{key}gap", 0) < 0 for r in runs)  # fmt: skip
                 row[f"{key}worse"] = f"{sig}/{len(runs)}"
         else:
-            for key in ("initial_vs_joint", "update_saving"):
+            for key in (
+                "initial_vs_joint",
+                "initial_tokens_vs_joint",
+                "update_saving",
+                "update_saving_tokens",
+            ):
                 v = [r["cost"][key] for r in runs]
                 row[key] = f"{statistics.fmean(v):.2f}"
         table.append(row)
@@ -256,8 +281,8 @@ def main() -> None:
     parser.add_argument(
         "--arms",
         default="base,seed",
-        help="where the experts start: base, seed (the seed arm shares the base arm's project, "
-        "so its joint model is trained once)",
+        help="where the experts start: base, seed (run in this order; the seed arm shares the "
+        "base arm's project, so its joint model is trained once)",
     )
     args = parser.parse_args()
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
@@ -266,7 +291,10 @@ def main() -> None:
         suffix = "-".join(f"{k}={v}" for k, v in overrides.items())
         root = args.work / (name + (f"-{suffix}" if suffix else ""))
         arms = {}
-        for arm in args.arms.split(","):
+        for arm in sorted(args.arms.split(","), key=list(ARMS).index):  # base first
+            if arm == "base" and _has_seed(root):
+                sys.exit(f"{root} holds seed-started experts already: the base arm runs first "
+                         "in a project (its newest experts are the ones studied)")  # fmt: skip
             recipe = write_project(root, name, overrides | ARMS[arm], f"recipe-{arm}.yaml")
             runs = [study(recipe, seed) for seed in seeds]
             arms[arm] = {"runs": runs, "table": summarise(runs)}
@@ -284,6 +312,18 @@ def main() -> None:
                   "machine": machine}  # fmt: skip
         out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
         print(f"written: {out}")
+
+
+def _has_seed(root: Path) -> bool:
+    from langmerge.registry import DB_NAME, Registry
+
+    if not (root / "run" / DB_NAME).is_file():
+        return False
+    registry = Registry(root / "run", read_only=True)
+    try:
+        return any(j["kind"] == "seed" for j in registry.ledger())
+    finally:
+        registry.close()
 
 
 def _print(table: list[dict]) -> None:

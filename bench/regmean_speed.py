@@ -35,7 +35,6 @@ import torch
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "src"))
 
 from _common import machine_info  # noqa: E402
 

@@ -80,7 +80,11 @@ def write_demo_project(
         "merge": {"compare": ["ties"] if quick else [
             "linear", {"method": "ties", "density": 1.0},
             {"method": "dare_ties", "density": 0.5}, {"method": "knots_ties", "density": 1.0},
+            "regmean",
         ]},
+        # the experts branch from a short joint warm-up: on this data, with regmean, the
+        # configuration closest to the joint model (bench/RESULTS.md)
+        **({} if quick else {"experts": {"start": "seed"}}),
         "sweep": {"grid": ["linear", {"method": "ties", "density": [0.5, 1.0]}],
                   "lambda": [1.0]} if quick else {},
         "run_dir": "run-quick" if quick else "run",
