@@ -290,28 +290,32 @@ def main() -> None:
     for name in args.data.split(","):
         suffix = "-".join(f"{k}={v}" for k, v in overrides.items())
         root = args.work / (name + (f"-{suffix}" if suffix else ""))
-        arms = {}
+        out = HERE / "results" / f"quality-{name}{args.tag}.json"
+        earlier = json.loads(out.read_text()) if out.is_file() else {}
+        # the other arms of an earlier run with the same settings stay
+        arms = earlier.get("arms", {}) if earlier.get("overrides") == overrides else {}
         for arm in sorted(args.arms.split(","), key=list(ARMS).index):  # base first
             if arm == "base" and _has_seed(root):
                 sys.exit(f"{root} holds seed-started experts already: the base arm runs first "
                          "in a project (its newest experts are the ones studied)")  # fmt: skip
             recipe = write_project(root, name, overrides | ARMS[arm], f"recipe-{arm}.yaml")
-            runs = [study(recipe, seed) for seed in seeds]
-            arms[arm] = {"runs": runs, "table": summarise(runs)}
+            runs = []
+            for seed in seeds:  # written after each seed: a long run keeps what it finished
+                runs.append(study(recipe, seed))
+                arms[arm] = {"seeds": [r["seed"] for r in runs], "runs": runs,
+                             "table": summarise(runs)}  # fmt: skip
+                _write(out, name, overrides, arms)
             print(f"\n{name}, experts from the {arm}: {runs[0]['metric']} on test, "
                   f"{len(seeds)} seeds (mean ± sd); degenerate models: "
                   f"{sum(len(r['degenerate']) for r in runs)}")  # fmt: skip
             _print(arms[arm]["table"])
-        machine = machine_info(("torch", "transformers", "peft"))
-        out = HERE / "results" / f"quality-{name}{args.tag}.json"
-        if out.is_file():  # the other arms of an earlier run with the same settings stay
-            earlier = json.loads(out.read_text())
-            if (earlier.get("overrides"), earlier.get("seeds")) == (overrides, seeds):
-                arms = earlier.get("arms", {}) | arms
-        result = {"data": name, "overrides": overrides, "seeds": seeds, "arms": arms,
-                  "machine": machine}  # fmt: skip
-        out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
         print(f"written: {out}")
+
+
+def _write(out: Path, name: str, overrides: dict, arms: dict) -> None:
+    machine = machine_info(("torch", "transformers", "peft"))
+    result = {"data": name, "overrides": overrides, "arms": arms, "machine": machine}
+    out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
 
 
 def _has_seed(root: Path) -> bool:
