@@ -2,6 +2,7 @@
 
 from langmerge.merge.lora import LoraUpdate, merge_lora, merge_lora_factored, merge_lora_peft
 from langmerge.merge.methods import METHODS, MergeParams, get_method, merge_deltas
+from langmerge.merge.regmean import regmean, regmean_lora
 
 __all__ = [
     "METHODS",
@@ -12,4 +13,6 @@ __all__ = [
     "merge_lora",
     "merge_lora_factored",
     "merge_lora_peft",
+    "regmean",
+    "regmean_lora",
 ]
