@@ -199,6 +199,19 @@ class Training(_Strict):
         return max(self.min_steps, math.ceil(self.epochs * per_epoch), 1)
 
 
+def memory_size(v: str) -> str:
+    """`v` if it is a size such as 8GB or 512MB, else the error pydantic reports."""
+    from langmerge.merge.writer import parse_size
+
+    try:
+        size = parse_size(v)
+    except Exception:
+        size = 0
+    if size <= 0:
+        raise ValueError(f"memory: give a size such as 8GB or 512MB, not {v!r}")
+    return v
+
+
 class Executor(_Strict):
     """Where training jobs run: here one after another (`local`), or as Ray tasks (`ray`), in
     parallel across a machine or a cluster. The run directory must then be on storage every
@@ -216,16 +229,7 @@ class Executor(_Strict):
     @field_validator("memory")
     @classmethod
     def _size(cls, v: str | None) -> str | None:
-        if v is not None:
-            from langmerge.merge.writer import parse_size
-
-            try:
-                size = parse_size(v)
-            except Exception:
-                size = 0
-            if size <= 0:
-                raise ValueError(f"memory: give a size such as 8GB or 512MB, not {v!r}")
-        return v
+        return v if v is None else memory_size(v)
 
 
 class MergeVariant(_Strict):
@@ -407,15 +411,7 @@ class Statistics(_Strict):
     @field_validator("memory")
     @classmethod
     def _size(cls, v: str) -> str:
-        from langmerge.merge.writer import parse_size
-
-        try:
-            size = parse_size(v)
-        except Exception:
-            size = 0
-        if size <= 0:
-            raise ValueError(f"memory: give a size such as 8GB or 512MB, not {v!r}")
-        return v
+        return memory_size(v)
 
 
 class Recipe(_Strict):
