@@ -87,6 +87,10 @@ def _train_seed(recipe, registry, data, out: Path, work: Path, progress, say) ->
         f"{', '.join(codes)}; every expert branches from it")  # fmt: skip
     job = registry.start_job("seed", codes, recipe.digest("expert"), data.joint_digest())
     meter, counts = Meter(), Counts()
+
+    def cost():
+        return meter.cost(tokens=counts.tokens, examples=counts.examples, flops=counts.flops)
+
     try:
         result = fit(base_dir, recipe, train_set, tokenizer.pad_token_id, work / "checkpoints",
                      progress, counts, kind="seed", steps=steps)  # fmt: skip
@@ -102,11 +106,9 @@ def _train_seed(recipe, registry, data, out: Path, work: Path, progress, say) ->
         tmp.rename(out)
     except BaseException as e:
         what = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
-        registry.fail_job(job, what, meter.cost(tokens=counts.tokens, examples=counts.examples,
-                                                flops=counts.flops))  # fmt: skip
+        registry.fail_job(job, what, cost())
         raise
-    registry.finish_job(job, meter.cost(tokens=counts.tokens, examples=counts.examples,
-                                        flops=counts.flops))  # fmt: skip
+    registry.finish_job(job, cost())
     shutil.rmtree(work, ignore_errors=True)
     say(f"seed: {out} ({registry.job(job)['wall_s']:.1f} s, {counts.tokens} tokens)")
     return out
