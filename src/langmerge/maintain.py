@@ -244,7 +244,7 @@ def guard(
         rule = "must not drop" if code == language else f"may drop ≤ {max_drop:g}"
         row = {"language": code, "before": old, "after": new, "shift": shift, "rule": rule}
         x, y = per_example(after[code], metric), per_example(before[code], metric)
-        dropped = shift < -limit
+        dropped = round(shift, 9) < -limit  # 0.85 → 0.84 is a drop of 1.0, not 1.0000000000000009
         paired = bool(x and y and len(x) == len(y))
         if paired:  # the shift with its 95% interval, in points, and the test's p
             c = stats.compare(x, y)

@@ -19,6 +19,7 @@ from langmerge.errors import InputError
 from langmerge.recipe import LanguageData, Recipe, Task, prompt_fields
 
 SPLITS = ("train", "validation", "test")
+MAX_CHARS = 1_000_000  # per field: far beyond what any max_length reads, short of memory trouble
 
 
 @dataclass(frozen=True)
@@ -214,11 +215,15 @@ def _examples(records: Records, task: Task, where: str, problems: list[str]) -> 
         fields = [task.text_field, task.label_field]
     else:
         fields = [*prompt_fields(task.prompt), task.target_field]
-    out, bad = [], []
+    out, bad, huge = [], [], []
     for i, r in enumerate(records, 1):
         missing = [f for f in fields if r.get(f) is None or str(r.get(f)).strip() == ""]
         if missing:
             bad.append((i, missing))
+            continue
+        long = [f for f in fields if len(str(r[f])) > MAX_CHARS]
+        if long:
+            huge.append((i, long[0], len(str(r[long[0]]))))
             continue
         if task.kind == "classification":
             out.append(Example(str(r[task.text_field]), str(r[task.label_field])))
@@ -230,6 +235,12 @@ def _examples(records: Records, task: Task, where: str, problems: list[str]) -> 
         problems.append(
             f"{where}: {len(bad)} of {len(records)} records miss a required field or have it "
             f"empty ({shown}{', …' if len(bad) > 3 else ''})"
+        )
+    if huge:
+        shown = ", ".join(f"record {i}'s {f} has {n:,} characters" for i, f, n in huge[:3])
+        problems.append(
+            f"{where}: {len(huge)} records are longer than {MAX_CHARS:,} characters ({shown}); "
+            "a model reads only the first max_length tokens: shorten or remove them"
         )
     return out
 

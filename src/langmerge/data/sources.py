@@ -8,12 +8,14 @@ and, where there is one, the line.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
 from langmerge.errors import InputError
 from langmerge.hub import offline, require_hub
 from langmerge.recipe import HubData
+from langmerge.textfile import read_text
 
 Records = list[dict]
 SUFFIXES = ".jsonl, .json (one object per line), .csv, .tsv, .parquet"
@@ -51,31 +53,30 @@ def read_hub(hub: HubData) -> dict[str, Records]:
 
 def _read_jsonl(path: Path) -> Records:
     records = []
-    with path.open(encoding="utf-8-sig") as f:  # a byte-order mark is not part of the data
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise InputError(f"{path}:{number}: each line must be a JSON object")
-            records.append(record)
+    for number, line in enumerate(read_text(path, "data file").split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise InputError(f"{path}:{number}: each line must be a JSON object")
+        records.append(record)
     return records
 
 
 def _read_csv(path: Path, delimiter: str) -> Records:
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        if not reader.fieldnames:
-            raise InputError(f"{path}: empty, or no header row naming the columns")
-        records = []
-        for record in reader:
-            if None in record:  # more cells than header columns
-                raise InputError(f"{path}:{reader.line_num}: more cells than the header names")
-            records.append(record)
-        return records
+    text = io.StringIO(read_text(path, "data file"), newline="")
+    reader = csv.DictReader(text, delimiter=delimiter)
+    if not reader.fieldnames:
+        raise InputError(f"{path}: empty, or no header row naming the columns")
+    records = []
+    for record in reader:
+        if None in record:  # more cells than header columns
+            raise InputError(f"{path}:{reader.line_num}: more cells than the header names")
+        records.append(record)
+    return records
 
 
 def _read_parquet(path: Path) -> Records:
