@@ -119,11 +119,23 @@ def test_an_interruption_leaves_the_served_model_and_a_rerun_finishes(fresh, cli
     assert reg.latest("expert", "de")["version"] == 2  # trained once, whatever was interrupted
 
 
-def test_one_update_at_a_time(fresh, cli):
-    with open(load_recipe(fresh).run_dir / ".maintenance.lock", "w") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)  # as a running update holds it
-        code, text = update_de(cli, fresh)
-    assert code == 1 and "another update is running" in text
+def test_one_command_at_a_time_changes_what_is_served(fresh, cli):
+    write_portuguese(fresh)
+    with open(load_recipe(fresh).run_dir / ".serving.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a running update, merge, sweep… holds it
+        for args in [
+            ("update", fresh, "--lang", "de", "--data", fresh.parent / "new_de.jsonl", "--quiet"),
+            ("add-language", fresh, "--lang", "pt", "--data", fresh.parent / "pt.jsonl", "--quiet"),
+            ("merge", fresh),
+            ("sweep", fresh, "--quiet"),
+            ("rollback", fresh),
+            ("run", fresh, "--quiet"),
+        ]:
+            code, text = cli(*args)
+            assert code == 1 and "is changing what" in text and "wait for it to finish" in text, (
+                args
+            )
+    assert registry(fresh).current_merge()["id"] == 1
 
 
 def test_adding_a_language(fresh, cli):

@@ -1,6 +1,7 @@
 """The registry: versioned schema, transactional job rows, the cost ledger, concurrent writers."""
 
 import multiprocessing
+import os
 import sqlite3
 
 import pytest
@@ -75,6 +76,24 @@ def test_a_dead_job_is_marked_failed(tmp_path):
     reg.db.execute("UPDATE jobs SET pid=999999999 WHERE id=?", (job,))  # as if it was killed
     assert reg.mark_abandoned() == 1
     row = reg.ledger()[0]
+    assert row["status"] == "failed" and "process ended" in row["error"]
+
+
+def test_opening_the_registry_cleans_up_after_a_killed_process(tmp_path):
+    reg = Registry(tmp_path)
+    job = reg.start_job("merge", ["en", "de"], "r", "d")
+    reg.db.execute("UPDATE jobs SET pid=999999999 WHERE id=?", (job,))  # killed mid-merge
+    reg.close()
+    dead = tmp_path / "merges" / ".0001-ties.partial-999999999"
+    (dead / "model.safetensors").parent.mkdir(parents=True)
+    (dead / "model.safetensors").write_bytes(b"half")
+    old = tmp_path / "experts" / "de" / ".v2.old-999999999"
+    old.mkdir(parents=True)
+    alive = tmp_path / "merges" / f".0002-ties.partial-{os.getpid()}"  # a merge in progress
+    alive.mkdir()
+    Registry(tmp_path).close()  # what every command does first
+    assert not dead.exists() and not old.exists() and alive.is_dir()
+    row = Registry(tmp_path).ledger()[0]
     assert row["status"] == "failed" and "process ended" in row["error"]
 
 

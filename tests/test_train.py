@@ -226,11 +226,23 @@ def test_check_and_ls_describe_the_project(trained, cli, monkeypatch):
 
 @pytest.mark.parametrize("name", ["sentiment", "reasoning", "summarization"])
 def test_the_paper_recipes_check_without_downloading_anything(name, cli, monkeypatch):
+    import socket
     from pathlib import Path
 
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # any hub request would fail
     recipe = Path(__file__).parents[1] / "examples" / "paper-llama3-8b" / f"{name}.yaml"
-    code, text = cli("check", recipe)
+    code, text = cli("check", recipe)  # the hub is off in the tests: the base cannot be had
+    assert code == 1
+    assert (
+        "the base meta-llama/Llama-3.1-8B-Instruct is not on this machine, and the hub is off"
+        in text
+    )
+    with socket.socket() as hub:  # a hub that accepts connections and answers nothing
+        hub.bind(("127.0.0.1", 0))
+        hub.listen()
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{hub.getsockname()[1]}")
+        for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+            monkeypatch.delenv(variable, raising=False)
+        code, text = cli("check", recipe)
     assert code == 0, text
     flat = " ".join(text.split())
     assert "meta-llama/Llama-3.1-8B-Instruct: a hub id not on this machine" in flat

@@ -9,6 +9,7 @@ from pathlib import Path
 from langmerge.backbones import check_target_modules, find_base, load_config, load_tokenizer
 from langmerge.data.prepare import count_table, load_data
 from langmerge.errors import LangmergeError
+from langmerge.hub import require_hub
 from langmerge.recipe import load_recipe
 from langmerge.registry import SCHEMA_VERSION, schema_version
 
@@ -50,6 +51,7 @@ def check_recipe(path: Path) -> Report:
     try:
         found = find_base(recipe.base)
         if found is None:
+            require_hub(f"the base {recipe.base}")  # a problem, unless training can download it
             report.notes.append(
                 f"base {recipe.base}: a hub id not on this machine; `langmerge train` downloads "
                 "it (needs hub access), and then checks the LoRA target modules"

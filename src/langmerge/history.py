@@ -10,6 +10,7 @@ from pathlib import Path
 from langmerge.errors import ConfigError
 from langmerge.evaluate.health import is_degenerate
 from langmerge.evaluate.health import summary as health_summary
+from langmerge.processes import serving_lock
 from langmerge.recipe import Recipe, load_recipe
 from langmerge.registry import Registry, read_sweep_choice, require_trained
 from langmerge.status import short_path
@@ -146,7 +147,12 @@ def history_rows(path: Path) -> dict[str, list[dict]]:
 def rollback(path: Path, to: int | None = None) -> dict:
     """Serve merge `to`, or else the merge served before the current one (repeated rollbacks go
     further back: each rollback undoes one step of the serving history)."""
-    registry = _registry(load_recipe(path))
+    recipe = load_recipe(path)
+    with serving_lock(recipe.run_dir):
+        return _rollback(_registry(recipe), to)
+
+
+def _rollback(registry, to: int | None) -> dict:
     try:
         if to is None:
             stack: list[int] = []

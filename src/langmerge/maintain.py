@@ -22,7 +22,7 @@ from langmerge.evaluate.health import is_degenerate
 from langmerge.evaluate.job import evaluate_all, evaluation_health, primary_metric
 from langmerge.evaluate.models import merge_ref
 from langmerge.merge.recipe_merge import merge_once
-from langmerge.processes import exclusive
+from langmerge.processes import serving_lock
 from langmerge.recipe import LANGUAGE_CODE, Recipe, load_recipe, with_data
 from langmerge.registry import Registry, require_trained
 from langmerge.train.jobs import Continuation, train
@@ -69,8 +69,7 @@ def update(recipe: Recipe | Path, language: str, data: Path, add: bool = False,
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     _check_request(recipe, language, data, add, _kept_path(Path(data), Path(recipe.run_dir)))
     run_dir = Path(recipe.run_dir)
-    busy = f"another update is running on {run_dir}; wait for it to finish"
-    with exclusive(run_dir / ".maintenance.lock", busy):
+    with serving_lock(run_dir):
         return _update(recipe, language, data, add, accept, compare_joint, progress, say, mode)
 
 

@@ -3,6 +3,8 @@ from work in progress), and locks that let one process at a time do a given job.
 
 import fcntl
 import os
+import re
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +21,29 @@ def alive(pid: int) -> bool:
     return True
 
 
+_LEFTOVER = re.compile(r"^\..+\.(partial|old)-(\d+)$")  # `.NAME.partial-PID`, `.NAME.old-PID`
+
+
+def remove_leftovers(root: Path, recursive: bool = True) -> list[Path]:
+    """Delete the temporary outputs (`.NAME.partial-PID`, `.NAME.old-PID`) under `root` whose
+    process is gone (killed, crashed); returns what was deleted."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = root.rglob(".*-*") if recursive else root.glob(".*-*")
+    removed = []
+    for path in list(found):
+        m = _LEFTOVER.match(path.name)
+        if m is None or alive(int(m.group(2))) or not path.exists():
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
 @contextmanager
 def exclusive(lock: Path, busy: str) -> Iterator[None]:
     """Hold the lock file `lock` for the block; if another process holds it, raise InputError
@@ -32,6 +57,30 @@ def exclusive(lock: Path, busy: str) -> Iterator[None]:
         except BlockingIOError:
             raise InputError(busy) from None
         yield
+
+
+_HELD: set[Path] = set()  # serving locks this process holds
+
+
+@contextmanager
+def serving_lock(run_dir: Path) -> Iterator[None]:
+    """Held by every command that changes what a run directory serves (merge, update,
+    add-language, sweep, rollback, run), so that none replaces a merge another is comparing
+    against. Taken again by the process that holds it, it is a no-op."""
+    lock = (Path(run_dir) / ".serving.lock").absolute()
+    if lock in _HELD:
+        yield
+        return
+    busy = (
+        f"another langmerge command (merge, update, add-language, sweep, rollback or run) is "
+        f"changing what {run_dir} serves; wait for it to finish"
+    )
+    with exclusive(lock, busy):
+        _HELD.add(lock)
+        try:
+            yield
+        finally:
+            _HELD.discard(lock)
 
 
 def world_size() -> int:

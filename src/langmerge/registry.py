@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from langmerge.errors import ConfigError, LangmergeError
-from langmerge.processes import alive
+from langmerge.processes import alive, remove_leftovers
 
 SCHEMA_VERSION = 7
 DB_NAME = "registry.sqlite"
@@ -242,6 +242,7 @@ class Registry:
             self.db.execute("PRAGMA foreign_keys=OFF")  # migration 5 rebuilds `jobs`
             self._migrate()
             self.db.execute("PRAGMA foreign_keys=ON")
+            self._tidy()
         except sqlite3.DatabaseError as e:
             self.db.close()
             raise RegistryError(f"cannot use the registry {self.path}: {e}") from None
@@ -369,6 +370,13 @@ class Registry:
              wall * cost.device_count, cost.tokens, cost.examples, cost.peak_memory_bytes,
              cost.flops, job_id),
         )  # fmt: skip
+
+    def _tidy(self) -> None:
+        """What a killed process left: its jobs still `running`, its half-written outputs."""
+        running = self.db.execute("SELECT pid FROM jobs WHERE status='running'").fetchall()
+        if any(not alive(pid) for (pid,) in running):
+            self.mark_abandoned()
+        remove_leftovers(self.path.parent)
 
     def mark_abandoned(self) -> int:
         """Mark as failed the running jobs whose process is gone (killed, crashed)."""

@@ -28,6 +28,7 @@ from langmerge.evaluate.job import (
 from langmerge.evaluate.models import resolve
 from langmerge.merge.recipe_merge import merge_once
 from langmerge.merge.writer import atomic_write
+from langmerge.processes import serving_lock
 from langmerge.recipe import MergeVariant, Recipe
 from langmerge.registry import Registry
 from langmerge.stats import METHOD
@@ -65,6 +66,11 @@ def run(
     """Train, merge, evaluate; write report.md and results.json into the run directory. A
     degenerate expert is not merged (unless `merge.allow_degenerate`), a degenerate merge is
     never served, and comparisons with a degenerate model are void."""
+    with serving_lock(recipe.run_dir):
+        return _run(recipe, progress, say)
+
+
+def _run(recipe: Recipe, progress: bool, say: Callable[[str], None]) -> Study:
     data = load_data(recipe).require_valid()
     codes = list(data.languages)
     require_split(data, codes, recipe.evaluation.split)  # before hours of training, not after

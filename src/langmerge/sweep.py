@@ -40,7 +40,7 @@ from langmerge.merge.recipe_merge import (
 from langmerge.merge.regmean import ALPHA
 from langmerge.merge.run import open_statistics
 from langmerge.merge.stream import adapter_merge, check_adapters, regmean_merge
-from langmerge.processes import exclusive
+from langmerge.processes import serving_lock
 from langmerge.progress import progress_bar
 from langmerge.recipe import CHOSEN, Recipe, Sweep, merge_settings
 from langmerge.registry import Registry, require_trained
@@ -126,9 +126,7 @@ def sweep(
     for _, p in points:
         weights = [dict(p.weights).get(c, 1.0) for c in codes] if p.weights else None
         check_inputs(get_method(p.method), len(codes), weights)
-    run_dir = Path(recipe.run_dir)
-    busy = f"another update or sweep is running on {run_dir}; wait for it to finish"
-    with exclusive(run_dir / ".maintenance.lock", busy):
+    with serving_lock(recipe.run_dir):
         return _sweep(recipe, data, codes, points, progress, say)
 
 

@@ -13,6 +13,7 @@ from langmerge.evaluate.health import is_degenerate
 from langmerge.merge.config import MergeConfig, build_config
 from langmerge.merge.methods import get_method
 from langmerge.merge.run import run_merge
+from langmerge.processes import serving_lock
 from langmerge.recipe import Recipe
 from langmerge.registry import DB_NAME, Registry
 from langmerge.statistics import FOLDER
@@ -87,6 +88,11 @@ def merge_recipe(
     `name` labels the merge in the registry (`merged:NAME`; default: the method); with `serve`
     (the reason) the merge goes into service; `experts` (language → registry row) chooses the
     expert versions instead of the newest."""
+    with serving_lock(recipe.run_dir):
+        return _merge_recipe(recipe, output, overrides, force, progress, name, serve, experts, say)
+
+
+def _merge_recipe(recipe, output, overrides, force, progress, name, serve, experts, say):
     if not (Path(recipe.run_dir) / DB_NAME).is_file():
         raise ConfigError(
             f"no experts trained yet in {recipe.run_dir}: run `langmerge train RECIPE --all` first"

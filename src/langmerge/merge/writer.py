@@ -16,7 +16,7 @@ from torch import Tensor
 
 from langmerge.errors import OutputExistsError
 from langmerge.merge.io import DTYPE_CODES
-from langmerge.processes import alive
+from langmerge.processes import remove_leftovers
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
 NOT_COPIED = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "README.md"}
@@ -31,7 +31,7 @@ def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"output {out} exists and is not a directory")
     out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(out)
+    remove_leftovers(out.parent, recursive=False)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -47,14 +47,6 @@ def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def remove_stale_partials(out: Path) -> None:
-    """Delete temporary outputs of merges into `out` whose process is gone (killed, crashed)."""
-    for stale in out.parent.glob(f".{out.name}.partial-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
 
 
 def parse_size(size: int | str) -> int:
