@@ -358,3 +358,24 @@ def test_factor_space_matches_peft_on_embedding_loras_with_negative_weights(mode
     assert peft_state.keys() == ours.keys()
     for key, value in peft_state.items():
         assert torch.allclose(ours[key], value, atol=1e-6), key
+
+
+def test_fan_in_fan_out_on_linear_layers_merges_as_peft_loads_it(models, tmp_path, cli):
+    import shutil
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(models["plain_en"], adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "fan_in_fan_out": True}))
+    out = tmp_path / "merged"
+    code, text = cli(*merge_args("linear", models["base"], [adapter], out))
+    assert code == 0, text
+    # PEFT resets the flag on nn.Linear (q_proj is square: a transposed update would fit too)
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(models["base"]), adapter)
+    expected = peft.merge_and_unload().state_dict()
+    merged = weights_of(out)
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        assert torch.allclose(merged[name], expected[name], atol=1e-6), name

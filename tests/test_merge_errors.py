@@ -138,7 +138,28 @@ def test_garbage_shard_is_reported(models, tmp_path, cli):
 def test_density_outside_unit_interval(models, tmp_path, cli, density):
     out = tmp_path / "out"
     code, text = cli(*full_args(models, out, "--density", density))
-    assert code == 1 and "density" in text and "(0, 1]" in text or "greater than 0" in text
+    assert code == 1 and "density" in text and ("(0, 1]" in text or "greater than 0" in text)
+    assert_nothing_left(out)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"lora_alpha": "sixteen"}, 'lora_alpha must be a number, e.g. 16, not "sixteen"'),
+        ({"lora_alpha": [16]}, "lora_alpha must be a number, e.g. 16, not [16]"),
+        ({"r": 8}, "gives model.layers.0.mlp.down_proj rank 8, but its tensors have rank 4 "
+                   "(PEFT would not load it)"),
+        ({"use_rslora": "yes"}, 'use_rslora must be true or false, not "yes"'),
+    ],
+)  # fmt: skip
+def test_a_malformed_adapter_config_names_the_field(models, tmp_path, cli, change, message):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(models["plain_de"], adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, **change}))
+    out = tmp_path / "out"
+    code, text = cli(*merge_args("ties", models["base"], [models["plain_en"], adapter], out))
+    assert code == 1 and message in text and "Traceback" not in text
     assert_nothing_left(out)
 
 

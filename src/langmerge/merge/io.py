@@ -224,13 +224,42 @@ def is_adapter_dir(path: Path) -> bool:
     return (Path(path) / "adapter_config.json").exists()
 
 
-def _alpha_for(module: str, config: dict) -> float:
-    for pattern, alpha in (config.get("alpha_pattern") or {}).items():
+def _for_module(module: str, config: dict, pattern_key: str, key: str):
+    """A per-module setting as PEFT resolves it: the first matching pattern, else the default."""
+    for pattern, value in (config.get(pattern_key) or {}).items():
         if re.fullmatch(rf"(.*\.)?({pattern})", module):
-            return float(alpha)
+            return value
+    return config.get(key)
+
+
+def _check_config(config: object, where: Path) -> dict:
+    """The fields of adapter_config.json that the merge reads, each of the type PEFT gives it."""
+
+    def number(v: object) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    def rank(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    if not isinstance(config, dict):
+        raise InputError(f"{where} must hold a JSON object (PEFT's LoraConfig)")
     if "lora_alpha" not in config:
-        raise InputError("adapter_config.json has no lora_alpha: is it a PEFT LoRA config?")
-    return float(config["lora_alpha"])
+        raise InputError(f"{where} has no lora_alpha: is it a PEFT LoRA config?")
+    rules = [
+        ("lora_alpha", number, "a number, e.g. 16"),
+        ("r", lambda v: v is None or rank(v), "a whole number ≥ 1, e.g. 8"),
+        ("use_rslora", lambda v: isinstance(v, bool), "true or false"),
+        ("fan_in_fan_out", lambda v: isinstance(v, bool), "true or false"),
+        ("use_dora", lambda v: isinstance(v, bool), "true or false"),
+        ("alpha_pattern", lambda v: isinstance(v, dict) and all(map(number, v.values())),
+         "a mapping of module patterns to numbers"),
+        ("rank_pattern", lambda v: isinstance(v, dict) and all(map(rank, v.values())),
+         "a mapping of module patterns to whole numbers"),
+    ]  # fmt: skip
+    for key, ok, what in rules:
+        if key in config and config[key] is not None and not ok(config[key]):
+            raise InputError(f"{where}: {key} must be {what}, not {json.dumps(config[key])}")
+    return config
 
 
 def load_adapter(path: Path, *, allow_pickle: bool = False, label: str | None = None) -> Adapter:
@@ -241,7 +270,7 @@ def load_adapter(path: Path, *, allow_pickle: bool = False, label: str | None = 
     if not cfg_path.exists():
         raise InputError(f"{path} is not a PEFT adapter directory (no adapter_config.json)")
     try:
-        config = json.loads(cfg_path.read_text())
+        config = _check_config(json.loads(cfg_path.read_text()), cfg_path)
     except ValueError as e:
         raise InputError(f"corrupt {cfg_path}: {e}") from None
     if config.get("peft_type", "LORA") != "LORA":
@@ -297,7 +326,13 @@ def load_adapter(path: Path, *, allow_pickle: bool = False, label: str | None = 
                 f"{path}: module {module} is not a linear LoRA (conv layers are not supported)"
             )
         r = a.shape[0]
-        alpha = _alpha_for(module, config)
+        stated = _for_module(module, config, "rank_pattern", "r")
+        if stated is not None and stated != r:
+            raise InputError(
+                f"{cfg_path} gives {module} rank {stated}, but its tensors have rank {r} "
+                "(PEFT would not load it): correct r (or rank_pattern) in the config"
+            )
+        alpha = float(_for_module(module, config, "alpha_pattern", "lora_alpha"))
         scaling = alpha / (r**0.5) if use_rslora else alpha / r
         if layout != "linear":  # PEFT's ΔW = s·(B·A)ᵀ = s·Aᵀ·Bᵀ
             b, a = a.T.contiguous(), b.T.contiguous()

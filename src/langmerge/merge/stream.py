@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from langmerge.errors import InputError
-from langmerge.merge.io import Adapter, ModelFiles, check_finite
+from langmerge.merge.io import Adapter, LoraModule, ModelFiles, check_finite
 from langmerge.merge.lora import merge_lora, merge_lora_peft
 from langmerge.merge.methods import MergeParams, Method, merge_tensor
 from langmerge.merge.regmean import regmean, regmean_lora
@@ -71,12 +71,37 @@ TIED = (
 )
 
 
-def _tied(base: ModelFiles) -> bool:
-    config = base.path / "config.json"
+def _base_config(base: ModelFiles) -> dict:
     try:
-        return bool(json.loads(config.read_text()).get("tie_word_embeddings"))
+        config = json.loads((base.path / "config.json").read_text())
     except (OSError, ValueError):
-        return False
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _tied(base: ModelFiles) -> bool:
+    return bool(_base_config(base).get("tie_word_embeddings"))
+
+
+def _model_type(base: ModelFiles) -> str:
+    return str(_base_config(base).get("model_type", ""))
+
+
+CONV1D_MODELS = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}  # transformers' Conv1D
+
+
+def _as_peft_loads(mod: LoraModule, shape: tuple, conv1d_model: bool) -> LoraModule:
+    """The module oriented as PEFT applies it: whatever `fan_in_fan_out` says, PEFT transposes
+    the update of a Conv1D layer (weight stored in × out) and of no nn.Linear (out × in). A
+    non-square weight's shape tells the two apart; a square one's, the model type."""
+    b, a = (mod.B, mod.A) if mod.layout == "linear" else (mod.A.T, mod.B.T)  # as PEFT stores
+    linear = (b.shape[0], a.shape[1])  # out × in
+    conv1d = shape == linear[::-1] if linear[0] != linear[1] else conv1d_model
+    if conv1d == (mod.layout == "fan_in_fan_out"):
+        return mod
+    if conv1d:
+        return LoraModule(a.T.contiguous(), b.T.contiguous(), mod.scaling, "fan_in_fan_out")
+    return LoraModule(b, a, mod.scaling, "linear")
 
 
 def check_adapters(base: ModelFiles, adapters: Sequence[Adapter]) -> None:
@@ -91,9 +116,12 @@ def check_adapters(base: ModelFiles, adapters: Sequence[Adapter]) -> None:
             "the adapters were trained on different base models: "
             + ", ".join(f"{a.label}: {a.config.get('base_model_name_or_path')}" for a in adapters)
         )
+    conv1d_model = _model_type(base) in CONV1D_MODELS
     for a in adapters:
-        for name, mod in a.modules.items():
+        for name, mod in list(a.modules.items()):
             info = base.tensors.get(name)
+            if info is not None and mod.layout != "embedding":
+                mod = a.modules[name] = _as_peft_loads(mod, tuple(info.shape), conv1d_model)
             want = (mod.B.shape[0], mod.A.shape[1])
             if info is None:
                 raise InputError(
