@@ -103,3 +103,29 @@ def test_train_needs_to_be_told_what_to_train(cli, recipe):
 def test_merging_before_training(cli, recipe):
     code, text = cli("merge", recipe)
     assert code == 1 and "no experts trained yet" in text
+
+
+class NotATensor:
+    """What a pickle can carry besides tensors (and what could run code when unpickled)."""
+
+
+def test_a_pickle_only_base_is_loaded_only_when_allowed(tmp_path, cli):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    path = project(tmp_path / "p")
+    base = tmp_path / "p" / yaml.safe_load(path.read_text())["base"]
+    weights = load_file(base / "model.safetensors")
+    (base / "model.safetensors").unlink()
+    torch.save(weights, base / "pytorch_model.bin")
+    code, text = cli("train", path, "--lang", "en", "--quiet")
+    assert code == 1 and "stores its weights only as pickle (pytorch_model.bin)" in text
+    assert "--allow-pickle" in text
+    code, text = cli("train", path, "--lang", "en", "--quiet", "--allow-pickle")
+    assert code == 0, text
+    torch.save({**weights, "extra": NotATensor()}, base / "pytorch_model.bin")
+    shutil.rmtree(tmp_path / "p" / "run")  # else training starts from the base prepared above
+    code, text = cli("train", path, "--lang", "de", "--quiet", "--allow-pickle")
+    assert code == 1 and "holds more than plain tensors" in text and "Traceback" not in text

@@ -18,6 +18,7 @@ import torch
 
 from langmerge.errors import ConfigError, InputError
 from langmerge.hub import require_hub
+from langmerge.merge.io import PICKLE_SUFFIXES
 from langmerge.merge.writer import write_json
 from langmerge.recipe import Recipe
 
@@ -48,18 +49,47 @@ def find_base(base: str) -> Path | None:
         return None
 
 
-def resolve_base(base: str) -> Path:
-    """The local directory of `base`, downloading a hub id only if the hub is reachable."""
+def resolve_base(base: str, allow_pickle: bool = False) -> Path:
+    """The local directory of `base`, downloading a hub id only if the hub is reachable; a base
+    stored only as pickle is refused unless `allow_pickle` (as `langmerge merge` does)."""
     found = find_base(base)
-    if found is not None:
-        return found
-    require_hub(f"the base model {base}")
-    from huggingface_hub import snapshot_download
+    if found is None:
+        require_hub(f"the base model {base}")
+        from huggingface_hub import snapshot_download
 
-    try:  # weights, config and tokenizer only: no duplicate checkpoints in other formats
-        return Path(snapshot_download(base, allow_patterns=HUB_FILES))
-    except Exception as e:  # gated, missing, network …
-        raise InputError(f"cannot download the base model {base}: {e}") from None
+        try:  # weights, config and tokenizer only: no duplicate checkpoints in other formats
+            found = Path(snapshot_download(base, allow_patterns=HUB_FILES))
+        except Exception as e:  # gated, missing, network …
+            raise InputError(f"cannot download the base model {base}: {e}") from None
+    check_weight_format(found, allow_pickle)
+    return found
+
+
+def check_weight_format(path: Path, allow_pickle: bool) -> None:
+    """Refuse a model directory whose weights are pickle only (loading pickle can run code)."""
+    if any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles and not allow_pickle:
+        raise InputError(
+            f"the base {path} stores its weights only as pickle ({', '.join(pickles[:3])}); "
+            "loading pickle can run arbitrary code. Convert it to safetensors, or pass "
+            "--allow-pickle (or set `allow_pickle: true` in the recipe) if you trust its source"
+        )
+
+
+def load_weights(load, path: Path):
+    """`load(path)` (a from_pretrained), with a pickle that is not plain tensors as a clear
+    error: PyTorch's safe unpickler refuses to run what such a file contains."""
+    import pickle
+
+    try:
+        return load(path)
+    except pickle.UnpicklingError as e:
+        raise InputError(
+            f"{path}: its pickle checkpoint holds more than plain tensors, which langmerge does "
+            f"not unpickle (it could run code): convert it to safetensors ({str(e)[:200]})"
+        ) from None
 
 
 def load_config(path: Path):
@@ -119,7 +149,7 @@ def check_target_modules(config, recipe: Recipe, num_labels: int | None) -> None
 def prepare_base(recipe: Recipe, labels: list[str] | None) -> Path:
     """The directory experts train from: the base itself (generation), or the base with a
     seeded classification head, saved once in the run directory."""
-    source = resolve_base(recipe.base)
+    source = resolve_base(recipe.base, recipe.allow_pickle)
     config = load_config(source)
     check_target_modules(config, recipe, len(labels) if labels else None)
     if recipe.task.kind == "generation":
@@ -133,13 +163,16 @@ def prepare_base(recipe: Recipe, labels: list[str] | None) -> Path:
     from transformers import AutoModelForSequenceClassification
 
     tokenizer = load_tokenizer(source)
-    model, info = AutoModelForSequenceClassification.from_pretrained(
+    model, info = load_weights(
+        lambda path: AutoModelForSequenceClassification.from_pretrained(
+            path,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+            ignore_mismatched_sizes=True,  # a base that classifies into another label set
+            output_loading_info=True,
+        ),
         source,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)},
-        ignore_mismatched_sizes=True,  # a base that classifies into another label set
-        output_loading_info=True,
     )
     new = sorted({*info["missing_keys"], *(k for k, *_ in info["mismatched_keys"])})
     seeded_init(model, new, recipe.training.seed)

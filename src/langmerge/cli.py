@@ -23,6 +23,14 @@ AllowDegenerate = Annotated[
     ),
 ]
 
+AllowPickle = Annotated[
+    bool,
+    typer.Option(
+        "--allow-pickle",
+        help="load a base stored only as pickle (.bin): it can run code, trusted files only",
+    ),
+]
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -287,11 +295,13 @@ def _allowing(recipe, allow: bool):
     return recipe.model_copy(update={"merge": merge})
 
 
-def _load(recipe: Path, executor: str | None, address: str | None):
-    """The recipe, with the command line's executor settings over its own."""
+def _load(recipe: Path, executor: str | None, address: str | None, allow_pickle: bool = False):
+    """The recipe, with the command line's executor settings (and --allow-pickle) over its own."""
     from langmerge.recipe import Executor, load_recipe
 
     r = load_recipe(recipe)
+    if allow_pickle:
+        r = r.model_copy(update={"allow_pickle": True})
     if executor is None and address is None:
         return r
     if executor not in (None, "local", "ray"):
@@ -320,6 +330,7 @@ def train(
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
     executor: ExecutorOption = None,
     address: AddressOption = None,
+    allow_pickle: AllowPickle = False,
 ) -> None:
     """Train experts (one after another, or in parallel with --executor ray) or the joint
     model; unchanged ones are skipped."""
@@ -327,7 +338,7 @@ def train(
 
     if sum([bool(lang), all_, joint]) != 1:
         raise ConfigError("say what to train: --lang CODE (repeatable), --all, or --joint")
-    r = _load(recipe, executor, address)
+    r = _load(recipe, executor, address, allow_pickle)
     languages = list(r.languages) if all_ else lang
     from langmerge.evaluate.health import is_degenerate
 
@@ -368,6 +379,7 @@ def eval_(
     force: Annotated[bool, typer.Option(help="evaluate again even if already done")] = False,
     executor: ExecutorOption = None,
     address: AddressOption = None,
+    allow_pickle: AllowPickle = False,
 ) -> None:
     """Evaluate one model per language; the metrics go to the registry."""
     from langmerge.evaluate.job import PER_EXAMPLE, evaluate, interval, primary_metric
@@ -375,7 +387,7 @@ def eval_(
 
     if split not in (None, "test", "validation"):
         raise ConfigError(f"--split must be test or validation, got {split!r}")
-    loaded = _load(recipe, executor, address)
+    loaded = _load(recipe, executor, address, allow_pickle)
     try:
         found = evaluate(loaded, model, lang, split, force=force,
                          say=lambda m: out.print(m))  # fmt: skip
@@ -400,13 +412,14 @@ def run_(
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
     executor: ExecutorOption = None,
     address: AddressOption = None,
+    allow_pickle: AllowPickle = False,
     seeds: Annotated[
         int, typer.Option(help="repeat the study with this many training seeds", min=1)
     ] = 1,
     allow_degenerate: AllowDegenerate = False,
 ) -> None:
     """The whole study: experts, joint model, merges, evaluation, quality and cost tables."""
-    loaded = _allowing(_load(recipe, executor, address), allow_degenerate)
+    loaded = _allowing(_load(recipe, executor, address, allow_pickle), allow_degenerate)
     if seeds == 1:
         _study(loaded, quiet)
         return
@@ -461,17 +474,18 @@ def sweep_(
     recipe: Annotated[Path, typer.Argument(help="the recipe (YAML)")],
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
     allow_degenerate: AllowDegenerate = False,
+    allow_pickle: AllowPickle = False,
 ) -> None:
     """Try the recipe's grid of merges on validation data; keep the best as the merge setting
     and serve it if it beats the merge in service."""
-    _sweep(recipe, quiet, allow_degenerate=allow_degenerate)
+    _sweep(recipe, quiet, allow_degenerate=allow_degenerate, allow_pickle=allow_pickle)
 
 
-def _sweep(recipe: Path, quiet: bool, top: int | None = None, allow_degenerate=False) -> None:
-    from langmerge.recipe import load_recipe
+def _sweep(recipe: Path, quiet: bool, top: int | None = None, allow_degenerate=False,
+           allow_pickle: bool = False) -> None:  # fmt: skip
     from langmerge.sweep import point_rows, summary_lines, sweep
 
-    loaded = _allowing(load_recipe(recipe), allow_degenerate)
+    loaded = _allowing(_load(recipe, None, None, allow_pickle), allow_degenerate)
     try:
         result = sweep(loaded, progress=not quiet, say=lambda m: out.print(m))
     except KeyboardInterrupt:
@@ -538,10 +552,11 @@ def update(
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
     executor: ExecutorOption = None,
     address: AddressOption = None,
+    allow_pickle: AllowPickle = False,
     allow_degenerate: AllowDegenerate = False,
 ) -> None:
     """Add data to one language: retrain its expert, re-merge, evaluate, guard the others."""
-    loaded = _allowing(_load(recipe, executor, address), allow_degenerate)
+    loaded = _allowing(_load(recipe, executor, address, allow_pickle), allow_degenerate)
     _maintain(loaded, lang, data, False, accept, compare_joint, quiet, mode)
 
 
@@ -555,10 +570,11 @@ def add_language(
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
     executor: ExecutorOption = None,
     address: AddressOption = None,
+    allow_pickle: AllowPickle = False,
     allow_degenerate: AllowDegenerate = False,
 ) -> None:
     """Add a language: train its expert, re-merge with it, evaluate, guard the others."""
-    loaded = _allowing(_load(recipe, executor, address), allow_degenerate)
+    loaded = _allowing(_load(recipe, executor, address, allow_pickle), allow_degenerate)
     _maintain(loaded, lang, data, True, accept, compare_joint, quiet)
 
 

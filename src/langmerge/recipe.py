@@ -434,6 +434,7 @@ class Recipe(_Strict):
     statistics: Statistics = Statistics()
     experts: Experts = Experts()
     run_dir: Path = Path("runs")
+    allow_pickle: bool = False  # load a base stored only as pickle (can run code: trusted only)
     _sweep: dict | None = PrivateAttr(None)  # the sweep whose choice replaced `merge:` settings
 
     @field_validator("languages", mode="before")

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import torch
 
-from langmerge.backbones import find_base, load_tokenizer, model_class, quiet_transformers
+from langmerge.backbones import (
+    check_weight_format,
+    find_base,
+    load_tokenizer,
+    load_weights,
+    model_class,
+    quiet_transformers,
+)
 from langmerge.errors import ConfigError, InputError
 from langmerge.recipe import Recipe
 from langmerge.registry import Registry, require_trained
@@ -103,6 +110,7 @@ def _base_dir(recipe: Recipe, labels: list[str] | None) -> Path:
     found = find_base(recipe.base)
     if found is None:
         raise InputError(f"the base model {recipe.base} is not on this machine")
+    check_weight_format(found, recipe.allow_pickle)
     return found
 
 
@@ -116,10 +124,10 @@ def load(ref: ModelRef, recipe: Recipe, labels: list[str] | None):
         if (ref.path / "adapter_config.json").is_file():
             from peft import PeftModel
 
-            base = cls.from_pretrained(ref.base)
+            base = load_weights(cls.from_pretrained, ref.base)
             model = PeftModel.from_pretrained(base, ref.path).merge_and_unload()
         else:
-            model = cls.from_pretrained(ref.path)
+            model = load_weights(cls.from_pretrained, ref.path)
     except (OSError, ValueError, RuntimeError) as e:
         raise InputError(f"cannot load {ref.name} from {ref.path}: {e}") from None
     check_model(model, tokenizer, recipe, labels, ref)

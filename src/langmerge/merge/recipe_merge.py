@@ -39,6 +39,7 @@ def recipe_merge_config(recipe: Recipe, experts: dict[str, dict], overrides: dic
         "seed": m.seed,
         "alpha": m.alpha,
         "fallback": m.fallback,
+        "allow_pickle": recipe.allow_pickle,
         "base": bases.pop(),
         "experts": [
             {"path": e["path"], "name": code, "weight": weights.get(code, 1.0)}

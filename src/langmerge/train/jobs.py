@@ -83,7 +83,7 @@ def train(
     data = load_data(recipe, needed).require_valid()
     for w in data.warnings:
         say(f"warning: {w}")
-    source = resolve_base(recipe.base)
+    source = resolve_base(recipe.base, recipe.allow_pickle)
     check_target_modules(load_config(source), recipe, len(data.labels) if data.labels else None)
     targets = [None] if joint else languages
     if world_size() > 1 and recipe.executor.kind == "ray":

@@ -13,7 +13,7 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from langmerge.backbones import model_class
+from langmerge.backbones import load_weights, model_class
 from langmerge.data.batching import LengthGroupedSampler, PadToLongest
 from langmerge.evaluate.job import primary_metric
 from langmerge.evaluate.metrics import accuracy, macro_f1
@@ -62,7 +62,7 @@ def build_peft_model(base_dir: Path, recipe: Recipe, pad_id: int, start: Path | 
 
     kind = recipe.task.kind
     dtype = DTYPES[recipe.training.precision] if torch.cuda.is_available() else torch.float32
-    model = model_class(kind).from_pretrained(base_dir, dtype=dtype)
+    model = load_weights(lambda p: model_class(kind).from_pretrained(p, dtype=dtype), base_dir)
     model.config.pad_token_id = pad_id
     lora = recipe.lora
     config = LoraConfig(
