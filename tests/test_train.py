@@ -2,6 +2,7 @@
 loads, registry and ledger rows with exact token counts, caching, resuming, merging the recipe."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -114,10 +115,16 @@ def test_changed_data_retrains_only_that_language(tmp_path, cli):
     assert "expert de: v2 in" in text
     code, text = cli("ls", path)
     assert code == 0 and "v2 *" in text
+    shutil.rmtree(tmp_path / "run" / "experts" / "fr" / "v1")  # deleted by hand
+    code, text = cli("merge", path, "--quiet")
+    assert code == 1 and "the files of expert fr v1" in text and "are missing" in text
+    code, text = cli("train", path, "--all", "--quiet")
+    assert code == 0 and "expert fr: v1's files are missing from" in text
+    assert "expert fr: v2 in" in text and "expert en: up to date" in text
     body = path.read_text().replace("learning_rate: 0.005", "learning_rate: 0.004")
     path.write_text(body)
     code, text = cli("merge", path, "--quiet")
-    assert code == 0 and "en v1, de v2, fr v1 were trained with other recipe settings" in text
+    assert code == 0 and "en v1, de v2, fr v2 were trained with other recipe settings" in text
 
 
 def test_an_interrupted_expert_resumes_from_its_last_checkpoint(tmp_path, cli, monkeypatch):

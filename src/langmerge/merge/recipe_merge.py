@@ -108,6 +108,13 @@ def _merge_recipe(recipe, output, overrides, force, progress, name, serve, exper
                 f"no trained expert for {', '.join(missing)}: run "
                 f"`langmerge train RECIPE --lang {missing[0]}` (or --all) first"
             )
+        gone = [f"{code} v{e['version']} ({e['path']})" for code, e in experts.items()
+                if not Path(e["path"]).is_dir()]  # fmt: skip
+        if gone:
+            raise InputError(
+                f"the files of expert {', '.join(gone)} are missing (deleted or moved?): "
+                "`langmerge train RECIPE --all` trains what is missing again"
+            )
         if bad := degenerate_experts(experts):
             if not recipe.merge.allow_degenerate:
                 raise InputError(

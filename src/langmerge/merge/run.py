@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from langmerge import __version__
-from langmerge.errors import ConfigError
+from langmerge.errors import ConfigError, InputError
 from langmerge.merge.config import MergeConfig
 from langmerge.merge.io import Adapter, ModelFiles, Statistics, is_adapter_dir, load_adapter
 from langmerge.merge.lora import (
@@ -79,6 +79,8 @@ def open_statistics(cfg: MergeConfig) -> list[Statistics]:
 
 
 def _run(cfg, method, params, base, experts, stats, out, force, progress, start) -> dict:
+    if gone := [str(e.path) for e in cfg.experts if not Path(e.path).is_dir()]:
+        raise InputError(f"expert {', '.join(gone)} does not exist")
     lora = [is_adapter_dir(e.path) for e in cfg.experts]
     if any(lora) and not all(lora):
         raise ConfigError("experts mix LoRA adapters and full models; merge one kind at a time")

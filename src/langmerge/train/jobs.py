@@ -178,10 +178,19 @@ def cached(registry: Registry, data: ProjectData, language: str | None, hashes: 
     hit = None if force else registry.find_trained(kind, language, *hashes)
     if hit is None:
         return None
+    if not _complete(Path(hit["path"])):
+        say(f"{name}: v{hit['version']}'s files are missing from {hit['path']} (deleted or "
+            "moved?): training it again")  # fmt: skip
+        return None
     say(f"{name}: up to date (v{hit['version']}, {hit['path']}); --force retrains")
     say_health(name, hit["health"], hit["training"], say)
     return Trained(kind, language, hit["version"], Path(hit["path"]), True, hit["scores"],
                    health=hit["health"])  # fmt: skip
+
+
+def _complete(path: Path) -> bool:
+    """Whether a trained model's folder still holds a model (an adapter, or full weights)."""
+    return (path / "adapter_config.json").is_file() or (path / "config.json").is_file()
 
 
 def say_health(name: str, health: dict, training: dict, say: Callable[[str], None]) -> None:

@@ -1,0 +1,220 @@
+"""Evaluating one model per language: predictions on a split, the task's metrics, one ledger row
+and the metrics in the registry. A model already evaluated on exactly this data is not
+evaluated again."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+
+from langmerge.cost import Meter
+from langmerge.data.encode import encode, prompt_ids
+from langmerge.data.prepare import Example, ProjectData, load_data
+from langmerge.errors import ConfigError, InputError
+from langmerge.evaluate import health, metrics
+from langmerge.evaluate.models import ModelRef, load, resolve
+from langmerge.evaluate.predict import generate, predict_classes
+from langmerge.recipe import Recipe
+from langmerge.registry import Registry
+
+PER_EXAMPLE = "per_example"  # metrics' key of each example's prediction and primary score
+
+
+def per_example(scores: dict | None, metric: str) -> list | None:
+    """Each example's `metric` in an evaluation's metrics (None when recorded without them)."""
+    return ((scores or {}).get(PER_EXAMPLE) or {}).get(metric)
+
+
+def interval(scores: dict, metric: str) -> tuple[float, float] | None:
+    """The 95% bootstrap interval of `metric` from an evaluation's per-example scores (None for
+    evaluations recorded without them)."""
+    from langmerge import stats
+
+    values = per_example(scores, metric)
+    return stats.interval(values) if values else None
+
+
+def with_interval(scores: dict | None, metric: str) -> str:
+    """ "0.744 (0.59–0.87)": a score and its 95% interval, for tables."""
+    if not scores:
+        return "—"
+    bounds = interval(scores, metric)
+    value = f"{scores[metric]:.3f}"
+    return value if bounds is None else f"{value} ({bounds[0]:.2f}–{bounds[1]:.2f})"
+
+
+def primary_metric(recipe: Recipe) -> str:
+    """The metric tables lead with: the recipe's `evaluation.metric`, else accuracy for labels
+    (also generated ones), else ROUGE-L."""
+    if recipe.evaluation.metric:
+        return recipe.evaluation.metric
+    if recipe.task.kind == "classification" or recipe.task.labels:
+        return "accuracy"
+    return "rougeL"
+
+
+def evaluate(
+    recipe: Recipe,
+    ref: str,
+    languages: list[str] | None = None,
+    split: str | None = None,
+    data: ProjectData | None = None,
+    force: bool = False,
+    say: Callable[[str], None] = lambda _: None,
+) -> dict[str, dict]:
+    """Metrics of the model `ref` (base, joint, expert:LANG, merged:NAME or a directory) on each
+    language's `split` (default: the recipe's evaluation split); language → metrics."""
+    return evaluate_all(recipe, [(ref, languages)], split, data, force, say)[0]
+
+
+def evaluate_all(
+    recipe: Recipe,
+    requests: list[tuple[str, list[str] | None]],
+    split: str | None = None,
+    data: ProjectData | None = None,
+    force: bool = False,
+    say: Callable[[str], None] = lambda _: None,
+) -> list[dict[str, dict]]:
+    """Several evaluations (model reference, languages or None for all): those the registry
+    lacks run one after another here, or in parallel as Ray tasks with the Ray executor."""
+    split = split or recipe.evaluation.split
+    data = data or load_data(recipe).require_valid()
+    plans = []
+    for ref, languages in requests:
+        codes = languages or list(data.languages)
+        require_split(data, codes, split)
+        plans.append((resolve(recipe, ref, data.labels), codes))
+    keys = {c: evaluation_key(recipe, data.languages[c].digest) for _, cs in plans for c in cs}
+    registry = Registry(recipe.run_dir)
+    try:
+        results: list[dict[str, dict]] = []
+        todo = []
+        for i, (model_ref, codes) in enumerate(plans):
+            hits = {}
+            for code in [] if force else codes:
+                hit = registry.evaluation(model_ref.name, code, split, keys[code])
+                if hit is not None:
+                    hits[code] = hit
+            results.append(hits)
+            if missing := [c for c in codes if c not in hits]:
+                todo.append((i, model_ref, missing))
+        if todo and recipe.executor.kind == "ray":
+            from langmerge.train.cluster import evaluate_on_ray
+
+            for i, found in evaluate_on_ray(recipe, registry, data, todo, split, keys, say).items():
+                results[i].update(found)
+        else:
+            for i, model_ref, missing in todo:
+                model, tokenizer = load(
+                    model_ref, recipe, data.labels
+                )  # mistakes: before the ledger
+                results[i].update(_run(recipe, registry, data, model_ref, model, tokenizer,
+                                       missing, split, keys, say))  # fmt: skip
+        return [{c: results[i][c] for c in codes} for i, (_, codes) in enumerate(plans)]
+    finally:
+        registry.close()
+
+
+def require_split(data: ProjectData, codes: list[str], split: str) -> None:
+    """Refuse unknown languages, unknown splits and languages without examples in `split`."""
+    if split not in ("test", "validation"):
+        raise ConfigError(f"the evaluation split must be test or validation, not {split!r}")
+    unknown = [c for c in codes if c not in data.languages]
+    if unknown:
+        raise InputError(f"the recipe has no language {', '.join(unknown)}")
+    empty = [c for c in codes if not data.languages[c].split(split)]
+    if empty:
+        raise InputError(
+            f"{', '.join(empty)} {'has' if len(empty) == 1 else 'have'} no {split} examples: "
+            f"give a {split} file, or set split.{split} above 0"
+        )
+
+
+def evaluation_health(found: dict[str, dict], data: ProjectData, split: str) -> dict:
+    """A model's health verdict from its evaluation (language → metrics with per-example
+    predictions): labels collapsed to one, or empty or identical generated answers."""
+    parts = {}
+    for code, m in found.items():
+        each = (m or {}).get(PER_EXAMPLE) or {}
+        gold = [e.answer for e in data.languages[code].split(split)]
+        if len(each.get("predicted") or []) == len(gold):
+            predicted = ["(unparseable)" if p is None else p for p in each["predicted"]]
+            parts[code] = health.label_problems(gold, predicted, f"{split} texts")
+        elif len(each.get("generated") or []) == len(gold):
+            parts[code] = health.generation_problems(each["generated"], gold, f"{split} prompts")
+    return health.verdict(parts)
+
+
+def evaluation_key(recipe: Recipe, data_hash: str) -> str:
+    """What an evaluation's result depends on besides the model: the examples and the settings
+    that turn them into inputs and answers (task, max length, generation length)."""
+    settings = json.dumps(
+        [data_hash, recipe.task.model_dump(mode="json"), recipe.training.max_length],
+        sort_keys=True,
+    )
+    return hashlib.sha256(settings.encode()).hexdigest()[:16]
+
+
+def _run(recipe, registry, data, model_ref: ModelRef, model, tokenizer, codes, split, keys, say):
+    job = registry.start_job("evaluate", codes, recipe.digest(), keys[codes[0]])
+    meter = Meter()
+    tokens = examples = 0
+    try:
+        results = {}
+        for code in codes:
+            say(f"evaluating {model_ref.name} on {code} {split}")
+            found, n_tokens = score(model, tokenizer, recipe, data.languages[code].split(split),
+                                    data.labels)  # fmt: skip
+            results[code] = found
+            tokens += n_tokens
+            examples += len(data.languages[code].split(split))
+    except BaseException as e:
+        registry.fail_job(job, str(e) or type(e).__name__, meter.cost(tokens, examples))
+        raise
+    registry.finish_evaluation(
+        job, meter.cost(tokens, examples), model_ref.name, split,
+        {c: (keys[c], results[c]) for c in codes},
+    )  # fmt: skip
+    return results
+
+
+def score(
+    model, tokenizer, recipe: Recipe, examples: list[Example], labels: list[str] | None
+) -> tuple[dict, int]:
+    """The task's metrics of `model` on `examples`, and the number of input tokens read."""
+    task, batch = recipe.task, recipe.evaluation.batch_size
+    max_length = recipe.training.max_length
+    gold = [e.answer for e in examples]
+    if task.kind == "classification":
+        encoded = encode(examples, tokenizer, task, labels, max_length)
+        predicted = [
+            labels[i] for i in predict_classes(model, encoded, tokenizer.pad_token_id, batch)
+        ]
+        found = {
+            "accuracy": metrics.accuracy(gold, predicted),
+            "macro_f1": metrics.macro_f1(gold, predicted),
+            "examples": len(examples),
+            PER_EXAMPLE: {
+                "accuracy": [float(g == p) for g, p in zip(gold, predicted)],
+                "predicted": predicted,
+            },
+        }
+        return found, sum(len(x["input_ids"]) for x in encoded)
+    prompts = [prompt_ids(e.text, tokenizer, task)[-max_length:] for e in examples]
+    answers = generate(model, prompts, tokenizer, task.max_new_tokens, batch)
+    found = {"examples": len(examples), "empty": sum(not a for a in answers) / len(answers)}
+    if task.labels:
+        found.update(metrics.label_scores(answers, gold, task.labels))
+        parsed = [metrics.parse_label(a, task.labels) for a in answers]
+        found[PER_EXAMPLE] = {
+            "accuracy": [float(g == p) for g, p in zip(gold, parsed)],
+            "predicted": parsed,
+            "generated": answers,
+        }
+    else:
+        found.update(metrics.rouge(answers, gold))
+        found["exact_match"] = metrics.exact_match(answers, gold)
+        found["token_f1"] = metrics.token_f1(answers, gold)
+        found[PER_EXAMPLE] = {"rougeL": metrics.rouge_l_each(answers, gold), "generated": answers}
+    return found, sum(len(p) for p in prompts)

@@ -1,0 +1,201 @@
+"""Writing merge outputs: sharded safetensors streamed tensor by tensor, into a directory that
+appears only when complete."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from langmerge.errors import OutputExistsError
+from langmerge.merge.io import DTYPE_CODES
+from langmerge.processes import alive
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
+NOT_COPIED = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "README.md"}
+
+
+@contextmanager
+def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of `out`; rename it to `out` only if the block completes."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise OutputExistsError(f"output {out} already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"output {out} exists and is not a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(out)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def remove_stale_partials(out: Path) -> None:
+    """Delete temporary outputs of merges into `out` whose process is gone (killed, crashed)."""
+    for stale in out.parent.glob(f".{out.name}.partial-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from 2000000000, '2GB', '500MB' or '1.5GiB'."""
+    if isinstance(size, int):
+        return size
+    s = size.strip().upper().replace(" ", "")
+    units = {
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "B": 1,
+    }
+    for unit, factor in units.items():
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * factor)
+    return int(s)
+
+
+class ShardedWriter:
+    """Writes tensors in a fixed, planned order straight to safetensors shards.
+
+    The plan (name, dtype, shape) fixes every shard's header before any data, so no shard is
+    ever held in memory: peak memory is the tensor being written.
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        plan: list[tuple[str, torch.dtype, tuple[int, ...]]],
+        max_shard_bytes: int,
+    ):
+        self.out_dir = Path(out_dir)
+        self.shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
+        size = 0
+        for entry in plan:
+            nbytes = _nbytes(entry[1], entry[2])
+            if self.shards[-1] and size + nbytes > max_shard_bytes:
+                self.shards.append([])
+                size = 0
+            self.shards[-1].append(entry)
+            size += nbytes
+        n = len(self.shards)
+        self.names = (
+            ["model.safetensors"]
+            if n == 1
+            else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
+        self._order = [e for shard in self.shards for e in shard]
+        self._pos = 0
+        self._shard = -1
+        self._file = None
+        self._left_in_shard = 0
+
+    def _open_next(self) -> None:
+        if self._file:
+            self._file.close()
+        self._shard += 1
+        entries = self.shards[self._shard]
+        header, offset = {}, 0
+        for name, dtype, shape in entries:
+            nbytes = _nbytes(dtype, shape)
+            header[name] = {
+                "dtype": DTYPE_CODES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            offset += nbytes
+        header["__metadata__"] = {"format": "pt"}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._file = (self.out_dir / self.names[self._shard]).open("wb")
+        self._file.write(len(raw).to_bytes(8, "little") + raw)
+        self._left_in_shard = len(entries)
+
+    def write(self, name: str, tensor: Tensor) -> None:
+        """Append the next tensor of the plan; its name, dtype and shape must match the plan."""
+        want = self._order[self._pos]
+        if (name, tensor.dtype, tuple(tensor.shape)) != want:
+            raise RuntimeError(f"writer expected {want}, got {(name, tensor.dtype, tensor.shape)}")
+        if self._left_in_shard == 0:
+            self._open_next()
+        data = tensor.detach().contiguous().reshape(-1)
+        if data.numel():
+            self._file.write(data.view(torch.uint8).numpy().data)
+        self._pos += 1
+        self._left_in_shard -= 1
+
+    def abort(self) -> None:
+        """Close the open shard after an error (the caller removes the directory)."""
+        if self._file:
+            self._file.close()
+
+    def close(self) -> None:
+        """Finish the last shard and write the index of a sharded model."""
+        if self._pos != len(self._order):
+            raise RuntimeError(f"writer closed after {self._pos} of {len(self._order)} tensors")
+        if self._file:
+            self._file.close()
+        if len(self.names) > 1:
+            total = sum(_nbytes(d, s) for _, d, s in self._order)
+            weight_map = {
+                n: self.names[i] for i, shard in enumerate(self.shards) for n, _, _ in shard
+            }
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    n = dtype.itemsize
+    for s in shape:
+        n *= s
+    return n
+
+
+def copy_model_files(src: Path, dst: Path) -> list[str]:
+    """Copy config, tokenizer and other non-weight files of a model directory."""
+    copied = []
+    for p in sorted(Path(src).iterdir()):
+        if p.is_file() and p.suffix not in WEIGHT_SUFFIXES and p.name not in NOT_COPIED:
+            shutil.copy2(p, Path(dst) / p.name)
+            copied.append(p.name)
+    return copied
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write `text` to `path` whole or not at all: through a temp file of its own beside it
+    (two writers never share one), renamed over `path`."""
+    fd, partial = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.",
+                                   suffix=".partial")  # fmt: skip
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(partial, path)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: object) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
