@@ -161,6 +161,30 @@ def test_an_interrupted_expert_resumes_from_its_last_checkpoint(tmp_path, cli, m
     assert all(torch.allclose(resumed[k], reference[k], atol=1e-6) for k in resumed)
 
 
+def test_a_damaged_checkpoint_is_skipped_for_the_one_before(tmp_path, cli, monkeypatch):
+    from langmerge.train import trainer
+
+    path = project(tmp_path / "p")
+    step_end = trainer.ProgressBar.on_step_end
+
+    def crash_at_step_9(self, args, state, control, **kw):
+        step_end(self, args, state, control, **kw)
+        if state.global_step == 9:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer.ProgressBar, "on_step_end", crash_at_step_9)
+    assert cli("train", path, "--lang", "en", "--quiet")[0] == 130
+    monkeypatch.undo()
+    recipe = load_recipe(path)
+    (work,) = (recipe.run_dir / "experts/en").glob(".train-*")
+    (work / "checkpoints/checkpoint-8/adapter_model.safetensors").write_bytes(b"\0" * 100)
+    code, text = cli("train", path, "--lang", "en", "--quiet")
+    assert code == 0, text
+    assert "warning: expert en: skipped a damaged checkpoint, checkpoint-8: " in text
+    assert "adapter_model.safetensors is unreadable" in text
+    assert "resumed from the checkpoint at step 4" in text
+
+
 def test_gradient_accumulation_averages_like_one_larger_batch(tmp_path, cli):
     from tiny import tiny_encoder
 

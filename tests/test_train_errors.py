@@ -129,3 +129,30 @@ def test_a_pickle_only_base_is_loaded_only_when_allowed(tmp_path, cli):
     shutil.rmtree(tmp_path / "p" / "run")  # else training starts from the base prepared above
     code, text = cli("train", path, "--lang", "de", "--quiet", "--allow-pickle")
     assert code == 1 and "holds more than plain tensors" in text and "Traceback" not in text
+
+
+def test_a_full_disk_during_training_is_a_clear_error_and_a_failed_job(tmp_path, cli, monkeypatch):
+    import sqlite3
+
+    import langmerge.train.jobs as jobs
+    from langmerge.recipe import load_recipe
+    from langmerge.registry import Registry
+
+    def full(*args, **kwargs):  # what torch.save raises when the disk fills up
+        raise RuntimeError("PytorchStreamWriter failed writing file data/3: file write failed")
+
+    path = project(tmp_path / "p")
+    monkeypatch.setattr(jobs, "fit_and_stage", full)
+    code, text = cli("train", path, "--lang", "en", "--quiet")
+    assert code == 1 and "Traceback" not in text
+    assert "expert en: the disk is full (PytorchStreamWriter failed" in text
+    assert "run the same command again: it resumes from the last checkpoint" in text
+    (job,) = Registry(load_recipe(path).run_dir).ledger()
+    assert job["status"] == "failed" and "file write failed" in job["error"]
+
+    def no_row(*args, **kwargs):  # the registry cannot record the failure either
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(Registry, "fail_job", no_row)
+    code, text = cli("train", path, "--lang", "de", "--quiet")
+    assert code == 1 and "expert de: the disk is full" in text and "Traceback" not in text

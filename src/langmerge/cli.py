@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from langmerge.errors import ConfigError, LangmergeError, TrainingFailed
+from langmerge.errors import ConfigError, LangmergeError, TrainingFailed, is_disk_full
 from langmerge.processes import world_size
 
 AllowDegenerate = Annotated[
@@ -820,6 +820,11 @@ def main(argv: list[str] | None = None) -> None:
     except _CLICK_ERRORS as e:  # a mistyped command line: the usage and the mistake
         e.show()
         sys.exit(e.exit_code)
+    except Exception as e:
+        if not is_disk_full(e):  # a bug: the traceback is what to report
+            raise
+        _fail(f"the disk is full ({e}): free some space and run the command again")
+        sys.exit(1)
     sys.exit(0)
 
 

@@ -9,6 +9,7 @@ in one registry transaction.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -29,7 +30,7 @@ from langmerge.backbones import (
 from langmerge.cost import Meter
 from langmerge.data.encode import encode, truncated_share
 from langmerge.data.prepare import ProjectData, load_data
-from langmerge.errors import ConfigError
+from langmerge.errors import ConfigError, DiskFull, is_disk_full
 from langmerge.merge.writer import parse_size, write_json
 from langmerge.processes import exclusive, rank, world_size
 from langmerge.recipe import Recipe
@@ -291,6 +292,8 @@ def fit_and_stage(
                  progress, counts, start, validation, kind, leader)  # fmt: skip
     if not leader:
         return None
+    for problem in result.damaged:
+        say(f"warning: {name}: skipped a damaged checkpoint, {problem}")
     if result.resumed_from is not None:
         say(f"{name}: resumed from the checkpoint at step {result.resumed_from}")
     scores = {
@@ -463,9 +466,15 @@ def _run_job(
                                 continue_from)  # fmt: skip
     except BaseException as e:
         what = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
-        registry.fail_job(job, what, cost())
+        with contextlib.suppress(Exception):  # a full disk refuses it too: the next command
+            registry.fail_job(job, what, cost())  # marks the job failed
         if isinstance(e, KeyboardInterrupt):
             say(f"{name}: interrupted; the same command resumes from the last checkpoint")
+        if is_disk_full(e):
+            raise DiskFull(
+                f"{name}: the disk is full ({e}); free space under {recipe.run_dir} and run the "
+                "same command again: it resumes from the last checkpoint"
+            ) from None
         raise
     shutil.rmtree(work, ignore_errors=True)
     wall = registry.job(job)["wall_s"]

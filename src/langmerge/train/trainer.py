@@ -15,6 +15,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 
 from langmerge.backbones import load_weights, model_class
 from langmerge.data.batching import LengthGroupedSampler, PadToLongest
+from langmerge.errors import InputError
 from langmerge.evaluate.job import primary_metric
 from langmerge.evaluate.metrics import accuracy, macro_f1
 from langmerge.evaluate.predict import validation_pass
@@ -48,6 +49,7 @@ class FitResult:
     counts: Counts  # this process's work (a resumed run counts from its checkpoint on)
     steps: int
     resumed_from: int | None  # the checkpoint's step when resuming
+    damaged: list[str]  # newer checkpoints that were unreadable, and why
     loss: float | None  # mean training loss over the whole run, resumed parts included
     last_loss: float | None = None  # the last logged training loss (NaN when it diverged)
     curve: list[dict] | None = None  # validation at step 0, each epoch (or eval_steps), the end
@@ -138,9 +140,18 @@ def fit(
             lengths, t.batch_size * t.gradient_accumulation, seed=t.seed
         )
     trainer.remove_callback(PrinterCallback)
-    checkpoint = latest_checkpoint(work)
+    checkpoint, damaged = latest_checkpoint(work)
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except Exception as e:
+        resumed = int(checkpoint.name.split("-")[1]) if checkpoint else None
+        if resumed is None or trainer.state.global_step > resumed:
+            raise
+        raise InputError(  # it failed while resuming: the checkpoint is not usable
+            f"cannot resume from {checkpoint} ({type(e).__name__}: {str(e)[:200]}); delete "
+            "that folder and run the same command again (it resumes from an earlier checkpoint "
+            "or starts afresh)"
+        ) from None
     finally:
         bar.bar.stop()
     _sum_over_processes(counts)
@@ -152,6 +163,7 @@ def fit(
         counts=counts,
         steps=steps,
         resumed_from=int(checkpoint.name.split("-")[1]) if checkpoint else None,
+        damaged=damaged,
         loss=sum(losses) / len(losses) if losses else None,
         last_loss=losses[-1] if losses else None,
         curve=best.curve if best else None,
@@ -293,7 +305,7 @@ def training_arguments(recipe: Recipe, work: Path, steps: int) -> TrainingArgume
         use_cpu=not cuda,
         save_strategy="steps",
         save_steps=t.checkpoint_steps,
-        save_total_limit=1,
+        save_total_limit=2,  # the one before the newest, should the newest be damaged
         logging_steps=10 if cuda else 1,  # each log waits for the GPU
         report_to=[],
         disable_tqdm=True,
@@ -309,14 +321,45 @@ def training_flops(n_linear: int, n_trainable: int, tokens: int) -> float:
     return float((4 * n_linear + 2 * n_trainable) * tokens)
 
 
-def latest_checkpoint(work: Path) -> Path | None:
-    """The newest complete `checkpoint-N` in `work`, or None."""
+def latest_checkpoint(work: Path) -> tuple[Path | None, list[str]]:
+    """The newest complete and readable `checkpoint-N` in `work` (or None), and what was wrong
+    with the newer ones (left in place: training overwrites them when it gets there again)."""
     done = [
         p
         for p in Path(work).glob("checkpoint-*")
         if p.name.split("-")[1].isdigit() and (p / "trainer_state.json").is_file()
     ]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+    damaged = []
+    for p in sorted(done, key=lambda p: int(p.name.split("-")[1]), reverse=True):
+        problem = checkpoint_problem(p)
+        if problem is None:
+            return p, damaged
+        damaged.append(f"{p.name}: {problem}")
+    return None, damaged
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """What makes a checkpoint unreadable (a truncated or corrupted file), or None. PyTorch's
+    files are zip archives whose checksums are tested; nothing is unpickled."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    for f in sorted(folder.iterdir()):
+        try:
+            if f.suffix == ".json":
+                json.loads(f.read_text())
+            elif f.suffix == ".safetensors":
+                with safe_open(str(f), "pt") as st:
+                    for key in st.keys():  # noqa: SIM118 (safe_open is no mapping)
+                        st.get_tensor(key)
+            elif f.suffix in (".pt", ".pth", ".bin"):
+                with zipfile.ZipFile(f) as z:
+                    if (bad := z.testzip()) is not None:
+                        return f"{f.name} is corrupt ({bad})"
+        except Exception as e:  # json, safetensors and zip raise several kinds
+            return f"{f.name} is unreadable ({type(e).__name__}: {str(e)[:120]})"
+    return None
 
 
 class CountingTrainer(Trainer):
