@@ -97,6 +97,50 @@ def test_opening_the_registry_cleans_up_after_a_killed_process(tmp_path):
     assert row["status"] == "failed" and "process ended" in row["error"]
 
 
+def test_a_copied_run_directory_uses_its_own_files(tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    reg = Registry(run)
+    job = reg.start_job("expert", ["de"], "r", "d")
+    model = TrainedModel("expert", "de", ["de"], str(run / "base" / "b1"), "r", "d", {})
+    reg.finish_training(job, Cost(), model, place=lambda v: str(run / "experts" / "de" / f"v{v}"))
+    merge_job = reg.start_job("merge", ["de"], "r", "d")
+    (run / "merges" / "0002-ties").mkdir(parents=True)
+    reg.finish_merge(merge_job, Cost(), "ties", {}, [1], str(run / "merges" / "0002-ties"))
+    reg.close()
+    shutil.copytree(run, tmp_path / "copy")
+    shutil.rmtree(run)
+    copy = Registry(tmp_path / "copy")
+    expert = copy.latest("expert", "de")
+    assert expert["path"] == str(tmp_path / "copy" / "experts" / "de" / "v1")
+    assert expert["base"] == str(tmp_path / "copy" / "base" / "b1")
+    assert copy.merges()[0]["path"] == str(tmp_path / "copy" / "merges" / "0002-ties")
+    copy.serve(1, "by hand")  # finds the copy's files
+
+
+def test_a_version_7_registry_gets_relative_paths(tmp_path):
+    db = sqlite3.connect(tmp_path / "registry.sqlite")
+    for version in range(1, 8):
+        for statement in MIGRATIONS[version].split(";"):
+            if statement.strip():
+                db.execute(statement)
+    db.execute("INSERT INTO jobs (kind, languages, recipe_hash, data_hash, status, pid, started) "
+               "VALUES ('expert', '[\"de\"]', 'r', 'd', 'done', 1, 0)")  # fmt: skip
+    db.execute(
+        "INSERT INTO experts (language, version, base, recipe_hash, data_hash, path, job_id) "
+        "VALUES ('de', 1, '/models/base', 'r', 'd', ?, 1)",
+        (str(tmp_path / "experts" / "de" / "v1"),),
+    )
+    db.execute("PRAGMA user_version=7")
+    db.commit()
+    db.close()
+    reg = Registry(tmp_path)
+    stored = reg.db.execute("SELECT base, path FROM experts").fetchone()
+    assert stored == ("/models/base", "experts/de/v1")  # a base outside stays absolute
+    assert reg.latest("expert", "de")["path"] == str(tmp_path / "experts" / "de" / "v1")
+
+
 def test_merges_are_recorded_and_one_is_served_at_a_time(tmp_path):
     reg = Registry(tmp_path)
     for method in ("ties", "dare_ties"):

@@ -22,7 +22,7 @@ from pathlib import Path
 from langmerge.errors import ConfigError, LangmergeError
 from langmerge.processes import alive, remove_leftovers
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 DB_NAME = "registry.sqlite"
 
 MIGRATIONS: dict[int, str] = {
@@ -200,7 +200,10 @@ MIGRATIONS: dict[int, str] = {
     DROP TABLE jobs;
     ALTER TABLE jobs_v7 RENAME TO jobs;
     """,
+    8: "relative paths",  # see _relative_paths: paths inside the run directory become relative
 }
+PATH_COLUMNS = {"experts": ("path", "base"), "joints": ("path", "base"), "merges": ("path",),
+                "additions": ("path",)}  # fmt: skip
 
 
 class RegistryError(LangmergeError):
@@ -224,6 +227,7 @@ class Registry:
     """One run directory's database, created on first use: `Registry(run_dir)`."""
 
     def __init__(self, run_dir: Path, timeout: float = 30.0, read_only: bool = False):
+        self.root = Path(run_dir).absolute()
         self.path = Path(run_dir) / DB_NAME
         if read_only:  # reads only, changes nothing (not even the journal mode or the schema)
             try:
@@ -300,13 +304,42 @@ class Registry:
                 version = db.execute("PRAGMA user_version").fetchone()[0]
                 if version >= SCHEMA_VERSION:
                     break
-                for statement in MIGRATIONS[version + 1].split(";"):
-                    if statement.strip():
-                        db.execute(statement)
+                if version + 1 == 8:
+                    self._relative_paths(db)
+                else:
+                    for statement in MIGRATIONS[version + 1].split(";"):
+                        if statement.strip():
+                            db.execute(statement)
                 broken = db.execute("PRAGMA foreign_key_check").fetchall()
                 if broken:  # rolled back: the file stays as it was
                     raise RegistryError(f"migration {version + 1} broke references: {broken[:3]}")
                 db.execute(f"PRAGMA user_version={version + 1}")
+
+    def _relative_paths(self, db: sqlite3.Connection) -> None:
+        """Migration 8: the paths recorded inside the run directory, made relative to it."""
+        for table, columns in PATH_COLUMNS.items():
+            for column in columns:
+                rows = db.execute(f"SELECT id, {column} FROM {table}").fetchall()
+                db.executemany(
+                    f"UPDATE {table} SET {column}=? WHERE id=?",
+                    [(self._stored(p), i) for i, p in rows if self._stored(p) != p],
+                )
+
+    def _stored(self, path: str | Path) -> str:
+        """How a path is recorded: relative to the run directory when inside it (so the run
+        directory can be moved or copied), else as given."""
+        p = Path(path)
+        if not p.is_absolute():
+            return str(path)
+        for root in (self.root, self.root.resolve()):
+            for candidate in (p, p.resolve()):
+                if candidate.is_relative_to(root):
+                    return candidate.relative_to(root).as_posix() or "."
+        return str(path)
+
+    def _read(self, path: str) -> str:
+        """A recorded path as a usable one (relative ones are inside the run directory)."""
+        return path if not path or Path(path).is_absolute() else str(self.root / path)
 
     # ---- jobs and the cost ledger ----------------------------------------------------------
 
@@ -441,7 +474,8 @@ class Registry:
         def insert(db: sqlite3.Connection) -> None:
             version = self.next_version(model.kind, model.language)
             m = replace(model, version=version, path=place(version) if place else model.path)
-            common = (m.version, m.base, m.recipe_hash, m.data_hash, m.path, job_id,
+            common = (m.version, self._stored(m.base), m.recipe_hash, m.data_hash,
+                      self._stored(m.path), job_id,
                       *(json.dumps(x) for x in (m.scores, m.health, m.training)))  # fmt: skip
             columns = "version, base, recipe_hash, data_hash, path, job_id, scores, health, "
             columns += "training"
@@ -475,6 +509,7 @@ class Registry:
         for row in rows:
             for key in ("scores", "health", "training"):
                 row[key] = json.loads(row[key])
+            row["path"], row["base"] = self._read(row["path"]), self._read(row["base"])
             if "languages" in row:
                 row["languages"] = json.loads(row["languages"])
         return rows
@@ -513,7 +548,7 @@ class Registry:
             cur = db.execute(
                 "INSERT INTO merges (method, params, expert_ids, path, job_id, current) "
                 "VALUES (?, ?, ?, ?, ?, 0)",
-                (method, json.dumps(params), json.dumps(expert_ids), path, job_id),
+                (method, json.dumps(params), json.dumps(expert_ids), self._stored(path), job_id),
             )
             ids.append(int(cur.lastrowid))
             if serve:
@@ -528,8 +563,10 @@ class Registry:
             row = db.execute("SELECT path FROM merges WHERE id=?", (merge_id,)).fetchone()
             if row is None:
                 raise RegistryError(f"there is no merge {merge_id}")
-            if not Path(row[0]).is_dir():
-                raise RegistryError(f"the files of merge {merge_id} ({row[0]}) are gone")
+            if not Path(self._read(row[0])).is_dir():
+                raise RegistryError(
+                    f"the files of merge {merge_id} ({self._read(row[0])}) are gone"
+                )
             self._serve(db, merge_id, reason)
 
     @staticmethod
@@ -582,7 +619,7 @@ class Registry:
                 db.execute(
                     "INSERT INTO additions (language, kind, path, sha256, added) "
                     "VALUES (?, ?, ?, ?, ?)",
-                    (language, kind, path, sha256, time.time()),
+                    (language, kind, self._stored(path), sha256, time.time()),
                 )
             self._serve(db, merge_id, reason)
 
@@ -694,6 +731,7 @@ class Registry:
         for row in rows:
             row["params"] = json.loads(row["params"])
             row["expert_ids"] = json.loads(row["expert_ids"])
+            row["path"] = self._read(row["path"])
         return rows
 
 
@@ -759,7 +797,11 @@ def read_additions(run_dir: Path) -> list[dict]:
     """The data maintenance added to a run directory, oldest first, read without changing the
     registry (none when there is no registry yet, or one from before additions existed)."""
     rows = _read_only(run_dir, 4, "SELECT language, kind, path, sha256 FROM additions ORDER BY id")
-    return [dict(zip(("language", "kind", "path", "sha256"), r)) for r in rows or []]
+    root = Path(run_dir).absolute()
+    return [
+        {"language": lang, "kind": kind, "path": str(root / path), "sha256": sha}
+        for lang, kind, path, sha in rows or []
+    ]  # root / an absolute path is that path
 
 
 def require_trained(run_dir: Path, hint: str = "run `langmerge run` first") -> None:
