@@ -10,7 +10,7 @@ from tiny import sentences, write_jsonl
 from langmerge.data.encode import IGNORE, encode
 from langmerge.data.prepare import Example, count_table, load_data
 from langmerge.errors import InputError
-from langmerge.recipe import Task, load_recipe
+from langmerge.recipe import Task, load_recipe, with_data
 
 TASK = {"kind": "classification", "labels": ["happy", "sad"]}
 
@@ -192,3 +192,30 @@ def test_a_label_set_taken_from_the_data_is_part_of_every_hash(tmp_path):
     after = load_data(recipe_at(tmp_path, languages, task=task))
     assert after.labels == ["angry", "happy", "sad"]
     assert after.languages["en"].digest != before.languages["en"].digest  # en's head changes too
+
+
+def test_a_split_column_gives_each_record_its_split(tmp_path):
+    rows = sentences("en", 40, 0)
+    for i, r in enumerate(rows):
+        r["part"] = ["train", "train", "dev", "TEST"][i % 4]
+    write_jsonl(tmp_path / "en.jsonl", rows)
+    recipe = recipe_at(tmp_path, {"en": {"data": "en.jsonl"}}, split_field="part")
+    d = load_data(recipe).languages["en"]
+    assert texts(d.train) == [r["text"] for i, r in enumerate(rows) if i % 4 < 2]
+    assert texts(d.validation) == [r["text"] for r in rows[2::4]]
+    assert texts(d.test) == [r["text"] for r in rows[3::4]]
+    # added data with the column keeps its splits; without it, it is split by the recipe
+    new = sentences("en", 8, 7)
+    for r in new:
+        r["part"] = "test"
+    write_jsonl(tmp_path / "more.jsonl", new)
+    grown = load_data(with_data(recipe, "en", tmp_path / "more.jsonl")).languages["en"]
+    assert texts(grown.test) == texts(d.test) + [r["text"] for r in new]
+    rows[5]["part"] = "holdout"
+    del rows[6]["part"]
+    write_jsonl(tmp_path / "en.jsonl", rows)
+    (problem,) = load_data(recipe).problems
+    assert problem == (
+        "en data: split_field 'part' must say train, validation (or valid, val, dev) or test in "
+        "every record; found 'holdout' ×1, '(missing)' ×1"
+    )

@@ -422,6 +422,7 @@ class Recipe(_Strict):
     languages: dict[str, LanguageData] = Field(min_length=1)
     data: LanguageData | None = None  # one source for all languages, with a language column
     language_field: str = "language"
+    split_field: str | None = None  # a column of `data:` naming each record's split
     split: Split = Split()
     min_examples: int = Field(10, ge=1)  # fewer training examples in a language is an error
     lora: Lora = Lora()

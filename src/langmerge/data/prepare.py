@@ -180,14 +180,56 @@ def _check_language_field(
         )
 
 
+SPLIT_NAMES = {"train": "train", "validation": "validation", "valid": "validation",
+               "val": "validation", "dev": "validation", "test": "test"}  # fmt: skip
+
+
+def _by_split_field(
+    records: Records, field: str, where: str, required: bool, problems: list[str]
+) -> dict[str, Records] | None:
+    """Records grouped by the split their `field` names (train, validation/valid/val/dev,
+    test); None when no record has the field and it is not `required`."""
+    values = [str(r.get(field, "")).strip().lower() for r in records]
+    if not required and not any(values):
+        return None
+    groups: dict[str, Records] = {}
+    bad = Counter()
+    for r, v in zip(records, values):
+        if v in SPLIT_NAMES:
+            groups.setdefault(SPLIT_NAMES[v], []).append(r)
+        else:
+            bad[v or "(missing)"] += 1
+    if bad:
+        problems.append(
+            f"{where}: split_field {field!r} must say train, validation (or valid, val, dev) or "
+            "test in every record; found " + ", ".join(f"{k!r} ×{n}" for k, n in bad.most_common(5))
+        )
+    return groups
+
+
 def _prepare_language(
     code: str, raw: dict[str, Records], recipe: Recipe, problems: list[str], warnings: list[str]
 ) -> LanguageSplits:
+    def where(name: str) -> str:
+        return f"{code} {'data' if name == 'all' else 'added data' if name == 'more' else name}"
+
+    placed: dict[str, list[Example]] = {}  # added data whose records name their split
+    if (field := recipe.split_field) is not None:
+        if "all" in raw:  # `data:`: the column gives each record's split
+            groups = _by_split_field(raw.pop("all"), field, where("all"), True, problems)
+            raw.update(groups or {})
+        if "more" in raw:
+            groups = _by_split_field(raw["more"], field, where("more"), False, problems)
+            if groups is not None:
+                del raw["more"]
+                for name, records in groups.items():
+                    placed[name] = _examples(records, recipe.task, where("more"), problems)
     splits: dict[str, list[Example]] = {}
     for name, records in raw.items():
-        where = f"{code} {'data' if name == 'all' else 'added data' if name == 'more' else name}"
-        splits[name] = _examples(records, recipe.task, where, problems)
+        splits[name] = _examples(records, recipe.task, where(name), problems)
     splits = _carve(splits, recipe)
+    for name, examples in placed.items():
+        splits[name] += examples
     d = LanguageSplits(code, splits["train"], splits["validation"], splits["test"])
     if not d.train:
         problems.append(f"{code}: no training examples")
