@@ -219,3 +219,19 @@ def test_a_split_column_gives_each_record_its_split(tmp_path):
         "en data: split_field 'part' must say train, validation (or valid, val, dev) or test in "
         "every record; found 'holdout' ×1, '(missing)' ×1"
     )
+
+
+def test_added_examples_already_in_the_data_are_not_counted_twice(tmp_path):
+    rows = sentences("en", 30, 0)
+    write_jsonl(tmp_path / "en.jsonl", rows)
+    write_jsonl(tmp_path / "more.jsonl", rows[:5] + sentences("en", 3, 9))
+    recipe = recipe_at(tmp_path, {"en": {"data": "en.jsonl"}})
+    before = load_data(recipe).languages["en"]
+    data = load_data(with_data(recipe, "en", tmp_path / "more.jsonl"))
+    after = data.languages["en"]
+    total = sum(len(d.split(s)) for d in (before,) for s in ("train", "validation", "test"))
+    assert sum(len(after.split(s)) for s in ("train", "validation", "test")) == total + 3
+    assert data.warnings == [
+        "en: 5 examples of the added data are already in its data and are left out (not counted "
+        "twice)"
+    ]

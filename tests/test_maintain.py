@@ -184,6 +184,13 @@ def test_update_mistakes(fresh, cli):
     bad.write_text('{"text": "x", "label": "angry"}\n')
     code, text = cli("update", fresh, "--lang", "de", "--data", bad)
     assert code == 1 and "'angry'" in text
+    empty = fresh.parent / "empty.jsonl"
+    empty.write_text("")
+    code, text = cli("update", fresh, "--lang", "de", "--data", empty)
+    assert code == 1 and f"the data file {empty} holds no examples: nothing to add" in text
+    own = fresh.parent / "data" / "de.jsonl"  # the language's own file, given again
+    code, text = cli("update", fresh, "--lang", "de", "--data", own)
+    assert code == 1 and f"every example of {own} is already in de's data" in text
     assert registry(fresh).current_merge()["id"] == 1
     assert load_recipe(fresh).languages["de"].more == []
 

@@ -163,6 +163,13 @@ def test_a_malformed_adapter_config_names_the_field(models, tmp_path, cli, chang
     assert_nothing_left(out)
 
 
+def test_all_weights_zero_is_refused(models, tmp_path, cli):
+    out = tmp_path / "out"
+    code, text = cli(*full_args(models, out, "--weights", "0,0,0"))
+    assert code == 1 and "every weight is 0, so the merge would be the base model" in text
+    assert_nothing_left(out)
+
+
 def test_weights_summing_to_zero_for_a_normalized_merge(models, tmp_path, cli):
     code, text = cli(
         *merge_args(

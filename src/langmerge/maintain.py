@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from langmerge.data.prepare import load_data
+from langmerge.data.sources import read_file
 from langmerge.errors import ConfigError, InputError, LangmergeError, TrainingFailed
 from langmerge.evaluate.health import is_degenerate
 from langmerge.evaluate.job import evaluate_all, evaluation_health, primary_metric
@@ -98,7 +99,18 @@ def _update(recipe, language, data, add, accept, compare_joint, progress, say, m
     if current is None:
         raise ConfigError("no merge is in service: run `langmerge run` or `langmerge merge` first")
     # the user's file is checked before anything is kept or trained
-    load_data(with_data(recipe, language, Path(data).absolute())).require_valid()
+    checked = load_data(with_data(recipe, language, Path(data).absolute())).require_valid()
+    if not read_file(Path(data)):
+        raise InputError(f"the data file {data} holds no examples: nothing to add")
+    rerun = language in recipe.languages and _kept_path(Path(data), Path(recipe.run_dir)) in (
+        recipe.languages[language].files()
+    )
+    if not (add or rerun) and _count(checked, language) == _count(
+        load_data(recipe, [language]), language
+    ):
+        raise InputError(
+            f"every example of {data} is already in {language}'s data: nothing new to train on"
+        )
     copy = _keep(Path(data), Path(recipe.run_dir))
     updated = with_data(recipe, language, copy)
     project = load_data(updated).require_valid()

@@ -227,6 +227,17 @@ def _prepare_language(
     splits: dict[str, list[Example]] = {}
     for name, records in raw.items():
         splits[name] = _examples(records, recipe.task, where(name), problems)
+    known = {_key(e.text) for name, examples in splits.items() if name != "more" for e in examples}
+    dropped = 0
+    for group in [splits.get("more", []), *placed.values()]:  # added data already there
+        kept = [e for e in group if _key(e.text) not in known]
+        dropped += len(group) - len(kept)
+        group[:] = kept
+    if dropped:
+        warnings.append(
+            f"{code}: {dropped} examples of the added data are already in its data and are left "
+            "out (not counted twice)"
+        )
     splits = _carve(splits, recipe)
     for name, examples in placed.items():
         splits[name] += examples

@@ -457,6 +457,11 @@ def check_inputs(method: Method, n_models: int, weights: Sequence[float] | None)
             raise ConfigError(f"weights must be finite numbers, got {list(weights)}")
         if not method.uses_weights and any(w != 1.0 for w in weights):
             raise ConfigError(f"{method.name} does not use weights; remove them")
+        if all(w == 0.0 for w in weights):
+            raise ConfigError(
+                "every weight is 0, so the merge would be the base model: give at least one "
+                "expert a nonzero weight"
+            )
 
 
 def sparsify(method: Method, tau: Tensor, i: int, params: MergeParams, name: str) -> Tensor:
