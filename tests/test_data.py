@@ -235,3 +235,13 @@ def test_added_examples_already_in_the_data_are_not_counted_twice(tmp_path):
         "en: 5 examples of the added data are already in its data and are left out (not counted "
         "twice)"
     ]
+
+
+def test_a_language_with_one_label_has_no_expert_to_train(tmp_path):
+    write_jsonl(tmp_path / "en.jsonl", sentences("en", 30, 0))
+    write_jsonl(tmp_path / "de.jsonl", [r for r in sentences("de", 60, 0) if r["label"] == "sad"])
+    data = load_data(recipe_at(tmp_path, {"en": {"data": "en.jsonl"}, "de": {"data": "de.jsonl"}}))
+    assert data.problems == [
+        "de: every training example has the label 'sad', so its expert could learn only to "
+        "predict that: add examples of other labels"
+    ]

@@ -301,14 +301,17 @@ def test_status_and_history_after_an_update(fresh, cli):
         reg.close()
     status = history.status_rows(fresh)
     (title, rows), (source_title, source) = status.items()
-    assert title == f"in service: merge ties#2 (merges/{Path(current['path']).name})"
+    assert title == (
+        f"in service: merge ties#2 (merges/{Path(current['path']).name}); its experts, and the "
+        "merge's newest score on each language"
+    )
     assert [(r["language"], r["expert"], r["path"]) for r in rows] == [
         ("en", "v1", "experts/en/v1"), ("de", "v2", "experts/de/v2"), ("fr", "v1", "experts/fr/v1")
     ]  # fmt: skip
     for r in rows:
-        assert r["score"].startswith(f"accuracy {scores[r['language']]:.3f}")
+        assert r["merge's score"].startswith(f"accuracy {scores[r['language']]:.3f}")
     assert source == [{"method": "ties", "density": 1.0, "λ": 1.0, "weights": "equal",
-                       "from": "the recipe's merge:"}]  # fmt: skip
+                       "from": "the recipe's `merge:` section"}]  # fmt: skip
     found = history.history_rows(fresh)
     assert [(e["language"], e["version"]) for e in found["experts"]] == [
         ("en", 1), ("de", 1), ("fr", 1), ("de", 2)

@@ -130,7 +130,7 @@ def test_an_edit_of_the_recipe_merge_settings_wins_over_the_sweep(swept, tmp_pat
     }  # fmt: skip
     assert merge_source(load_recipe(edited))["method"] == "knots_ties"
     assert merge_source(load_recipe(edited))["from"] == (
-        f"the recipe's merge:, edited since the last sweep chose {winner}"
+        f"the recipe's `merge:` section, edited since the last sweep chose {winner}"
     )
 
 

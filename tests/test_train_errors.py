@@ -149,6 +149,11 @@ def test_a_full_disk_during_training_is_a_clear_error_and_a_failed_job(tmp_path,
     assert "run the same command again: it resumes from the last checkpoint" in text
     (job,) = Registry(load_recipe(path).run_dir).ledger()
     assert job["status"] == "failed" and "file write failed" in job["error"]
+    for command in ("ls", "status"):  # after a crash, both say what happened
+        code, text = cli(command, path)
+        assert code == 0 and "unfinished jobs (failed or interrupted, and not done since)" in text
+        assert "expert" in text and "RuntimeError: PytorchStreamWriter failed" in text
+    assert "no merge in service yet" in text
 
     def no_row(*args, **kwargs):  # the registry cannot record the failure either
         raise sqlite3.OperationalError("database or disk is full")

@@ -361,9 +361,12 @@ def ls(recipe: Annotated[Path, typer.Argument(help="the recipe (YAML)")]) -> Non
     """The experts, joint models and merges of a recipe's run directory, with their costs."""
     from langmerge.status import listing
 
-    for title, rows in listing(recipe).items():
+    tables = listing(recipe)
+    for title, rows in tables.items():
         if rows:
             out.print(_table(rows, title))
+    if not any(tables.values()):
+        out.print("nothing trained, merged or started yet in this run directory")
 
 
 @app.command("eval")
@@ -634,8 +637,7 @@ def status(recipe: Annotated[Path, typer.Argument(help="the recipe (YAML)")]) ->
     from langmerge.history import status_rows
 
     for title, rows in status_rows(recipe).items():
-        if rows:
-            out.print(_table(rows, title))
+        out.print(_table(rows, title) if rows else title)
 
 
 @app.command()

@@ -13,7 +13,7 @@ from langmerge.evaluate.health import summary as health_summary
 from langmerge.processes import serving_lock
 from langmerge.recipe import Recipe, load_recipe
 from langmerge.registry import Registry, read_sweep_choice, require_trained
-from langmerge.status import short_path
+from langmerge.status import short_path, unfinished
 
 
 def _registry(recipe: Recipe) -> Registry:
@@ -37,6 +37,8 @@ def status_rows(path: Path) -> dict[str, list[dict]]:
         bad = degenerate_rows(registry)
         unhealthy = {"degenerate models (their health check failed; not merged or served)": bad}
         unhealthy = unhealthy if bad else {}
+        if stuck := unfinished(registry.ledger()):
+            unhealthy["unfinished jobs (failed or interrupted, and not done since)"] = stuck
         if current is None:
             return {"no merge in service yet (`langmerge run` or `langmerge merge`)": [],
                     **unhealthy}  # fmt: skip
@@ -58,11 +60,14 @@ def status_rows(path: Path) -> dict[str, list[dict]]:
     metric = primary_metric(recipe)
     for row in rows:
         m = latest.get(row["language"], {})
-        row["score"] = " ".join(f"{k} {v:.3f}" for k, v in m.items() if k in ("accuracy",
-                                "macro_f1", "rougeL", "unparseable"))  # fmt: skip
+        row["merge's score"] = " ".join(f"{k} {v:.3f}" for k, v in m.items() if k in (
+            "accuracy", "macro_f1", "rougeL", "unparseable"))  # fmt: skip
         bounds = interval(m, metric) if m else None
         row["95% interval"] = f"{metric} {bounds[0]:.3f}–{bounds[1]:.3f}" if bounds else "—"
-    title = f"in service: merge {_name(current)} ({short_path(current['path'], run_dir)})"
+    title = (
+        f"in service: merge {_name(current)} ({short_path(current['path'], run_dir)}); its "
+        "experts, and the merge's newest score on each language"
+    )
     source = "the next `langmerge merge` uses (`update` and `add-language` keep the served merge's)"
     return {title: rows, source: [merge_source(recipe)], **unhealthy}
 
@@ -91,9 +96,11 @@ def merge_source(recipe: Recipe) -> dict:
     if recipe._sweep is not None:
         row["from"] = f"`langmerge sweep` (its choice {recipe._sweep['winner']})"
     elif (swept := read_sweep_choice(recipe.run_dir)) is not None:
-        row["from"] = f"the recipe's merge:, edited since the last sweep chose {swept['winner']}"
+        row["from"] = (
+            f"the recipe's `merge:` section, edited since the last sweep chose {swept['winner']}"
+        )
     else:
-        row["from"] = "the recipe's merge:"
+        row["from"] = "the recipe's `merge:` section"
     return row
 
 

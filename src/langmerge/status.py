@@ -3,6 +3,7 @@ scores and costs the registry recorded, and whether each model is current for th
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from langmerge.data.prepare import load_data
@@ -27,6 +28,7 @@ def listing(path: Path) -> dict[str, list[dict]]:
         experts = registry.trained("expert")
         joints = registry.trained("joint")
         merges = registry.merges()
+        ledger = registry.ledger()
     finally:
         registry.close()
     latest: dict[str, int] = {}
@@ -91,7 +93,28 @@ def listing(path: Path) -> dict[str, list[dict]]:
             for m in merges
         ],
         "degenerate models": degenerate,
+        "unfinished jobs (failed or interrupted, and not done since)": unfinished(ledger),
     }
+
+
+def unfinished(ledger: list[dict]) -> list[dict]:
+    """The newest job of each kind and languages when it did not finish (what a crash, a
+    Ctrl-C or an error left), so that a run directory with nothing finished still says why."""
+    newest: dict[tuple, dict] = {}
+    for job in ledger:
+        newest[(job["kind"], tuple(job["languages"]))] = job
+    return [
+        {
+            "job": j["id"],
+            "kind": j["kind"],
+            "languages": ",".join(j["languages"]),
+            "status": j["status"],
+            "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(j["started"])),
+            "error": (j["error"] or "")[:200],
+        }
+        for j in newest.values()
+        if j["status"] != "done"
+    ]
 
 
 def _scores(scores: dict) -> str:

@@ -349,6 +349,11 @@ def _labels(
                     )
     for code, d in data.items():
         trained = {e.answer for e in d.train}
+        if len(trained) == 1 and len(labels) > 1 and task.kind == "classification":
+            problems.append(
+                f"{code}: every training example has the label {next(iter(trained))!r}, so its "
+                "expert could learn only to predict that: add examples of other labels"
+            )
         unseen = sorted({e.answer for s in ("validation", "test") for e in d.split(s)} - trained)
         if unseen and d.train:
             warnings.append(f"{code}: labels {unseen} occur in validation/test but not in train")
