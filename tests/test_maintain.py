@@ -236,13 +236,26 @@ def test_continue_trains_the_served_expert_further_on_the_new_examples_only(fres
     assert code == 0 and "expert de: v3" in text
 
 
-def test_compare_joint_measures_the_retrain(fresh):
+def test_compare_joint_measures_the_retrain_and_scores_it(fresh, cli):
     relax_guard(fresh, 100.0)
-    outcome = maintain.update(fresh, "de", fresh.parent / "new_de.jsonl", compare_joint=True,
-                              progress=False)  # fmt: skip
-    joint = registry(fresh).latest("joint")
-    assert joint["version"] == 2 and outcome.cost["joint_retrain"]["source"] == "measured"
-    assert outcome.cost["joint_retrain"]["wall_s"] == pytest.approx(joint["wall_s"])
+    code, text = update_de(cli, fresh, "--compare-joint", "--quiet")
+    assert code == 0, text
+    reg = registry(fresh)
+    joint = reg.latest("joint")
+    (step,) = reg.steps()
+    cost = step["result"]["cost"]
+    assert joint["version"] == 2 and cost["joint_retrain"]["source"] == "measured"
+    assert cost["joint_retrain"]["wall_s"] == pytest.approx(joint["wall_s"])
+    # both joint models scored on the same test examples: the retrain's own shift per language
+    scores = {
+        v: {c: reg.evaluation(f"joint:v{v}", c, "test", None) for c in ("en", "de", "fr")}
+        for v in (1, 2)
+    }
+    for row in cost["joint_shifts"]:
+        old, new = (scores[v][row["language"]] for v in (1, 2))
+        assert row["shift"] == pytest.approx((new["accuracy"] - old["accuracy"]) * 100)
+    assert [r["language"] for r in cost["joint_shifts"]] == ["en", "de", "fr"]
+    assert "joint retrain shift" in text
 
 
 def test_a_refused_new_language_stays_out_of_the_project(fresh, cli, monkeypatch):

@@ -611,6 +611,12 @@ def _print_outcome(outcome) -> None:
          "guard": r.get("verdict", "ok" if r["ok"] else "FAIL") + f" ({r['rule']})"}
         for r in outcome.shifts
     ]  # fmt: skip
+    joint = {r["language"]: r for r in outcome.cost.get("joint_shifts") or []}
+    for row in rows if joint else []:  # the joint retrain's shifts, for comparison
+        j = joint.get(row["language"])
+        row["joint retrain shift"] = "—" if j is None else (
+            f"{j['shift']:+.1f}" + (f" ({j['low']:+.0f}–{j['high']:+.0f})" if "low" in j else "")
+            + (" !" if j.get("p", 1.0) < outcome.alpha else ""))  # fmt: skip
     out.print(_table(rows, f"{outcome.metric}: {outcome.old_merge} → {outcome.new_merge}"))
     out.print(f"shift: new − old merge on the same test examples, 95% interval in brackets; "
               f"`!`: significant at {outcome.alpha} (McNemar exact / paired bootstrap)",

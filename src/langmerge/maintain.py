@@ -305,8 +305,10 @@ def saving(recipe, project, trained, merge_id: int, compare_joint: bool, progres
         "expert_wall_s": expert["wall_s"],
         "merge_wall_s": merge_job["wall_s"],
     }
+    joint_shifts = None
     if compare_joint:
         say("training the joint model on all data, to measure the saving")
+        old_joint = joint
         train(recipe, joint=True, progress=progress, say=say)
         registry = Registry(recipe.run_dir)
         try:
@@ -314,6 +316,8 @@ def saving(recipe, project, trained, merge_id: int, compare_joint: bool, progres
         finally:
             registry.close()
         retrain = {"wall_s": joint["wall_s"], "flops": joint["flops"], "source": "measured"}
+        if old_joint is not None and old_joint["version"] != joint["version"]:
+            joint_shifts = _joint_shifts(recipe, project, old_joint, joint, say)
     elif joint is not None and (steps_then := (joint["training"] or {}).get("steps")):
         scale = steps_now / steps_then
         retrain = {
@@ -325,12 +329,23 @@ def saving(recipe, project, trained, merge_id: int, compare_joint: bool, progres
         }
     else:
         retrain = None
-    out = {"update": update_cost, "joint_retrain": retrain}
+    out = {"update": update_cost, "joint_retrain": retrain, "joint_shifts": joint_shifts}
     if retrain:
         out["wall_saving"] = 1 - update_cost["wall_s"] / retrain["wall_s"]
         if retrain["flops"]:
             out["flops_saving"] = 1 - update_cost["flops"] / retrain["flops"]
     return out
+
+
+def _joint_shifts(recipe, project, old: dict, new: dict, say) -> list[dict]:
+    """How retraining the joint model on the new data moved each language (new − old joint on
+    the same test examples): the yardstick for the merge's own shifts."""
+    names = [f"joint:v{old['version']}", f"joint:v{new['version']}"]
+    before, after = evaluate_all(recipe, [(n, None) for n in names], data=project, say=say)
+    alpha = recipe.guard.alpha
+    rows = guard(before, after, primary_metric(recipe), "", False, float("inf"), alpha)
+    keep = ("language", "before", "after", "shift", "low", "high", "p")
+    return [{k: r[k] for k in keep if k in r} for r in rows]
 
 
 def _finish(recipe, language, add, copy, merge_id, serve, overridden, outcome: dict) -> None:

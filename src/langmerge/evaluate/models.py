@@ -22,8 +22,8 @@ from langmerge.recipe import Recipe
 from langmerge.registry import Registry, require_trained
 
 REFERENCES = (
-    "base, joint, expert:LANG, merged (the newest merge), merged:NAME (a merge of `langmerge run`"
-    " or a method), or a model directory"
+    "base, joint (or joint:vN), expert:LANG, merged (the newest merge), merged:NAME (a merge "
+    "of `langmerge run` or a method), or a model directory"
 )
 
 
@@ -57,8 +57,13 @@ def resolve(recipe: Recipe, ref: str, labels: list[str] | None) -> ModelRef:
 
 
 def _from_registry(registry: Registry, kind: str, arg: str, ref: str, base: Path) -> ModelRef:
-    if kind == "joint":
-        row = registry.latest("joint")
+    if kind == "joint":  # joint, or joint:vN for one version
+        rows = registry.trained("joint")
+        if arg:
+            rows = [r for r in rows if f"v{r['version']}" == arg]
+            if not rows:
+                raise ConfigError(f"no joint model {arg}: `langmerge ls` lists the versions")
+        row = max(rows, key=lambda r: r["version"]) if rows else None
         if row is None:
             raise ConfigError("no joint model yet: run `langmerge train RECIPE --joint`")
         return ModelRef(f"joint:v{row['version']}", Path(row["path"]), Path(row["base"]))
