@@ -379,3 +379,22 @@ def test_fan_in_fan_out_on_linear_layers_merges_as_peft_loads_it(models, tmp_pat
     merged = weights_of(out)
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
         assert torch.allclose(merged[name], expected[name], atol=1e-6), name
+
+
+def test_written_files_honour_the_umask(models, tmp_path, cli):
+    import os
+    import stat
+
+    from langmerge.merge.writer import atomic_write
+
+    old = os.umask(0o027)
+    try:
+        out = tmp_path / "merged"
+        code, text = cli(*merge_args("ties", models["base"], [models["lora_en"]], out))
+        atomic_write(tmp_path / "report.md", "# report\n")
+    finally:
+        os.umask(old)
+    assert code == 0, text
+    written = [*out.rglob("*"), tmp_path / "report.md"]
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in written}
+    assert modes == {p.name: 0o750 if p.is_dir() else 0o640 for p in written}

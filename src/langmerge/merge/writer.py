@@ -170,7 +170,7 @@ def copy_model_files(src: Path, dst: Path) -> list[str]:
     copied = []
     for p in sorted(Path(src).iterdir()):
         if p.is_file() and p.suffix not in WEIGHT_SUFFIXES and p.name not in NOT_COPIED:
-            shutil.copy2(p, Path(dst) / p.name)
+            shutil.copyfile(p, Path(dst) / p.name)  # modes from the umask
             copied.append(p.name)
     return copied
 
@@ -181,12 +181,19 @@ def atomic_write(path: Path, text: str) -> None:
     fd, partial = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.",
                                    suffix=".partial")  # fmt: skip
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; honour the user's umask
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(partial, path)
     except BaseException:
         Path(partial).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: set it straight back
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: Path, data: object) -> None:
