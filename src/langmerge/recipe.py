@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from langmerge.embedded import embedded_model
 from langmerge.errors import ConfigError
 from langmerge.merge.config import MethodName
 from langmerge.merge.regmean import ALPHA
@@ -417,7 +418,7 @@ class Statistics(_Strict):
 class Recipe(_Strict):
     """A whole project. See README, section "Recipes"."""
 
-    base: str  # a local model directory or a hub id
+    base: str  # a local model directory, a hub id, or `embedded` (see langmerge.embedded)
     task: Task
     languages: dict[str, LanguageData] = Field(min_length=1)
     data: LanguageData | None = None  # one source for all languages, with a language column
@@ -452,6 +453,15 @@ class Recipe(_Strict):
                     f"language codes must be BCP 47 tags such as en, de, pt-BR; got {bad}"
                 )
             v = {code: {} if spec is None else spec for code, spec in v.items()}
+        return v
+
+    @field_validator("base")
+    @classmethod
+    def _known_embedded(cls, v: str) -> str:
+        try:
+            embedded_model(v)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
         return v
 
     @model_validator(mode="after")
@@ -586,7 +596,9 @@ def _resolve(recipe: Recipe, root: Path) -> Recipe:
 
     languages = {code: fix_data(lang) for code, lang in recipe.languages.items()}
     base = recipe.base
-    if base.startswith((".", "/")) or (root / base).exists():
+    if embedded_model(base) is not None:
+        pass  # the embedded backbone, not a path
+    elif base.startswith((".", "/")) or (root / base).exists():
         base = str(fix(base))
     return recipe.model_copy(
         update={
