@@ -398,3 +398,30 @@ def test_written_files_honour_the_umask(models, tmp_path, cli):
     written = [*out.rglob("*"), tmp_path / "report.md"]
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in written}
     assert modes == {p.name: 0o750 if p.is_dir() else 0o640 for p in written}
+
+
+def test_the_model_card_names_a_hub_base_or_none(models, tmp_path, cli):
+    import shutil
+
+    out = tmp_path / "local"
+    assert cli(*merge_args("ties", models["base"], [models["lora_en"]], out))[0] == 0
+    card = (out / "README.md").read_text()
+    assert "base_model" not in card.split("---")[1]  # a local folder is no hub id: omitted
+    prepared = tmp_path / "prepared"  # as langmerge prepares a hub base for classification
+    shutil.copytree(models["base"], prepared)
+    (prepared / "prepared.json").write_text(json.dumps({"base": "meta-llama/Llama-3.2-1B"}))
+    out = tmp_path / "hub"
+    assert cli(*merge_args("ties", prepared, [models["plain_en"]], out))[0] == 0
+    assert "base_model: meta-llama/Llama-3.2-1B\n" in (out / "README.md").read_text()
+
+
+def test_an_approximate_adapter_says_so_in_its_card(models, tmp_path, cli):
+    out = tmp_path / "adapter"
+    experts = [models[f"plain_{x}"] for x in EXPERTS]
+    code, text = cli(*merge_args("ties", models["base"], experts, out, "--density", "0.5",
+                                 "--emit", "adapter", "--adapter-rank", "4"))  # fmt: skip
+    assert code == 0, text
+    summary = json.loads((out / "langmerge_merge.json").read_text())["adapter"]
+    card = (out / "README.md").read_text()
+    assert f"relative reconstruction error of {summary['rel_error']:.3g}" in card
+    assert "library_name: peft" in card

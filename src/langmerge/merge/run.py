@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -314,12 +315,8 @@ def write_adapter(
         state[f"base_model.model.{name}"] = (theta0 + delta).to(base.tensors[name].dtype)
     save_file(state, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
     write_json(out_dir / "adapter_config.json", adapter_config(adapters, rank, saved))
-    (out_dir / "README.md").write_text(
-        f"# LoRA adapter merged with langmerge {__version__}\n\nmethod `{cfg.method}`, rank "
-        f"{rank}, experts: {', '.join(a.label for a in adapters)}\n"
-    )
     rel = math.sqrt(err_sq / norm_sq) if norm_sq > 0 else 0.0
-    return {
+    result = {
         "rank": rank,
         "modules": len(names),
         "rel_error": rel,
@@ -327,6 +324,62 @@ def write_adapter(
         "worst_rel_error": worst[0],
         "exact": worst[0] == 0.0 and cfg.space == "delta",
     }
+    (out_dir / "README.md").write_text(adapter_card(cfg, adapters, result))
+    return result
+
+
+def adapter_card(cfg: MergeConfig, adapters: list[Adapter], result: dict) -> str:
+    """README.md of a merged adapter; one that approximates the merge says by how much."""
+    if result["exact"]:
+        fidelity = "It is exact: base + this adapter is the merged model, to float32 rounding."
+    elif cfg.space == "factors":
+        fidelity = "It merges the LoRA factors as PEFT's add_weighted_adapter does (space factors)."
+    else:
+        fidelity = (
+            f"It approximates the merge: rank {result['rank']} leaves a relative reconstruction "
+            f"error of {result['rel_error']:.3g} over all modules (worst module "
+            f"{result['worst_module']}: {result['worst_rel_error']:.3g}); the full merge "
+            "(`emit: full`) is exact."
+        )
+    return f"""---
+{_card_header(cfg)}
+library_name: peft
+---
+# LoRA adapter merged with langmerge {__version__}
+
+Method `{cfg.method}`, rank {result["rank"]}, experts: {", ".join(a.label for a in adapters)}.
+{fidelity}
+"""
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+E5 = "intfloat/multilingual-e5-small"  # what the embedded backbone is
+
+
+def hub_id(base: Path) -> str | None:
+    """The hub id of the model `base` is (for the card's `base_model`), or None when unknown:
+    what a prepared base was made from, the embedded backbone's origin, or a hub cache path."""
+    base = Path(base)
+    for meta, key in (("prepared.json", "base"), ("config.json", "_name_or_path")):
+        try:
+            named = str(json.loads((base / meta).read_text()).get(key) or "")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if named == "embedded" or named.startswith("embedded:"):
+            return E5
+        if HUB_ID.match(named) and not Path(named).exists():
+            return named
+        if named and Path(named).is_dir() and Path(named).resolve() != base.resolve():
+            return hub_id(Path(named))
+    if (base / "embedded.json").is_file():
+        return E5
+    cached = re.search(r"models--([^/]+?)--([^/]+)/snapshots/", str(base.absolute()))
+    return f"{cached[1]}/{cached[2]}" if cached else None
+
+
+def _card_header(cfg: MergeConfig) -> str:
+    found = hub_id(cfg.base)
+    return "tags:\n- langmerge\n- merge" + (f"\nbase_model: {found}" if found else "")
 
 
 def adapter_config(adapters: list[Adapter], rank: int, saved: list[str]) -> dict:
@@ -370,10 +423,7 @@ def model_card(cfg: MergeConfig, summary: dict) -> str:
         ]
     )
     return f"""---
-tags:
-- langmerge
-- merge
-base_model: {cfg.base.name}
+{_card_header(cfg)}
 ---
 # Merged model
 
