@@ -245,3 +245,18 @@ def test_a_language_with_one_label_has_no_expert_to_train(tmp_path):
         "de: every training example has the label 'sad', so its expert could learn only to "
         "predict that: add examples of other labels"
     ]
+
+
+def test_training_data_alone_leaves_the_test_split_and_its_scores_as_they_were(tmp_path):
+    rows = [
+        {**r, "part": "train" if i % 3 else "test"} for i, r in enumerate(sentences("en", 30, 0))
+    ]
+    write_jsonl(tmp_path / "en.jsonl", rows)
+    write_jsonl(tmp_path / "more.jsonl", [{**r, "part": "train"} for r in sentences("en", 6, 9)])
+    recipe = recipe_at(tmp_path, {"en": {"data": "en.jsonl"}}, split_field="part")
+    before = load_data(recipe).languages["en"]
+    after = load_data(with_data(recipe, "en", tmp_path / "more.jsonl")).languages["en"]
+    assert after.digest != before.digest and len(after.train) == len(before.train) + 6
+    # an evaluation on test is keyed by the test examples: still valid, no † in the report
+    assert after.split_digests["test"] == before.split_digests["test"]
+    assert after.split_digests["train"] != before.split_digests["train"]

@@ -43,7 +43,9 @@ def registry_scores(path, earlier: bool = False) -> dict[str, dict[str, str]]:
     current data, read with SQL; with `earlier`, of any data, marked † when not today's."""
     recipe = load_recipe(path)
     data = load_data(recipe)
-    keys = {c: evaluation_key(recipe, data.languages[c].digest) for c in data.languages}
+    keys = {
+        c: evaluation_key(recipe, data.languages[c].split_digests["test"]) for c in data.languages
+    }
     registry = Registry(recipe.run_dir)
     try:
         rows = registry.db.execute(

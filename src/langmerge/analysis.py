@@ -292,7 +292,7 @@ def analyze(recipe, evaluate_missing: bool = True, say=lambda _: None) -> dict:
         registry.close()
     stats = expert_stats(experts, Path(recipe.run_dir) / CACHE)
     codes = [c for c in experts if c in data.languages]
-    keys = {c: evaluation_key(recipe, data.languages[c].digest) for c in codes}
+    keys = {c: evaluation_key(recipe, data.languages[c].split_digests[split]) for c in codes}
     merged, own = {}, {}
     if current is not None:
         ref = merge_ref(current)

@@ -624,13 +624,20 @@ def _print_outcome(outcome) -> None:
     for line in warnings_of(outcome.shifts):
         _warn(line)
     c = outcome.cost
-    rows = [{"job": "this update (expert + re-merge)", "wall s": f"{c['update']['wall_s']:.1f}",
-             "FLOPs": f"{c['update']['flops']:.3g}"}]  # fmt: skip
+
+    def seconds(x: float | None) -> str:
+        return "—" if x is None else f"{x:.1f}"
+
+    u = c["update"]
+    rows = [{"job": "this update (expert + re-merge)", "wall s": f"{u['wall_s']:.1f}",
+             "CPU s": seconds(u.get("cpu_s")), "FLOPs": f"{u['flops']:.3g}"}]  # fmt: skip
     if c["joint_retrain"]:
         j = c["joint_retrain"]
         rows.append({"job": f"joint retrain on all data ({j['source']})",
-                     "wall s": f"{j['wall_s']:.1f}", "FLOPs": f"{j['flops']:.3g}"})  # fmt: skip
+                     "wall s": f"{j['wall_s']:.1f}", "CPU s": seconds(j.get("cpu_s")),
+                     "FLOPs": f"{j['flops']:.3g}"})  # fmt: skip
         rows.append({"job": "saving", "wall s": f"{c['wall_saving']:.0%}",
+                     "CPU s": f"{c['cpu_saving']:.0%}" if "cpu_saving" in c else "—",
                      "FLOPs": f"{c.get('flops_saving', 0):.0%}"})  # fmt: skip
     out.print(_table(rows, "cost"))
     if outcome.served:

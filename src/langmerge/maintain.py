@@ -301,6 +301,7 @@ def saving(recipe, project, trained, merge_id: int, compare_joint: bool, progres
     )
     update_cost = {
         "wall_s": expert["wall_s"] + merge_job["wall_s"],
+        "cpu_s": (expert["cpu_s"] or 0.0) + (merge_job["cpu_s"] or 0.0),
         "flops": (expert["flops"] or 0.0) + (merge_job["flops"] or 0.0),
         "expert_wall_s": expert["wall_s"],
         "merge_wall_s": merge_job["wall_s"],
@@ -315,13 +316,15 @@ def saving(recipe, project, trained, merge_id: int, compare_joint: bool, progres
             joint = registry.latest("joint")
         finally:
             registry.close()
-        retrain = {"wall_s": joint["wall_s"], "flops": joint["flops"], "source": "measured"}
+        retrain = {"wall_s": joint["wall_s"], "cpu_s": joint["cpu_s"], "flops": joint["flops"],
+                   "source": "measured"}  # fmt: skip
         if old_joint is not None and old_joint["version"] != joint["version"]:
             joint_shifts = _joint_shifts(recipe, project, old_joint, joint, say)
     elif joint is not None and (steps_then := (joint["training"] or {}).get("steps")):
         scale = steps_now / steps_then
         retrain = {
             "wall_s": joint["wall_s"] * scale,
+            "cpu_s": (joint["cpu_s"] or 0.0) * scale,
             "flops": (joint["flops"] or 0.0) * scale,
             "source": f"projected from joint v{joint['version']} in the ledger "
             f"({joint['wall_s']:.1f} s for {steps_then} optimiser steps, scaled to "
@@ -332,6 +335,8 @@ def saving(recipe, project, trained, merge_id: int, compare_joint: bool, progres
     out = {"update": update_cost, "joint_retrain": retrain, "joint_shifts": joint_shifts}
     if retrain:
         out["wall_saving"] = 1 - update_cost["wall_s"] / retrain["wall_s"]
+        if retrain["cpu_s"]:
+            out["cpu_saving"] = 1 - update_cost["cpu_s"] / retrain["cpu_s"]
         if retrain["flops"]:
             out["flops_saving"] = 1 - update_cost["flops"] / retrain["flops"]
     return out

@@ -723,7 +723,8 @@ class Registry:
 
     def merges(self) -> list[dict]:
         cur = self.db.execute(
-            "SELECT m.*, j.wall_s, j.ended FROM merges m JOIN jobs j ON j.id = m.job_id "
+            "SELECT m.*, j.wall_s, j.cpu_s, j.flops, j.ended FROM merges m "
+            "JOIN jobs j ON j.id = m.job_id "
             "ORDER BY m.id"
         )
         names = [c[0] for c in cur.description]

@@ -106,7 +106,7 @@ def quality(recipe: Recipe, data: ProjectData, registry: Registry) -> dict[str, 
     experts on their own language and the base. A model not scored on a language's current data
     gets its newest score on earlier data, marked `earlier_data`."""
     split, codes = recipe.evaluation.split, list(data.languages)
-    keys = {c: evaluation_key(recipe, data.languages[c].digest) for c in codes}
+    keys = {c: evaluation_key(recipe, data.languages[c].split_digests[split]) for c in codes}
     rows: dict[str, dict[str, str]] = {}  # label → language → registry model name
     joint = registry.latest("joint")
     if joint:
@@ -159,8 +159,8 @@ def _quality(recipe: Recipe, data: ProjectData, found: dict[str, dict]) -> Secti
     section.text.append(
         f"{metric} per language ({recipe.evaluation.split} split; {METHOD}); experts "
         "are scored on their own language. A dash: not evaluated."
-        + (" †: scored before that language's data was last updated (its test examples have "
-           "changed since); mean and worst only for rows scored on today's data."
+        + (f" †: scored on earlier {recipe.evaluation.split} examples of that language (they "
+           "have changed since); mean and worst only for rows scored on today's data."
            if earlier else "")
     )  # fmt: skip
     section.tables.append((f"{metric}, {recipe.evaluation.split} split", rows))
@@ -231,7 +231,9 @@ def _cost(recipe: Recipe, data: ProjectData, registry: Registry) -> Section:
             "update s": f"{cost['update']['wall_s']:.1f}",
             "joint retrain s": f"{retrain['wall_s']:.1f}" if retrain else "—",
             "joint figure": ("measured" if measured else "projected") if retrain else "—",
-            "saving": f"{cost['wall_saving']:.0%}" if "wall_saving" in cost else "—",
+            "saving (wall)": f"{cost['wall_saving']:.0%}" if "wall_saving" in cost else "—",
+            "saving (CPU)": f"{cost['cpu_saving']:.0%}" if "cpu_saving" in cost else "—",
+            "saving (FLOPs)": f"{cost['flops_saving']:.0%}" if "flops_saving" in cost else "—",
         })  # fmt: skip
         bars.append((f"{what}: expert + re-merge", cost["update"]["wall_s"], True))
         if retrain:
@@ -242,7 +244,9 @@ def _cost(recipe: Recipe, data: ProjectData, registry: Registry) -> Section:
             "A maintenance step costs its expert's training and the re-merge; it is compared "
             "with retraining the joint model on all data including the new data — measured "
             "when the update ran with --compare-joint, else projected from the last joint job "
-            "in the ledger, scaled by the examples it would see. Evaluation is not counted."
+            "in the ledger, scaled by the examples it would see. Evaluation is not counted. "
+            "On a shared machine wall time mostly measures contention: CPU seconds and FLOPs "
+            "do not."
         )
     if bars:
         section.figures.append(("cost", figures.cost_bars(bars), "wall seconds per job"))

@@ -178,8 +178,8 @@ def cost_table(
         experts = experts or {c: registry.latest("expert", c) for c in codes}
         joint = joint or registry.latest("joint")
         names = {v.name() for v in recipe.merge.compare}
-        merge_walls = {  # the newest merge of each name the recipe compares
-            m["params"]["name"]: m["wall_s"]
+        merge_rows = {  # the newest merge of each name the recipe compares
+            m["params"]["name"]: m
             for m in registry.merges()
             if m["params"].get("name") in names and (before is None or m["ended"] <= before)
         }
@@ -187,7 +187,10 @@ def cost_table(
     finally:
         registry.close()
     # the experts branch from the seed: it runs before them, and is part of the initial cost
-    seed = seeds[-1]["wall_s"] if seeds and recipe.experts.start == "seed" else 0.0
+    seed_job = seeds[-1] if seeds and recipe.experts.start == "seed" else None
+    seed = seed_job["wall_s"] if seed_job else 0.0
+    merge_walls = {name: m["wall_s"] for name, m in merge_rows.items()}
+    slowest = max(merge_rows.values(), key=lambda m: m["wall_s"], default=None)
     walls = {c: e["wall_s"] for c, e in experts.items()}
     serial = sum(walls.values())
     spans = [(e["started"], e["ended"]) for e in experts.values()]
@@ -216,6 +219,19 @@ def cost_table(
         "merge_s": merge_wall,
         "merges_s": merge_walls,
         "seed_s": seed,
+        # process CPU seconds and FLOPs: unlike wall time, not inflated by a busy machine
+        "cpu_s": {
+            "experts": sum(e["cpu_s"] or 0.0 for e in experts.values()),
+            "joint": joint["cpu_s"] or 0.0,
+            "merge": (slowest or {}).get("cpu_s") or 0.0,
+            "seed": (seed_job or {}).get("cpu_s") or 0.0,
+        },
+        "flops": {
+            "experts": sum(e["flops"] or 0.0 for e in experts.values()),
+            "joint": joint["flops"] or 0.0,
+            "merge": (slowest or {}).get("flops") or 0.0,
+            "seed": (seed_job or {}).get("flops") or 0.0,
+        },
     }
     out["serial_vs_joint"] = (seed + serial + merge_wall) / joint["wall_s"]
     out["parallel_vs_joint"] = (seed + makespan + merge_wall) / joint["wall_s"]
@@ -324,30 +340,40 @@ def paired_text(a: dict, b: dict, metric: str, alpha: float) -> str:
 
 
 def cost_rows(c: dict) -> list[dict]:
-    """The cost table of `cost_table`: experts serial and in parallel, joint, merge, as seconds
-    and vs joint."""
+    """The cost table of `cost_table`: experts serial and in parallel, joint, merge — wall and
+    CPU seconds, training FLOPs, and each against the joint model."""
     seed = c.get("seed_s", 0.0)
+    cpu, flops = c.get("cpu_s", {}), c.get("flops", {})  # (absent in studies before 0.1.1)
+    joint_cpu, joint_flops = cpu.get("joint", 0.0), flops.get("joint", 0.0)
+
+    def row(job: str, wall: float, cpu_s: float | None, fl: float | None) -> dict:
+        return {
+            "job": job,
+            "wall s": f"{wall:.1f}",
+            "vs joint": f"{wall / c['joint_s']:.2f}×",
+            "CPU s": "—" if cpu_s is None else f"{cpu_s:.1f}",
+            "CPU vs joint": f"{cpu_s / joint_cpu:.2f}×" if cpu_s is not None and joint_cpu else "—",
+            "FLOPs": "—" if not fl else f"{fl:.2e}",
+            "FLOPs vs joint": f"{fl / joint_flops:.2f}×" if fl and joint_flops else "—",
+        }
+
     first = "seed + " if seed else ""
-    rows = [
-        {"job": "seed (joint warm-up the experts branch from)", "wall s": f"{seed:.1f}",
-         "vs joint": f"{seed / c['joint_s']:.2f}×"},
-    ] if seed else []  # fmt: skip
+    s_cpu, s_fl = cpu.get("seed", 0.0), flops.get("seed", 0.0)
+    e_cpu, e_fl, m_cpu = cpu.get("experts"), flops.get("experts"), cpu.get("merge", 0.0)
+    total_cpu = None if e_cpu is None else s_cpu + e_cpu + m_cpu
+    total_fl = None if e_fl is None else s_fl + e_fl + flops.get("merge", 0.0)
+    parallel = (f"experts, {c['workers']} parallel workers "
+                f"({'measured' if c.get('makespan_measured') else 'projected'})")  # fmt: skip
+    rows = [row("seed (joint warm-up the experts branch from)", seed, s_cpu, s_fl)] if seed else []
     return rows + [
-        {"job": "experts, one after another", "wall s": f"{c['experts_serial_s']:.1f}",
-         "vs joint": f"{c['experts_serial_s'] / c['joint_s']:.2f}×"},
-        {"job": f"experts, {c['workers']} parallel workers "
-                f"({'measured' if c.get('makespan_measured') else 'projected'})",
-         "wall s": f"{c['experts_makespan_s']:.1f}",
-         "vs joint": f"{c['experts_makespan_s'] / c['joint_s']:.2f}×"},
-        {"job": "joint model", "wall s": f"{c['joint_s']:.1f}", "vs joint": "1.00×"},
-        {"job": "one merge (slowest)", "wall s": f"{c['merge_s']:.1f}",
-         "vs joint": f"{c['merge_s'] / c['joint_s']:.2f}×"},
-        {"job": f"{first}experts + merge, serial",
-         "wall s": f"{seed + c['experts_serial_s'] + c['merge_s']:.1f}",
-         "vs joint": f"{c['serial_vs_joint']:.2f}×"},
-        {"job": f"{first}experts + merge, parallel",
-         "wall s": f"{seed + c['experts_makespan_s'] + c['merge_s']:.1f}",
-         "vs joint": f"{c['parallel_vs_joint']:.2f}×"},
+        row("experts, one after another", c["experts_serial_s"], e_cpu, e_fl),
+        row(parallel, c["experts_makespan_s"], e_cpu, e_fl),
+        row("joint model", c["joint_s"], joint_cpu if cpu else None, joint_flops),
+        row("one merge (slowest)", c["merge_s"], m_cpu if cpu else None, flops.get("merge")),
+        row(f"{first}experts + merge, serial", seed + c["experts_serial_s"] + c["merge_s"],
+            total_cpu, total_fl),
+        row(f"{first}experts + merge, parallel", seed + c["experts_makespan_s"] + c["merge_s"],
+            total_cpu, total_fl),
     ]  # fmt: skip
 
 

@@ -38,6 +38,7 @@ class LanguageSplits:
     validation: list[Example]
     test: list[Example]
     digest: str = ""  # the data hash: changes whenever anything training or evaluation sees does
+    split_digests: dict[str, str] = field(default_factory=dict)  # one split's examples (+ labels)
 
     def split(self, name: str) -> list[Example]:
         return getattr(self, name)
@@ -110,6 +111,10 @@ def load_data(recipe: Recipe, languages: list[str] | None = None, hub: bool = Tr
             [recipe.split.model_dump_json(), json.dumps(labels)]
             + [f"{s}\t{e.text}\t{e.answer}" for s in SPLITS for e in d.split(s)]
         )
+        d.split_digests = {  # what a score on one split depends on (evaluations are keyed so)
+            s: _hash([json.dumps(labels)] + [f"{e.text}\t{e.answer}" for e in d.split(s)])
+            for s in SPLITS
+        }
     return ProjectData(out, labels, problems, warnings, not_read)
 
 

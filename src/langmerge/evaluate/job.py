@@ -85,7 +85,8 @@ def evaluate_all(
         codes = languages or list(data.languages)
         require_split(data, codes, split)
         plans.append((resolve(recipe, ref, data.labels), codes))
-    keys = {c: evaluation_key(recipe, data.languages[c].digest) for _, cs in plans for c in cs}
+    keys = {c: evaluation_key(recipe, data.languages[c].split_digests[split])
+            for _, cs in plans for c in cs}  # fmt: skip
     registry = Registry(recipe.run_dir)
     try:
         results: list[dict[str, dict]] = []
@@ -147,8 +148,9 @@ def evaluation_health(found: dict[str, dict], data: ProjectData, split: str) -> 
 
 
 def evaluation_key(recipe: Recipe, data_hash: str) -> str:
-    """What an evaluation's result depends on besides the model: the examples and the settings
-    that turn them into inputs and answers (task, max length, generation length)."""
+    """What an evaluation's result depends on besides the model: the examples (the hash of the
+    split it scores) and the settings that turn them into inputs and answers (task, max length,
+    generation length)."""
     settings = json.dumps(
         [data_hash, recipe.task.model_dump(mode="json"), recipe.training.max_length],
         sort_keys=True,
