@@ -48,12 +48,26 @@ def last_sweep(path):
 
 def test_the_default_grid_is_simplest_first():
     names = [name for name, _ in sweeping.grid(Sweep())]
-    # linear ×3 λ, ties and dare_ties ×4 densities ×3 λ, knots ×3 λ, regmean ×3 λ ×3 α
-    assert len(names) == 39
+    # linear ×3 λ, ties ×4 densities ×3 λ, dare_ties ×3 (density 1 is ties) ×3 λ, knots ×3 λ,
+    # regmean ×3 λ ×3 α
+    assert len(names) == 36
     assert names[:7] == ["linear-l1", "linear-l1.2", "linear-l0.8", "ties-d1-l1", "ties-d0.8-l1",
                          "ties-d0.5-l1", "ties-d0.2-l1"]  # fmt: skip
-    assert names[29] == "knots_ties-d1-l0.8"
-    assert names[30:33] == ["regmean-l1-a0.9", "regmean-l1-a1", "regmean-l1-a0.5"]
+    assert names[26] == "knots_ties-d1-l0.8"
+    assert names[27:30] == ["regmean-l1-a0.9", "regmean-l1-a1", "regmean-l1-a0.5"]
+    assert sweeping.duplicates(Sweep()) == {
+        f"dare_ties-d1-l{lam}": f"ties-d1-l{lam}" for lam in ("1", "1.2", "0.8")
+    }
+
+
+def test_a_best_point_at_the_end_of_a_range_is_flagged():
+    edges = sweeping.edges(Sweep(), sweeping.Point("ties", 0.2, 1.2))
+    assert edges == [
+        "lambda 1.2 is the largest value tried: the best may lie beyond it (widen sweep.lambda)",
+        "density 0.2 is the smallest value tried: the best may lie beyond it (widen the grid's "
+        "densities of ties)",
+    ]
+    assert sweeping.edges(Sweep(), sweeping.Point("ties", 1.0, 1.0)) == []  # d 1 is the limit
 
 
 def test_the_best_point_by_mean_or_by_worst_language():

@@ -77,7 +77,27 @@ class Point:
 def grid(sweep: Sweep) -> list[tuple[str, Point]]:
     """The sweep's points with their names, simplest first: equal weights before the grid's
     weightings, then the grid's order of methods, λ nearest 1, density highest. Of points with
-    equal scores the sweep picks the simplest."""
+    equal scores the sweep picks the simplest. Of points that make the same merge (see
+    `effect`) only the first is kept."""
+    kept: dict[tuple, str] = {}
+    ranked = _all_points(sweep)
+    for name, p in ranked:
+        kept.setdefault(effect(p), name)
+    return [(name, p) for name, p in ranked if kept[effect(p)] == name]
+
+
+def duplicates(sweep: Sweep) -> dict[str, str]:
+    """The points `grid` leaves out because an earlier one makes the same merge: name → kept."""
+    kept: dict[tuple, str] = {}
+    out = {}
+    for name, p in _all_points(sweep):
+        first = kept.setdefault(effect(p), name)
+        if first != name:
+            out[name] = first
+    return out
+
+
+def _all_points(sweep: Sweep) -> list[tuple[str, Point]]:
     points: dict[str, tuple[tuple, Point]] = {}
     weightings = [()] + [tuple(sorted(w.items())) for w in sweep.weights]
     for i, weights in enumerate(weightings):
@@ -96,6 +116,41 @@ def grid(sweep: Sweep) -> list[tuple[str, Point]]:
                         points.setdefault(p.name() + (f"-w{i}" if i else ""), (order, p))
     ranked = sorted(points.items(), key=lambda item: item[1][0])
     return [(name, p) for name, (_, p) in ranked]
+
+
+def effect(p: Point) -> tuple:
+    """What a point's merge computes: equal for points that give the same merged model (at
+    density 1 trimming and DARE keep every entry, so they do nothing)."""
+    m = get_method(p.method)
+    sparsify = "none" if m.sparsify in ("trim", "dare") and p.density == 1.0 else m.sparsify
+    return (sparsify, p.density if sparsify != "none" else 1.0, m.combine, m.normalize, m.knots,
+            p.lam if m.combine != "slerp" else 1.0, p.weights,
+            p.alpha if m.data_aware else None)  # fmt: skip
+
+
+def edges(sweep: Sweep, winner: Point) -> list[str]:
+    """The winner's settings that sit at the end of a range the grid tried: the best merge may
+    lie beyond it."""
+    m = get_method(winner.method)
+    entry = next((e for e in sweep.grid if get_method(e.method).name == m.name), None)
+    axes = [("lambda", sweep.lam, winner.lam, m.combine != "slerp")]
+    if entry is not None:
+        axes.append(("density", entry.density, winner.density, m.sparsify != "none"))
+    axes.append(("alpha", sweep.alpha, winner.alpha, m.data_aware))
+    out = []
+    for key, values, value, used in axes:
+        if not used or len(set(values)) < 2 or value not in (min(values), max(values)):
+            continue
+        if key == "density" and value == 1.0:
+            continue  # density cannot go beyond 1
+        if key == "alpha" and value == 1.0:
+            continue  # nor alpha
+        end = "largest" if value == max(values) else "smallest"
+        field = "lambda" if key == "lambda" else key
+        where = f"sweep.{field}" if key != "density" else f"the grid's densities of {m.name}"
+        out.append(f"{key} {value:g} is the {end} value tried: the best may lie beyond it "
+                   f"(widen {where})")  # fmt: skip
+    return out
 
 
 def selection_score(metrics: dict[str, dict], metric: str, select: str) -> float:
@@ -150,7 +205,9 @@ def _sweep(recipe, data: ProjectData, codes, points, progress, say) -> dict:
         point_keys = {name: _point_key(cfg, keys) for name, cfg in configs.items()}
         found = {n: registry.sweep_point(k) for n, k in point_keys.items()}
         todo = [(n, p) for n, p in points if found[n] is None]
-        say(f"sweep: {len(points)} points, {len(points) - len(todo)} already scored")
+        same = ", ".join(f"{a} = {b}" for a, b in duplicates(recipe.sweep).items())
+        say(f"sweep: {len(points)} points, {len(points) - len(todo)} already scored"
+            + (f" (left out, the same merge as another: {same})" if same else ""))  # fmt: skip
         job = registry.start_job("sweep", codes, recipe.digest(), _digest(keys))
         meter = Meter()
         tokens = examples = 0
@@ -207,6 +264,8 @@ def _sweep(recipe, data: ProjectData, codes, points, progress, say) -> dict:
                 "choice": {k: found[winner]["settings"][k] for k in CHOSEN},
                 "recipe_merge": merge_settings(recipe),
                 "expert_wall_s": {c: e["wall_s"] for c, e in experts.items()},
+                "duplicates": duplicates(recipe.sweep),
+                "edges": edges(recipe.sweep, dict(points)[best]),
             }
             if all(data.languages[c].split("test") for c in codes):  # the winner's, alone
                 if merger is None:
@@ -439,6 +498,7 @@ def summary_lines(result: dict) -> list[str]:
     training (worded as of when it ran)."""
     best, score = result.get("best", result["winner"]), result.get("best_score", 0.0)
     lines = [f"best on validation ({result['select']} {result['metric']}): {best} {score:.3f}"]
+    lines += [f"  {best}: {edge}" for edge in result.get("edges", [])]
     if result.get("simpler"):
         s = result["simpler"]
         lines.append(f"not significantly above the simpler {s['than']} (difference "
