@@ -121,6 +121,15 @@ def test_the_markdown_numbers_are_the_registry_s(reported):
     assert table[0] == ["model", "en", "de", "fr", "mean", "worst"]
     shown = {row[0]: row[1:4] for row in table[1:]}
     assert shown == expected_quality(path)
+    # the study's comparison as `run` wrote it, kept after the update changed the scores
+    from langmerge.run import RESULTS, Study, quality_rows
+
+    found = json.loads((load_recipe(path).run_dir / RESULTS).read_text())
+    study = Study(**{k: found[k] for k in ("languages", "metric", "split", "quality",
+                                           "best_merge", "cost", "health")})  # fmt: skip
+    kept = markdown_table(markdown, "accuracy, the study")
+    assert kept[1:] == [list(r.values()) for r in quality_rows(study)]
+    assert kept[-1][0] == "best merge − joint"
     # the maintenance step: its costs as recorded with the addition
     registry = Registry(load_recipe(path).run_dir)
     try:
@@ -156,7 +165,8 @@ def test_the_page_renders_in_chromium_with_every_figure_and_the_registry_s_numbe
     assert seen.requests == []  # self-contained: nothing fetched
     assert len(seen.images) == 6
     assert all(i["complete"] and i["natural_width"] > 100 for i in seen.images)
-    quality = seen.tables[0]
+    study, quality = seen.tables[:2]  # the study as `run` found it, then today's scores
+    assert study[-1][0] == "best merge − joint"
     assert quality[0] == ["model", "en", "de", "fr", "mean", "worst"]
     assert {row[0]: row[1:4] for row in quality[1:]} == expected_quality(path)
 

@@ -20,6 +20,7 @@ from langmerge.evaluate.health import summary as health_summary
 from langmerge.evaluate.job import (
     evaluation_health,
     evaluation_key,
+    interval,
     primary_metric,
     with_interval,
 )
@@ -76,7 +77,8 @@ def build(recipe: Recipe, recipe_path: Path) -> list[Section]:
     registry = Registry(recipe.run_dir)
     try:
         found = quality(recipe, data, registry)
-        sections = [_overview(recipe, data, registry), _quality(recipe, data, found)]
+        sections = [_overview(recipe, data, registry), _study(recipe)]
+        sections += [_quality(recipe, data, found)]
         sections += [_health(recipe, data, registry, found)]
         sections += [_cost(recipe, data, registry), _sweep(registry)]
     finally:
@@ -98,6 +100,30 @@ def _overview(recipe: Recipe, data: ProjectData, registry: Registry) -> Section:
         "stated; every number comes from the run directory's registry "
         f"({Path(recipe.run_dir) / DB_NAME}), written {time.strftime('%Y-%m-%d %H:%M')}.",
     ])  # fmt: skip
+
+
+def _study(recipe: Recipe) -> Section:
+    """The comparison of the last `langmerge run` as it found it — joint, merges, experts, best
+    merge − joint — kept after maintenance steps changed the models and the data."""
+    from langmerge.run import RESULTS, Study, quality_rows
+
+    path = Path(recipe.run_dir) / RESULTS
+    section = Section("The study (`langmerge run`)")
+    try:
+        found = json.loads(path.read_text())
+        fields = ("languages", "metric", "split", "quality", "best_merge", "cost", "health")
+        study = Study(**{k: found[k] for k in fields})
+    except (OSError, ValueError, KeyError, TypeError):
+        return section  # no study yet (or one this version cannot read): nothing to show
+    written = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
+    section.text.append(
+        f"{study.metric} per language on the {study.split} split as the last `langmerge run` "
+        f"found it ({path}, {written}); `*`: the merge it put in service; the last row is the "
+        f"best merge minus the joint model on the same test examples, paired ({METHOD}). "
+        "Maintenance steps since then are in the sections below."
+    )
+    section.tables.append((f"{study.metric}, the study", quality_rows(study)))
+    return section
 
 
 def quality(recipe: Recipe, data: ProjectData, registry: Registry) -> dict[str, dict]:
@@ -141,7 +167,7 @@ def quality(recipe: Recipe, data: ProjectData, registry: Registry) -> dict[str, 
 
 def _quality(recipe: Recipe, data: ProjectData, found: dict[str, dict]) -> Section:
     metric, codes = primary_metric(recipe), list(data.languages)
-    section = Section("Quality per language")
+    section = Section("Quality per language, today")
     if not found:
         section.text.append("No evaluations yet: run `langmerge run`.")
         return section
@@ -165,9 +191,16 @@ def _quality(recipe: Recipe, data: ProjectData, found: dict[str, dict]) -> Secti
     )  # fmt: skip
     section.tables.append((f"{metric}, {recipe.evaluation.split} split", rows))
     bars = {label: [s[c][metric] if s[c] else None for c in codes] for label, s in found.items()}
+    intervals = {label: [interval(s[c], metric) if s[c] else None for c in codes]
+                 for label, s in found.items()}  # fmt: skip
+    stale = {label: [bool(s[c] and s[c].get("earlier_data")) for c in codes]
+             for label, s in found.items()}  # fmt: skip
     if bars:
-        png = figures.grouped_bars(codes, bars, metric)
-        section.figures.append(("quality", png, f"{metric} per language and model"))
+        png = figures.grouped_bars(codes, bars, metric, intervals, stale)
+        caption = f"{metric} per language and model, with 95% intervals" + (
+            "; hatched: scored on earlier data (†)" if earlier else ""
+        )
+        section.figures.append(("quality", png, caption))
     return section
 
 
