@@ -63,6 +63,10 @@ def test_the_recipe_hash_follows_training_settings_not_merge_settings(tmp_path):
         ({"trainig": {}}, "trainig: Extra inputs are not permitted"),
         ({"lora": {"r": 0}}, "lora.r: Input should be greater than or equal to 1"),
         ({"languages": {"english": {"data": "data/en.jsonl"}}}, "BCP 47"),
+        (
+            {"languages": {"jp": {"data": "data/en.jsonl"}}},
+            "'jp' names no language (ISO 639-1): did you mean ja?",
+        ),
         ({"languages": {"en": {}}}, "have no data"),
         ({"merge": {"method": "tie"}}, "unknown merge method 'tie'"),
         ({"merge": {"weights": {"fr": 1.0}}}, "lacks: ['fr']"),

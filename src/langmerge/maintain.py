@@ -22,9 +22,10 @@ from langmerge.errors import ConfigError, InputError, LangmergeError, TrainingFa
 from langmerge.evaluate.health import is_degenerate
 from langmerge.evaluate.job import evaluate_all, evaluation_health, primary_metric
 from langmerge.evaluate.models import merge_ref
+from langmerge.languages import problem as language_problem
 from langmerge.merge.recipe_merge import merge_once
 from langmerge.processes import serving_lock
-from langmerge.recipe import LANGUAGE_CODE, Recipe, load_recipe, with_data
+from langmerge.recipe import Recipe, load_recipe, with_data
 from langmerge.registry import Registry, require_trained
 from langmerge.train.jobs import Continuation, train
 
@@ -83,8 +84,8 @@ def _check_request(recipe: Recipe, language: str, data: Path, add: bool, kept: P
             f"the recipe has no language {language} (it has {', '.join(recipe.languages)}): "
             "use `add-language` for a new one"
         )
-    if not LANGUAGE_CODE.match(language):
-        raise ConfigError(f"{language!r} is not a BCP 47 language code such as pt or pt-BR")
+    if why := language_problem(language):
+        raise ConfigError(why)
     if not Path(data).is_file():
         raise InputError(f"the data file {data} does not exist")
     require_trained(recipe.run_dir)

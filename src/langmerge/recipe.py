@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import string
 from pathlib import Path
 from typing import Any, Literal
@@ -19,12 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 
 from langmerge.embedded import embedded_model
 from langmerge.errors import ConfigError
+from langmerge.languages import problem as language_problem
 from langmerge.merge.config import MethodName
 from langmerge.merge.regmean import ALPHA
 from langmerge.registry import read_additions, read_sweep_choice
 from langmerge.yamlfile import read_mapping, validate
-
-LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})*$")  # BCP 47: en, pt-BR, zh-Hant
 
 
 class _Strict(BaseModel):
@@ -447,11 +445,9 @@ class Recipe(_Strict):
         if isinstance(v, dict):
             # YAML 1.1 reads a bare `no:` (Norwegian) as false
             v = {("no" if code is False else code): spec for code, spec in v.items()}
-            bad = [code for code in v if not LANGUAGE_CODE.match(str(code))]
+            bad = [p for code in v if (p := language_problem(str(code)))]
             if bad:
-                raise ValueError(
-                    f"language codes must be BCP 47 tags such as en, de, pt-BR; got {bad}"
-                )
+                raise ValueError("; ".join(bad))
             v = {code: {} if spec is None else spec for code, spec in v.items()}
         return v
 
