@@ -425,3 +425,25 @@ def test_an_approximate_adapter_says_so_in_its_card(models, tmp_path, cli):
     card = (out / "README.md").read_text()
     assert f"relative reconstruction error of {summary['rel_error']:.3g}" in card
     assert "library_name: peft" in card
+
+
+def test_merging_needs_no_optional_package(models, tmp_path):
+    """What a plain `pip install langmerge` has: merges of full models and of adapters run."""
+    import subprocess
+    import sys
+
+    blocked = ["transformers", "peft", "datasets", "accelerate", "tokenizers", "matplotlib"]
+    script = (
+        "import sys\n"
+        f"for name in {blocked!r}: sys.modules[name] = None  # as if not installed\n"
+        "from langmerge.cli import main\n"
+        "main(sys.argv[1:])\n"
+    )
+    for kind in ("full", "lora"):
+        out = tmp_path / kind
+        experts = [str(models[f"{kind}_{x}"]) for x in EXPERTS]
+        args = merge_args("ties", models["base"], experts, out, "--density", "0.5", "--quiet")
+        done = subprocess.run([sys.executable, "-c", script, *map(str, args)],
+                              capture_output=True, text=True)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert (out / "model.safetensors").is_file()
