@@ -151,12 +151,13 @@ def test_a_step_budget_per_job_kind_replaces_the_epochs(tmp_path):
 
 
 def one_label_project(root):
-    """Every training text of en, happy or sad, is labelled `happy`; its validation texts are
-    labelled as they are.
+    """Every training text of en but one, happy or sad, is labelled `happy` (a language with
+    one label only is refused before training); its validation texts are labelled as they are.
     Trained to the last step (the best checkpoint could be an early step before the collapse)."""
     from tiny import sentences
 
     rows = [{**r, "label": "happy"} for r in sentences("en", 40, seed=1)]
+    rows[0]["label"] = "sad"
     mixed = sentences("en", 12, seed=2)
     write_jsonl(root / "data" / "en-train.jsonl", rows)
     write_jsonl(root / "data" / "en-validation.jsonl", mixed)

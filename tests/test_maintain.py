@@ -4,6 +4,7 @@ as it was and a rerun finishes; one update at a time; the saving equals the ledg
 
 import fcntl
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,14 +15,26 @@ from langmerge.recipe import load_recipe
 from langmerge.registry import Registry
 
 
-@pytest.fixture
-def fresh(tmp_path, cli):
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory):
     """A tiny project after `langmerge run` (one merge, in service), and new German data."""
-    path = project(tmp_path / "p", merge={"compare": ["ties"]})
-    write_jsonl(tmp_path / "p" / "new_de.jsonl", sentences("de", 20, seed=5))
-    code, text = cli("run", path, "--quiet")
-    assert code == 0, text
-    return path
+    from langmerge.cli import main
+
+    root = tmp_path_factory.mktemp("ran") / "p"
+    path = project(root, merge={"compare": ["ties"]})
+    write_jsonl(root / "new_de.jsonl", sentences("de", 20, seed=5))
+    with pytest.raises(SystemExit) as done:
+        main(["run", str(path), "--quiet"])
+    assert done.value.code == 0
+    return root
+
+
+@pytest.fixture
+def fresh(ran, tmp_path):
+    """A copy of that project of its own for each test (a project, its run directory included,
+    can be copied: the copy uses its own files and keeps its trained models)."""
+    shutil.copytree(ran, tmp_path / "p")
+    return tmp_path / "p" / "recipe.yaml"
 
 
 def registry(path):

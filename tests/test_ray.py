@@ -46,8 +46,8 @@ def local_cluster(tmp_path_factory):
     assert (real_home / ".ray").exists() == had_ray_dir  # nothing left in the user's home
 
 
-def ray_project(root, retries=2):
-    return project(root, executor={"kind": "ray", "cpus": 1, "retries": retries})
+def ray_project(root, retries=2, **overrides):
+    return project(root, executor={"kind": "ray", "cpus": 1, "retries": retries}, **overrides)
 
 
 def ledger(path):
@@ -138,8 +138,7 @@ def test_a_job_that_keeps_failing_is_reported_and_the_others_kept(local_cluster,
 
 
 def test_run_with_ray_evaluates_on_ray_too(local_cluster, tmp_path, cli):
-    path = ray_project(tmp_path / "p")
-    path.write_text(path.read_text() + "merge: {compare: [ties]}\n")
+    path = ray_project(tmp_path / "p", merge={"compare": ["ties"]})
     code, text = cli("run", path, "--quiet")
     assert code == 0, text
     flat = " ".join(text.split())

@@ -159,7 +159,7 @@ def prepare_base(recipe: Recipe, labels: list[str] | None) -> Path:
     if recipe.task.kind == "generation":
         return source
     key = hashlib.sha256(
-        json.dumps([recipe.base, labels, recipe.training.seed]).encode()
+        json.dumps([recipe.base_key(), labels, recipe.training.seed]).encode()
     ).hexdigest()[:12]
     out = Path(recipe.run_dir) / "base" / key
     if (out / PREPARED).is_file():

@@ -436,6 +436,12 @@ class Recipe(_Strict):
     run_dir: Path = Path("runs")
     allow_pickle: bool = False  # load a base stored only as pickle (can run code: trusted only)
     _sweep: dict | None = PrivateAttr(None)  # the sweep whose choice replaced `merge:` settings
+    _base_written: str | None = PrivateAttr(None)  # `base` as the file says, before resolving
+
+    def base_key(self) -> str:
+        """The base as the recipe file names it: what the hashes use, so that a project (recipe,
+        base and run directory) moved elsewhere keeps its trained models."""
+        return self._base_written or self.base
 
     @field_validator("languages", mode="before")
     @classmethod
@@ -516,6 +522,7 @@ class Recipe(_Strict):
             include=include,
             exclude={"training": {"threads", "checkpoint_steps"}, "task": {"max_new_tokens"}},
         )
+        settings["base"] = self.base_key()
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
     def source(self, language: str) -> LanguageData:
@@ -596,7 +603,7 @@ def _resolve(recipe: Recipe, root: Path) -> Recipe:
         pass  # the embedded backbone, not a path
     elif base.startswith((".", "/")) or (root / base).exists():
         base = str(fix(base))
-    return recipe.model_copy(
+    out = recipe.model_copy(
         update={
             "languages": languages,
             "data": recipe.data and fix_data(recipe.data),
@@ -604,3 +611,5 @@ def _resolve(recipe: Recipe, root: Path) -> Recipe:
             "base": base,
         }
     )
+    out._base_written = recipe.base_key()
+    return out
