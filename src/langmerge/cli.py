@@ -344,7 +344,7 @@ def train(
 
     try:
         done = run_training(r, languages, joint=joint, force=force, progress=not quiet,
-                            say=lambda m: out.print(m))  # fmt: skip
+                            say=out.print)  # fmt: skip
     except KeyboardInterrupt:
         raise Interrupted("interrupted; run the same command again to resume") from None
     if bad := [t for t in done if is_degenerate(t.health)]:
@@ -393,7 +393,7 @@ def eval_(
     loaded = _load(recipe, executor, address, allow_pickle)
     try:
         found = evaluate(loaded, model, lang, split, force=force,
-                         say=lambda m: out.print(m))  # fmt: skip
+                         say=out.print)  # fmt: skip
     except KeyboardInterrupt:
         raise Interrupted(
             "interrupted; the evaluation is recorded as failed, run it again"
@@ -430,7 +430,7 @@ def run_(
 
     try:
         summary = run_seeds(loaded, seeds, progress=not quiet,
-                            say=lambda m: out.print(m))  # fmt: skip
+                            say=out.print)  # fmt: skip
     except KeyboardInterrupt:
         raise Interrupted("interrupted; run the same command again to resume") from None
     out.print(_table(seed_rows(summary), f"{summary['metric']} over {seeds} seeds"))
@@ -460,7 +460,7 @@ def demo(
     from langmerge.recipe import load_recipe
     from langmerge.report import write_report
 
-    say = lambda m: out.print(m)  # noqa: E731
+    say = out.print
     path = write_demo_project(directory, quick=quick, say=say)
     _study(load_recipe(path), quiet)
     try:
@@ -490,7 +490,7 @@ def _sweep(recipe: Path, quiet: bool, top: int | None = None, allow_degenerate=F
 
     loaded = _allowing(_load(recipe, None, None, allow_pickle), allow_degenerate)
     try:
-        result = sweep(loaded, progress=not quiet, say=lambda m: out.print(m))
+        result = sweep(loaded, progress=not quiet, say=out.print)
     except KeyboardInterrupt:
         raise Interrupted(
             "interrupted; the scored points are kept: run it again to go on"
@@ -515,7 +515,7 @@ def analyze(
     from langmerge.report import write_files
 
     loaded = load_recipe(recipe)
-    found = run_analysis(loaded, say=lambda m: out.print(m))
+    found = run_analysis(loaded, say=out.print)
     for title, rows in analysis_tables(found):
         out.print(_table(rows, title))
     for line in found["notes"]:
@@ -585,7 +585,7 @@ def _maintain(recipe, lang, data, add, accept, compare_joint, quiet, mode="retra
     from langmerge.maintain import GuardError
     from langmerge.maintain import update as run_update
 
-    say = lambda m: out.print(m)  # noqa: E731
+    say = out.print
     try:
         outcome = run_update(recipe, lang, data, add=add, accept=accept, mode=mode,
                              compare_joint=compare_joint, progress=not quiet, say=say)  # fmt: skip
@@ -683,7 +683,7 @@ def _study(recipe, quiet: bool) -> None:
     from langmerge.stats import METHOD
 
     try:
-        study = run(recipe, progress=not quiet, say=lambda m: out.print(m))
+        study = run(recipe, progress=not quiet, say=out.print)
     except KeyboardInterrupt:
         raise Interrupted("interrupted; run the same command again to resume") from None
     out.print(

@@ -69,13 +69,16 @@ def update(recipe: Recipe | Path, language: str, data: Path, add: bool = False,
     if mode == "continue" and add:
         raise ConfigError("a new language has no earlier expert to continue: use retrain")
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    _check_request(recipe, language, data, add, _kept_path(Path(data), Path(recipe.run_dir)))
-    run_dir = Path(recipe.run_dir)
-    with serving_lock(run_dir):
-        return _update(recipe, language, data, add, accept, compare_joint, progress, say, mode)
+    rerun = _check_request(recipe, language, data, add,
+                           _kept_path(Path(data), Path(recipe.run_dir)))  # fmt: skip
+    with serving_lock(recipe.run_dir):
+        return _update(recipe, language, data, add, rerun, accept, compare_joint, progress, say,
+                       mode)  # fmt: skip
 
 
-def _check_request(recipe: Recipe, language: str, data: Path, add: bool, kept: Path) -> None:
+def _check_request(recipe: Recipe, language: str, data: Path, add: bool, kept: Path) -> bool:
+    """Refuse a request that cannot be carried out; returns whether it repeats an earlier one
+    (its file was added before)."""
     rerun = language in recipe.languages and kept in recipe.languages[language].files()
     if add and language in recipe.languages and not rerun:
         raise ConfigError(f"{language} is already a language of the recipe: use `update`")
@@ -89,9 +92,11 @@ def _check_request(recipe: Recipe, language: str, data: Path, add: bool, kept: P
     if not Path(data).is_file():
         raise InputError(f"the data file {data} does not exist")
     require_trained(recipe.run_dir)
+    return rerun
 
 
-def _update(recipe, language, data, add, accept, compare_joint, progress, say, mode) -> Outcome:
+def _update(recipe, language, data, add, rerun, accept, compare_joint, progress, say,
+            mode) -> Outcome:  # fmt: skip
     registry = Registry(recipe.run_dir)
     try:
         current = registry.current_merge()
@@ -103,9 +108,6 @@ def _update(recipe, language, data, add, accept, compare_joint, progress, say, m
     checked = load_data(with_data(recipe, language, Path(data).absolute())).require_valid()
     if not read_file(Path(data)):
         raise InputError(f"the data file {data} holds no examples: nothing to add")
-    rerun = language in recipe.languages and _kept_path(Path(data), Path(recipe.run_dir)) in (
-        recipe.languages[language].files()
-    )
     if not (add or rerun) and _count(checked, language) == _count(
         load_data(recipe, [language]), language
     ):

@@ -25,7 +25,7 @@ from langmerge.processes import alive, remove_leftovers
 SCHEMA_VERSION = 8
 DB_NAME = "registry.sqlite"
 
-MIGRATIONS: dict[int, str] = {
+MIGRATIONS: dict[int, str | Callable] = {  # SQL, or code taking (registry, db)
     1: """
     CREATE TABLE jobs (
         id INTEGER PRIMARY KEY,
@@ -200,7 +200,7 @@ MIGRATIONS: dict[int, str] = {
     DROP TABLE jobs;
     ALTER TABLE jobs_v7 RENAME TO jobs;
     """,
-    8: "relative paths",  # see _relative_paths: paths inside the run directory become relative
+    8: lambda registry, db: registry._relative_paths(db),  # paths inside the run dir: relative
 }
 PATH_COLUMNS = {"experts": ("path", "base"), "joints": ("path", "base"), "merges": ("path",),
                 "additions": ("path",)}  # fmt: skip
@@ -304,10 +304,11 @@ class Registry:
                 version = db.execute("PRAGMA user_version").fetchone()[0]
                 if version >= SCHEMA_VERSION:
                     break
-                if version + 1 == 8:
-                    self._relative_paths(db)
+                step = MIGRATIONS[version + 1]  # SQL, or code where SQL cannot say it
+                if callable(step):
+                    step(self, db)
                 else:
-                    for statement in MIGRATIONS[version + 1].split(";"):
+                    for statement in step.split(";"):
                         if statement.strip():
                             db.execute(statement)
                 broken = db.execute("PRAGMA foreign_key_check").fetchall()
@@ -409,7 +410,7 @@ class Registry:
         running = self.db.execute("SELECT pid FROM jobs WHERE status='running'").fetchall()
         if any(not alive(pid) for (pid,) in running):
             self.mark_abandoned()
-        remove_leftovers(self.path.parent)
+        remove_leftovers(self.root)
 
     def mark_abandoned(self) -> int:
         """Mark as failed the running jobs whose process is gone (killed, crashed)."""

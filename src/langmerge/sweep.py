@@ -79,11 +79,8 @@ def grid(sweep: Sweep) -> list[tuple[str, Point]]:
     weightings, then the grid's order of methods, λ nearest 1, density highest. Of points with
     equal scores the sweep picks the simplest. Of points that make the same merge (see
     `effect`) only the first is kept."""
-    kept: dict[tuple, str] = {}
-    ranked = _all_points(sweep)
-    for name, p in ranked:
-        kept.setdefault(effect(p), name)
-    return [(name, p) for name, p in ranked if kept[effect(p)] == name]
+    left_out = duplicates(sweep)
+    return [(name, p) for name, p in _all_points(sweep) if name not in left_out]
 
 
 def duplicates(sweep: Sweep) -> dict[str, str]:
@@ -141,13 +138,10 @@ def edges(sweep: Sweep, winner: Point) -> list[str]:
     for key, values, value, used in axes:
         if not used or len(set(values)) < 2 or value not in (min(values), max(values)):
             continue
-        if key == "density" and value == 1.0:
-            continue  # density cannot go beyond 1
-        if key == "alpha" and value == 1.0:
-            continue  # nor alpha
+        if key in ("density", "alpha") and value == 1.0:
+            continue  # neither can go beyond 1
         end = "largest" if value == max(values) else "smallest"
-        field = "lambda" if key == "lambda" else key
-        where = f"sweep.{field}" if key != "density" else f"the grid's densities of {m.name}"
+        where = f"sweep.{key}" if key != "density" else f"the grid's densities of {m.name}"
         out.append(f"{key} {value:g} is the {end} value tried: the best may lie beyond it "
                    f"(widen {where})")  # fmt: skip
     return out

@@ -93,7 +93,6 @@ def train(
         return _follow(recipe, data, targets, force, continue_from)
     registry = Registry(recipe.run_dir)
     try:
-        registry.mark_abandoned()
         if seeded:
             torch.set_num_threads(_threads(recipe.training.threads))
             ensure_seed(recipe, registry, data, progress, say)
