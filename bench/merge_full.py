@@ -394,7 +394,7 @@ def langmerge_cmd() -> tuple[list[str], dict[str, str]]:
     exe = REPO / ".venv" / "bin" / "langmerge"
     if exe.exists():
         return [str(exe)], {}
-    code = "import sys; from langmerge.cli import app; sys.argv[0] = 'langmerge'; app()"
+    code = "import sys; from langmerge.cli.main import app; sys.argv[0] = 'langmerge'; app()"
     return [sys.executable, "-c", code], {"PYTHONPATH": str(REPO / "src")}
 
 

@@ -38,8 +38,8 @@ WORK = ROOT / "work" / "parallel_experts"
 
 
 def train_all(recipe, label: str) -> dict:
-    from langmerge.registry import Registry
-    from langmerge.train.jobs import train
+    from langmerge.project.registry import Registry
+    from langmerge.workflows.training import train
 
     start = time.perf_counter()
     train(recipe, list(recipe.languages), progress=False)
@@ -69,8 +69,8 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import ray
 
-    from langmerge.data.demo import write_demo_project
-    from langmerge.recipe import load_recipe
+    from langmerge.demo.data import write_demo_project
+    from langmerge.project.recipe import load_recipe
 
     shutil.rmtree(WORK, ignore_errors=True)
     path = write_demo_project(WORK / "project", quick=True)

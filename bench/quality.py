@@ -38,7 +38,7 @@ from _common import machine_info  # noqa: E402
 
 def kaomoji_data(out: Path) -> dict:
     """The demo's five languages (all of their texts, German's held-back share included)."""
-    from langmerge.data.demo import CATEGORIES, LANGUAGES, examples
+    from langmerge.demo.data import CATEGORIES, LANGUAGES, examples
 
     out.mkdir(parents=True, exist_ok=True)
     for code in LANGUAGES:
@@ -83,7 +83,7 @@ COMPARE = ["linear", {"method": "ties", "density": 1.0}, {"method": "dare_ties",
 def write_project(root: Path, name: str, overrides: dict, filename: str = "recipe.yaml") -> Path:
     """A project folder: the data set's files, the embedded backbone trimmed to its texts, and a
     recipe that names nothing but what a user must (base, task, languages, data) and the split."""
-    from langmerge.embedded import embedded_backbone
+    from langmerge.models.embedded import embedded_backbone
 
     data_dir = root / "data"
     info = DATA[name](data_dir)
@@ -126,10 +126,10 @@ def study(recipe_path: Path, seed: int) -> dict:
     best one as a user of the sweep would (the study's own `*` is chosen on test): the best of
     all merges, of the weight-only methods, and regmean, each against joint on test."""
     from langmerge.evaluate.health import is_degenerate
-    from langmerge.evaluate.job import evaluate
-    from langmerge.recipe import load_recipe
-    from langmerge.run import run
-    from langmerge.seeds import seed_recipes
+    from langmerge.project.recipe import load_recipe
+    from langmerge.workflows.evaluation import evaluate
+    from langmerge.workflows.seeds import seed_recipes
+    from langmerge.workflows.study import run
 
     recipe = seed_recipes(load_recipe(recipe_path), seed + 1)[seed]
     start = time.perf_counter()
@@ -169,8 +169,8 @@ def study(recipe_path: Path, seed: int) -> dict:
 
 
 def _versus(merged: dict, joint: dict, metric: str, group: str) -> dict:
-    from langmerge import stats
-    from langmerge.evaluate.job import per_example
+    from langmerge.evaluate import stats
+    from langmerge.workflows.evaluation import per_example
 
     c = stats.compare(per_example(merged, metric), per_example(joint, metric))
     key = "" if group == "best" else f"{group}_"
@@ -187,7 +187,7 @@ def _cost(recipe, cost: dict, best: str | None) -> dict:
     how busy the machine was when each job ran."""
     import statistics as st
 
-    from langmerge.registry import Registry
+    from langmerge.project.registry import Registry
 
     experts = [e["wall_s"] for e in cost["experts"].values()]
     name = best.removeprefix("merged:").split("#")[0] if best else None
@@ -209,7 +209,7 @@ def _cost(recipe, cost: dict, best: str | None) -> dict:
 
 
 def _steps(recipe) -> dict:
-    from langmerge.registry import Registry
+    from langmerge.project.registry import Registry
 
     registry = Registry(recipe.run_dir)
     try:
@@ -319,7 +319,7 @@ def _write(out: Path, name: str, overrides: dict, arms: dict) -> None:
 
 
 def _has_seed(root: Path) -> bool:
-    from langmerge.registry import DB_NAME, Registry
+    from langmerge.project.registry import DB_NAME, Registry
 
     if not (root / "run" / DB_NAME).is_file():
         return False

@@ -7,7 +7,7 @@ on q, k, v, o, gate, up, down:
 
 - statistics: accumulating XᵀX over `--tokens` input rows for each distinct module input of the
   layer (q/k/v share one, gate/up share one: 4 matrices), as the forward hooks of
-  `langmerge.statistics.collect` do, and the bytes the layer's matrices take on disk (float32
+  `langmerge.train.statistics.collect` do, and the bytes the layer's matrices take on disk (float32
   and bfloat16). The forward pass itself is not included: it is the same work as evaluating
   the expert on its training data once;
 - merge: per module, the dense merged ΔW of regmean (`regmean_lora`, then B·A) and of TIES

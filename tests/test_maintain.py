@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from tiny import project, sentences, write_jsonl
 
-from langmerge import history, maintain
-from langmerge.recipe import load_recipe
-from langmerge.registry import Registry
+from langmerge.project.recipe import load_recipe
+from langmerge.project.registry import Registry
+from langmerge.reporting import status as history
+from langmerge.workflows import maintenance as maintain
 
 
 @pytest.fixture(scope="module")
@@ -108,12 +109,12 @@ def test_the_guard_keeps_a_worse_merge_out_of_service_until_accepted(fresh, cli,
 @pytest.mark.parametrize("phase", ["fit", "merge_recipe", "evaluate_all"])
 def test_an_interruption_leaves_the_served_model_and_a_rerun_finishes(fresh, cli, monkeypatch,
                                                                       phase):  # fmt: skip
-    import langmerge.train.trainer as trainer
+    import langmerge.workflows.training as training
 
     relax_guard(fresh, 100.0)
-    import langmerge.merge.recipe_merge as merging
+    import langmerge.workflows.recipe_merge as merging
 
-    target = {"fit": trainer, "merge_recipe": merging, "evaluate_all": maintain}[phase]
+    target = {"fit": training, "merge_recipe": merging, "evaluate_all": maintain}[phase]
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -178,7 +179,7 @@ def test_the_saving_is_computed_from_the_ledger(fresh, cli):
     recipe = load_recipe(fresh)
     from langmerge.data.prepare import load_data
 
-    examples = sum(len(d.train) for d in load_data(recipe).languages.values())
+    examples = sum(len(d.train) for d in load_data(recipe.data_spec()).languages.values())
     steps = 2 * math.ceil(examples / 4)  # 2 epochs of batches of 4 on all data, new data included
     update = expert["wall_s"] + merge_job["wall_s"]
     projected = joint["wall_s"] * steps / joint["training"]["steps"]

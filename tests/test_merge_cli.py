@@ -385,7 +385,7 @@ def test_written_files_honour_the_umask(models, tmp_path, cli):
     import os
     import stat
 
-    from langmerge.merge.writer import atomic_write
+    from langmerge.files import atomic_write
 
     old = os.umask(0o027)
     try:

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from tiny import project, sentences, write_jsonl
 
-from langmerge.recipe import load_recipe
-from langmerge.registry import Registry
-from langmerge.run import concurrency
-from langmerge.train import cluster
+from langmerge.project.recipe import load_recipe
+from langmerge.project.registry import Registry
+from langmerge.workflows import training
+from langmerge.workflows.study import concurrency
 
 ray = pytest.importorskip(
     "ray", reason="the ray extra is not installed: pip install langmerge[ray]"
@@ -85,23 +85,23 @@ def crash_once(recipe, data, language, work, threads):
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
         os._exit(1)
-    return cluster.attempt(recipe, data, language, work, threads)  # the worker's own, unpatched
+    return training.attempt(recipe, data, language, work, threads)  # the worker's own, unpatched
 
 
 def always_fail_fr(recipe, data, language, work, threads):
     if language == "fr":
         raise RuntimeError("fr's data is on a disk this worker cannot read")
-    return cluster.attempt(recipe, data, language, work, threads)
+    return training.attempt(recipe, data, language, work, threads)
 
 
 @pytest.fixture
 def wrapped(monkeypatch):
     """`wrapped(fn)`: the driver sends `fn` as the task (None: the real one again). On the
-    worker, `cluster.attempt` is the real function, which the wrappers call."""
-    real = cluster.attempt
+    worker, `training.attempt` is the real function, which the wrappers call."""
+    real = training.attempt
 
     def use(fn):
-        monkeypatch.setattr(cluster, "attempt", fn or real)
+        monkeypatch.setattr(training, "attempt", fn or real)
 
     return use
 

@@ -6,7 +6,7 @@ import sqlite3
 
 import pytest
 
-from langmerge.registry import (
+from langmerge.project.registry import (
     MIGRATIONS,
     SCHEMA_VERSION,
     Cost,

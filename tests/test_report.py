@@ -9,11 +9,12 @@ import pytest
 from chromium import open_page, require_chromium
 from tiny import project, sentences, write_jsonl
 
-from langmerge import analysis, stats
 from langmerge.data.prepare import load_data
-from langmerge.evaluate.job import evaluation_key
-from langmerge.recipe import load_recipe
-from langmerge.registry import Registry
+from langmerge.evaluate import stats
+from langmerge.project.recipe import load_recipe
+from langmerge.project.registry import Registry
+from langmerge.reporting import analysis
+from langmerge.workflows.evaluation import evaluation_key
 
 SWEEP = {"grid": ["linear", {"method": "ties", "density": [0.5, 1.0]}], "lambda": [1.0]}
 
@@ -42,7 +43,7 @@ def registry_scores(path, earlier: bool = False) -> dict[str, dict[str, str]]:
     """Model name → language → accuracy (3 decimals) of the newest test evaluation of the
     current data, read with SQL; with `earlier`, of any data, marked † when not today's."""
     recipe = load_recipe(path)
-    data = load_data(recipe)
+    data = load_data(recipe.data_spec())
     keys = {
         c: evaluation_key(recipe, data.languages[c].split_digests["test"]) for c in data.languages
     }
@@ -122,7 +123,7 @@ def test_the_markdown_numbers_are_the_registry_s(reported):
     shown = {row[0]: row[1:4] for row in table[1:]}
     assert shown == expected_quality(path)
     # the study's comparison as `run` wrote it, kept after the update changed the scores
-    from langmerge.run import RESULTS, Study, quality_rows
+    from langmerge.workflows.study import RESULTS, Study, quality_rows
 
     found = json.loads((load_recipe(path).run_dir / RESULTS).read_text())
     study = Study(**{k: found[k] for k in ("languages", "metric", "split", "quality",

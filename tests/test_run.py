@@ -7,8 +7,8 @@ import pytest
 import yaml
 from tiny import project
 
-from langmerge.recipe import load_recipe
-from langmerge.registry import Registry
+from langmerge.project.recipe import load_recipe
+from langmerge.project.registry import Registry
 
 COMPARE = {"compare": ["ties", {"method": "ties", "density": 0.5}]}
 
@@ -112,7 +112,7 @@ def test_a_language_without_a_test_split(tmp_path, cli):
 
 
 def test_the_evaluation_cache_follows_the_generation_settings(tmp_path):
-    from langmerge.evaluate.job import evaluation_key
+    from langmerge.workflows.evaluation import evaluation_key
 
     recipe = load_recipe(project(tmp_path, kind="generation"))
     longer = recipe.model_copy(
@@ -154,8 +154,9 @@ def test_a_model_with_another_vocabulary_is_refused(study, cli, tmp_path):
 
 
 def test_the_experts_makespan_is_measured_only_for_one_parallel_run(tmp_path):
-    from langmerge.registry import Cost, TrainedModel
-    from langmerge.run import cost_table
+    from langmerge.meter import Cost
+    from langmerge.project.registry import TrainedModel
+    from langmerge.workflows.study import cost_table
 
     recipe = load_recipe(project(tmp_path / "p"))
 
@@ -217,7 +218,7 @@ def test_a_study_over_two_seeds_keeps_each_seed_apart_and_aggregates(tmp_path, c
     assert summary["degenerate"] == {"0": [], "1": []}
     assert "No model was degenerate in any seed." in " ".join(text.split())
     # the report shows the seeds' table as seeds.json has it
-    from langmerge.seeds import seed_rows
+    from langmerge.workflows.seeds import seed_rows
 
     assert cli("report", path)[0] == 0
     markdown = (recipe.run_dir / "report" / "report.md").read_text()
@@ -227,7 +228,7 @@ def test_a_study_over_two_seeds_keeps_each_seed_apart_and_aggregates(tmp_path, c
 
 
 def test_each_example_s_prediction_and_score_are_kept(study):
-    from langmerge.run import paired_text
+    from langmerge.workflows.study import paired_text
 
     results = json.loads((load_recipe(study).run_dir / "results.json").read_text())
     joint, merged = results["quality"]["joint"]["en"], results["quality"]["merged:ties"]["en"]

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from tiny import project, sentences, write_jsonl
 
-from langmerge.recipe import load_recipe
-from langmerge.registry import Registry
-from langmerge.statistics import FOLDER
+from langmerge.project.recipe import load_recipe
+from langmerge.project.registry import Registry
+from langmerge.train.statistics import FOLDER
 
 
 @pytest.fixture(scope="module")

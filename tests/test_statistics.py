@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from langmerge.merge.io import Statistics, load_adapter
 from langmerge.merge.regmean import regmean, regmean_lora
-from langmerge.statistics import collect
+from langmerge.train.statistics import collect
 
 PAD = 0
 

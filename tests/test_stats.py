@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from langmerge import stats
+from langmerge.evaluate import stats
 
 
 def test_all_correct_predictions_give_a_degenerate_interval():

@@ -9,11 +9,11 @@ import pytest
 import yaml
 from tiny import project, sentences, write_jsonl
 
-from langmerge import sweep as sweeping
-from langmerge.history import merge_source
-from langmerge.merge.recipe_merge import merge_recipe
-from langmerge.recipe import Sweep, load_recipe
-from langmerge.registry import Registry
+from langmerge.project.recipe import Sweep, load_recipe
+from langmerge.project.registry import Registry
+from langmerge.reporting.status import merge_source
+from langmerge.workflows import sweep as sweeping
+from langmerge.workflows.recipe_merge import merge_recipe
 
 GRID = {
     "grid": [
@@ -122,7 +122,7 @@ def test_a_point_scores_exactly_as_the_same_merge_written_to_disk(swept, tmp_pat
     code, text = cli("merge", swept, "--method", "ties", "--density", "0.5", "--lambda", "1.2",
                      "-o", out)  # fmt: skip
     assert code == 0, text
-    from langmerge.evaluate.job import evaluate
+    from langmerge.workflows.evaluation import evaluate
 
     recipe = load_recipe(swept)
     assert evaluate(recipe, str(out), split="validation") == point["metrics"]
@@ -203,7 +203,7 @@ def test_the_winner_goes_into_service_when_it_beats_the_merge_in_service(swept):
     assert current["params"]["name"] == result["winner"]
     assert reason.startswith(f"sweep winner {result['winner']}: validation mean accuracy")
     # the test scores of the merge now in service are the registry's evaluation
-    from langmerge.evaluate.job import evaluate
+    from langmerge.workflows.evaluation import evaluate
 
     assert result["test"] == evaluate(recipe, result["served"], split="test")
     assert json.loads(json.dumps(result["test"])) == result["test"]
@@ -236,7 +236,7 @@ def test_a_generation_project_is_swept_by_rouge(tmp_path, cli):
 
 
 def test_an_expert_the_guard_refused_is_not_swept(tmp_path, cli, monkeypatch):
-    from langmerge import maintain
+    from langmerge.workflows import maintenance as maintain
 
     grid = {"grid": ["linear"], "lambda": [1.0]}
     path = project(tmp_path / "p", merge={"compare": ["ties"]}, sweep=grid)

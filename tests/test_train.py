@@ -9,8 +9,8 @@ import torch
 from tiny import project
 
 from langmerge.data.prepare import load_data
-from langmerge.recipe import load_recipe
-from langmerge.registry import Registry
+from langmerge.project.recipe import load_recipe
+from langmerge.project.registry import Registry
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +31,7 @@ def token_count(recipe, languages, epochs):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(recipe.base)
-    data = load_data(recipe)
+    data = load_data(recipe.data_spec())
     texts = [e.text for code in languages for e in data.languages[code].train]
     lengths = tokenizer(texts, truncation=True, max_length=recipe.training.max_length)["input_ids"]
     return epochs * sum(len(x) for x in lengths)
@@ -48,7 +48,7 @@ def test_each_expert_and_the_joint_model_leave_a_ledger_row_with_exact_token_cou
         assert row["tokens"] == token_count(recipe, row["languages"], epochs=2)
         assert row["wall_s"] > 0 and row["cpu_s"] > 0 and row["device_kind"] == "cpu"
         assert row["peak_memory_bytes"] > 0 and row["flops"] > 6 * row["tokens"]
-        data = load_data(recipe)
+        data = load_data(recipe.data_spec())
         assert row["examples"] == 2 * sum(len(data.languages[c].train) for c in row["languages"])
 
 
@@ -66,7 +66,7 @@ def test_an_expert_is_a_peft_adapter_with_its_head_and_its_recorded_scores(train
     base = AutoModelForSequenceClassification.from_pretrained(expert["base"])
     model = PeftModel.from_pretrained(base, expert["path"]).eval()
     tokenizer = AutoTokenizer.from_pretrained(expert["base"])
-    validation = load_data(recipe).languages["de"].validation
+    validation = load_data(recipe.data_spec()).languages["de"].validation
     with torch.no_grad():
         predicted = [
             model(**tokenizer(e.text, return_tensors="pt")).logits.argmax(-1).item()
@@ -219,7 +219,7 @@ def test_a_generation_expert_trains_on_targets_and_loads_with_peft(tmp_path, cli
     model = AutoPeftModelForCausalLM.from_pretrained(expert["path"])
     assert model.peft_config["default"].r == 4
     (row,) = Registry(recipe.run_dir).ledger()
-    train = load_data(recipe).languages["de"].train
+    train = load_data(recipe.data_spec()).languages["de"].train
     tokenizer = AutoTokenizer.from_pretrained(recipe.base)
     encoded = encode(train, tokenizer, recipe.task, None, recipe.training.max_length)
     assert row["tokens"] == 2 * sum(len(x["input_ids"]) for x in encoded)
@@ -314,7 +314,7 @@ def test_a_second_training_of_the_same_model_is_refused_while_the_first_runs(tmp
 
     path = project(tmp_path)
     recipe = load_recipe(path)
-    data = load_data(recipe)
+    data = load_data(recipe.data_spec())
     work = recipe.run_dir / "experts/en" / f".train-{recipe.digest()}-{data.languages['en'].digest}"
     work.mkdir(parents=True)
     with open(work / "lock", "w") as held:

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from tiny import project
 
-from langmerge.registry import DB_NAME, SCHEMA_VERSION
+from langmerge.project.registry import DB_NAME, SCHEMA_VERSION
 
 
 @pytest.fixture
@@ -134,9 +134,9 @@ def test_a_pickle_only_base_is_loaded_only_when_allowed(tmp_path, cli):
 def test_a_full_disk_during_training_is_a_clear_error_and_a_failed_job(tmp_path, cli, monkeypatch):
     import sqlite3
 
-    import langmerge.train.jobs as jobs
-    from langmerge.recipe import load_recipe
-    from langmerge.registry import Registry
+    import langmerge.workflows.training as jobs
+    from langmerge.project.recipe import load_recipe
+    from langmerge.project.registry import Registry
 
     def full(*args, **kwargs):  # what torch.save raises when the disk fills up
         raise RuntimeError("PytorchStreamWriter failed writing file data/3: file write failed")

@@ -5,8 +5,8 @@ import yaml
 from tiny import sentences, write_jsonl
 
 from langmerge.data.prepare import MAX_CHARS, load_data
-from langmerge.maintain import guard
-from langmerge.recipe import load_recipe
+from langmerge.project.recipe import load_recipe
+from langmerge.workflows.maintenance import guard
 
 
 def recipe_file(tmp_path, languages=None) -> str:
@@ -82,7 +82,7 @@ def test_a_huge_record_is_refused_before_anything_tokenises_it(tmp_path):
     rows = sentences("en", 30, 0)
     rows[4]["text"] = "x" * (MAX_CHARS + 1)
     write_jsonl(tmp_path / "en.jsonl", rows)
-    (problem,) = load_data(load_recipe(path)).problems
+    (problem,) = load_data(load_recipe(path).data_spec()).problems
     assert problem == (
         "en data: 1 records are longer than 1,000,000 characters (record 5's text has "
         "1,000,001 characters); a model reads only the first max_length tokens: shorten or "

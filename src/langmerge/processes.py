@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from langmerge.errors import InputError
+
 
 def alive(pid: int) -> bool:
     """True if process `pid` exists (on this machine)."""
@@ -48,8 +50,6 @@ def remove_leftovers(root: Path, recursive: bool = True) -> list[Path]:
 def exclusive(lock: Path, busy: str) -> Iterator[None]:
     """Hold the lock file `lock` for the block; if another process holds it, raise InputError
     with the message `busy` at once (no waiting). The lock goes with the process, even killed."""
-    from langmerge.errors import InputError
-
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "w") as f:
         try:

@@ -6,12 +6,18 @@ from pathlib import Path
 from typing import TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from langmerge.errors import ConfigError, InputError
 from langmerge.textfile import read_text
 
 M = TypeVar("M", bound=BaseModel)
+
+
+class Strict(BaseModel):
+    """A config model that refuses keys it does not know (a typo is an error, not a default)."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from langmerge.data.prepare import Example
-from langmerge.recipe import Task
+from langmerge.data.spec import Task
 
 IGNORE = -100  # label of tokens the loss skips (the prompt, padding)
 

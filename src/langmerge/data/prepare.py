@@ -1,5 +1,5 @@
-"""From a recipe to per-language train/validation/test examples: read, normalise to the task,
-split, check, hash.
+"""From a data spec (what a recipe says of its data) to per-language train/validation/test
+examples: read, normalise to the task, split, check, hash.
 
 Splits not given are carved by a hash of each example's text and the recipe's split seed, so an
 example keeps its split when data is added later, and copies of one text always share a split.
@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from langmerge.data.sources import Records, read_file, read_hub
+from langmerge.data.spec import DataSpec, LanguageData, Task, prompt_fields
 from langmerge.errors import InputError
-from langmerge.recipe import LanguageData, Recipe, Task, prompt_fields
 
 SPLITS = ("train", "validation", "test")
 MAX_CHARS = 1_000_000  # per field: far beyond what any max_length reads, short of memory trouble
@@ -66,13 +66,13 @@ class ProjectData:
         return _hash([f"{code}:{d.digest}" for code, d in sorted(self.languages.items())])
 
 
-def load_data(recipe: Recipe, languages: list[str] | None = None, hub: bool = True) -> ProjectData:
+def load_data(spec: DataSpec, languages: list[str] | None = None, hub: bool = True) -> ProjectData:
     """Read and check the data of `languages` (default all); `hub=False` skips hub data sets."""
-    codes = list(recipe.languages) if languages is None else languages
-    unknown = [c for c in codes if c not in recipe.languages]
+    codes = list(spec.languages) if languages is None else languages
+    unknown = [c for c in codes if c not in spec.languages]
     if unknown:
         raise InputError(
-            f"the recipe has no language {', '.join(unknown)}; it has {', '.join(recipe.languages)}"
+            f"the recipe has no language {', '.join(unknown)}; it has {', '.join(spec.languages)}"
         )
     problems: list[str] = []
     warnings: list[str] = []
@@ -80,35 +80,35 @@ def load_data(recipe: Recipe, languages: list[str] | None = None, hub: bool = Tr
     not_read: dict[str, str] = {}
     shared: dict[str, Records] | None = None
     for code in codes:
-        source = recipe.source(code)
+        source = spec.source(code)
         if source.hub is not None and not hub:
             not_read[code] = f"hub data set {source.hub.id} (read when training)"
             continue
-        if source is recipe.data:
+        if source is spec.shared:
             if shared is None:
                 shared = _read_source(source)
-                _check_language_field(shared, recipe, problems, warnings)
+                _check_language_field(shared, spec, problems, warnings)
             raw = {
-                split: [r for r in records if str(r.get(recipe.language_field)) == code]
+                split: [r for r in records if str(r.get(spec.language_field)) == code]
                 for split, records in shared.items()
             }
         else:
             raw = _read_source(source)
-        more = [r for path in recipe.languages[code].more for r in _read_more(path)]
+        more = [r for path in spec.languages[code].more for r in _read_more(path)]
         if more:
             raw["more"] = more
-        out[code] = _prepare_language(code, raw, recipe, problems, warnings)
+        out[code] = _prepare_language(code, raw, spec, problems, warnings)
     labels = None
-    if recipe.task.kind == "classification":
-        if recipe.task.labels is None and not_read:
+    if spec.task.kind == "classification":
+        if spec.task.labels is None and not_read:
             labels = None  # taken from the data, some of which is read only when training
         else:
-            labels = _labels(recipe.task, out, problems, warnings)
-    elif recipe.task.labels:  # labels as generated text: every target must be one of them
-        _labels(recipe.task, out, problems, warnings)
+            labels = _labels(spec.task, out, problems, warnings)
+    elif spec.task.labels:  # labels as generated text: every target must be one of them
+        _labels(spec.task, out, problems, warnings)
     for d in out.values():  # the label set and its order decide the head: part of every hash
         d.digest = _hash(
-            [recipe.split.model_dump_json(), json.dumps(labels)]
+            [spec.split.model_dump_json(), json.dumps(labels)]
             + [f"{s}\t{e.text}\t{e.answer}" for s in SPLITS for e in d.split(s)]
         )
         d.split_digests = {  # what a score on one split depends on (evaluations are keyed so)
@@ -171,13 +171,13 @@ def _read_source(source: LanguageData) -> dict[str, Records]:
 
 
 def _check_language_field(
-    shared: dict[str, Records], recipe: Recipe, problems: list[str], warnings: list[str]
+    shared: dict[str, Records], spec: DataSpec, problems: list[str], warnings: list[str]
 ) -> None:
-    key = recipe.language_field
+    key = spec.language_field
     found = Counter(str(r.get(key)) for records in shared.values() for r in records)
     if "None" in found:
         problems.append(f"{found['None']} records of the shared data have no {key!r} field")
-    others = {k: n for k, n in found.items() if k != "None" and k not in recipe.languages}
+    others = {k: n for k, n in found.items() if k != "None" and k not in spec.languages}
     if others:
         warnings.append(
             "the shared data's records of languages the recipe lacks are left out: "
@@ -213,13 +213,13 @@ def _by_split_field(
 
 
 def _prepare_language(
-    code: str, raw: dict[str, Records], recipe: Recipe, problems: list[str], warnings: list[str]
+    code: str, raw: dict[str, Records], spec: DataSpec, problems: list[str], warnings: list[str]
 ) -> LanguageSplits:
     def where(name: str) -> str:
         return f"{code} {'data' if name == 'all' else 'added data' if name == 'more' else name}"
 
     placed: dict[str, list[Example]] = {}  # added data whose records name their split
-    if (field := recipe.split_field) is not None:
+    if (field := spec.split_field) is not None:
         if "all" in raw:  # `data:`: the column gives each record's split
             groups = _by_split_field(raw.pop("all"), field, where("all"), True, problems)
             raw.update(groups or {})
@@ -228,10 +228,10 @@ def _prepare_language(
             if groups is not None:
                 del raw["more"]
                 for name, records in groups.items():
-                    placed[name] = _examples(records, recipe.task, where("more"), problems)
+                    placed[name] = _examples(records, spec.task, where("more"), problems)
     splits: dict[str, list[Example]] = {}
     for name, records in raw.items():
-        splits[name] = _examples(records, recipe.task, where(name), problems)
+        splits[name] = _examples(records, spec.task, where(name), problems)
     known = {_key(e.text) for name, examples in splits.items() if name != "more" for e in examples}
     dropped = 0
     for group in [splits.get("more", []), *placed.values()]:  # added data already there
@@ -243,16 +243,16 @@ def _prepare_language(
             f"{code}: {dropped} examples of the added data are already in its data and are left "
             "out (not counted twice)"
         )
-    splits = _carve(splits, recipe)
+    splits = _carve(splits, spec)
     for name, examples in placed.items():
         splits[name] += examples
     d = LanguageSplits(code, splits["train"], splits["validation"], splits["test"])
     if not d.train:
         problems.append(f"{code}: no training examples")
-    elif len(d.train) < recipe.min_examples:
+    elif len(d.train) < spec.min_examples:
         problems.append(
             f"{code}: only {len(d.train)} training examples (the recipe's min_examples is "
-            f"{recipe.min_examples}): add data, or lower min_examples if this is intended"
+            f"{spec.min_examples}): add data, or lower min_examples if this is intended"
         )
     for name in ("validation", "test"):
         if not d.split(name) and d.train:
@@ -303,7 +303,7 @@ def _examples(records: Records, task: Task, where: str, problems: list[str]) -> 
     return out
 
 
-def _carve(given: dict[str, list[Example]], recipe: Recipe) -> dict[str, list[Example]]:
+def _carve(given: dict[str, list[Example]], spec: DataSpec) -> dict[str, list[Example]]:
     """Fill the splits not given from the training data (or from `data:`), by text hash."""
     more = given.pop("more", [])
     pool = given.pop("all", None)
@@ -311,22 +311,22 @@ def _carve(given: dict[str, list[Example]], recipe: Recipe) -> dict[str, list[Ex
         pool = given.get("train", [])
     cuts = []  # (split, upper bound of its hash range)
     bound = 0.0
-    for name, fraction in (("test", recipe.split.test), ("validation", recipe.split.validation)):
+    for name, fraction in (("test", spec.split.test), ("validation", spec.split.validation)):
         if name not in given:
             bound += fraction
             cuts.append((name, bound))
     out = {name: list(given.get(name, [])) for name in SPLITS}
     out["train"] = []
     for e in pool:
-        u = _unit(recipe.split.seed, e.text)
+        u = _unit(spec.split.seed, e.text)
         name = next((n for n, upper in cuts if u < upper), "train")
         out[name].append(e)
     full = [
-        ("test", recipe.split.test),
-        ("validation", recipe.split.test + recipe.split.validation),
+        ("test", spec.split.test),
+        ("validation", spec.split.test + spec.split.validation),
     ]
     for e in more:  # added data brings its own share of every split
-        u = _unit(recipe.split.seed, e.text)
+        u = _unit(spec.split.seed, e.text)
         out[next((n for n, upper in full if u < upper), "train")].append(e)
     return out
 

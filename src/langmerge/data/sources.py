@@ -12,9 +12,9 @@ import io
 import json
 from pathlib import Path
 
+from langmerge.data.spec import HubData
 from langmerge.errors import InputError
-from langmerge.hub import offline, require_hub
-from langmerge.recipe import HubData
+from langmerge.models.hub import offline, require_hub
 from langmerge.textfile import read_text
 
 Records = list[dict]

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from langmerge.errors import ConfigError
+from langmerge.files import parse_size
 from langmerge.merge.methods import METHODS, MergeParams, get_method
 from langmerge.merge.regmean import ALPHA
 from langmerge.yamlfile import read_mapping, validate
@@ -79,7 +80,6 @@ class MergeConfig(BaseModel):
     @field_validator("shard_size")
     @classmethod
     def _shard_size(cls, v: int | str) -> int | str:
-        from langmerge.merge.writer import parse_size
 
         try:
             ok = parse_size(v) > 0

@@ -343,7 +343,7 @@ def load_adapter(path: Path, *, allow_pickle: bool = False, label: str | None = 
 
 
 # ---------------------------------------------------------------------------------------------
-# Input statistics of an expert (written by langmerge.statistics.collect).
+# Input statistics of an expert (written by langmerge.train.statistics.collect).
 
 STATISTICS_META = "statistics.json"
 

@@ -13,14 +13,13 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from langmerge.backbones import load_weights, model_class
 from langmerge.data.batching import LengthGroupedSampler, PadToLongest
 from langmerge.errors import InputError
-from langmerge.evaluate.job import primary_metric
 from langmerge.evaluate.metrics import accuracy, macro_f1
 from langmerge.evaluate.predict import validation_pass
+from langmerge.models.backbones import load_weights, model_class
 from langmerge.processes import world_size
-from langmerge.recipe import Recipe
+from langmerge.train.settings import FitSettings
 
 # transformers 5 warns about its own deprecated call, made by PEFT, on every save
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -56,17 +55,17 @@ class FitResult:
     best_step: int | None = None  # the step whose weights the model holds now
 
 
-def build_peft_model(base_dir: Path, recipe: Recipe, pad_id: int, start: Path | None = None):
-    """The base with fresh LoRA adapters (their initialisation drawn from the recipe's seed),
+def build_peft_model(base_dir: Path, settings: FitSettings, pad_id: int, start: Path | None = None):
+    """The base with fresh LoRA adapters (their initialisation drawn from the training seed),
     or with the trained adapters in `start`, to train further."""
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import set_seed
 
-    kind = recipe.task.kind
-    dtype = DTYPES[recipe.training.precision] if torch.cuda.is_available() else torch.float32
+    kind = settings.task_kind
+    dtype = DTYPES[settings.training.precision] if torch.cuda.is_available() else torch.float32
     model = load_weights(lambda p: model_class(kind).from_pretrained(p, dtype=dtype), base_dir)
     model.config.pad_token_id = pad_id
-    lora = recipe.lora
+    lora = settings.lora
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -74,7 +73,7 @@ def build_peft_model(base_dir: Path, recipe: Recipe, pad_id: int, start: Path | 
         target_modules=lora.target_modules,
         task_type=TaskType.SEQ_CLS if kind == "classification" else TaskType.CAUSAL_LM,
     )
-    set_seed(recipe.training.seed)
+    set_seed(settings.training.seed)
     if start is not None:
         from peft import PeftModel
 
@@ -89,7 +88,7 @@ def build_peft_model(base_dir: Path, recipe: Recipe, pad_id: int, start: Path | 
 
 def fit(
     base_dir: Path,
-    recipe: Recipe,
+    settings: FitSettings,
     train: list[dict],
     pad_id: int,
     work: Path,
@@ -101,15 +100,15 @@ def fit(
     leader: bool = True,
     steps: int | None = None,
 ) -> FitResult:
-    """Train adapters on the encoded examples `train` for the recipe's step budget of a `kind`
+    """Train adapters on the encoded examples `train` for the step budget of a `kind`
     job; checkpoints go to `work`, and a run that finds checkpoints there resumes from the
     newest. With `validation` (language → encoded examples) the model is scored before training,
     each epoch (or `eval_steps`) and at the end, and ends with the weights of the best step.
     `counts` is updated as training goes; `start` is a trained adapter to continue from; `steps`
-    replaces the recipe's budget."""
-    t = recipe.training
+    replaces that budget."""
+    t = settings.training
     counts = counts if counts is not None else Counts()
-    model = build_peft_model(base_dir, recipe, pad_id, start)
+    model = build_peft_model(base_dir, settings, pad_id, start)
     n_linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     counts.flops_per_token = training_flops(n_linear, n_trainable, 1)
@@ -118,19 +117,19 @@ def fit(
     callbacks = [bar]
     best = None
     if validation:
-        best = BestCheckpoint(model, validation, recipe, pad_id, work, leader)
+        best = BestCheckpoint(model, validation, settings, pad_id, work, leader)
         callbacks.append(best)
     trainer = CountingTrainer(
         counts,
         model=model,
         args=training_arguments(
-            recipe, work, steps if steps is not None else t.budget(kind, len(train), world_size())
+            settings, work, steps if steps is not None else t.budget(kind, len(train), world_size())
         ),
         train_dataset=train,
         data_collator=PadToLongest(pad_id, multiple_of=8 if cuda else 1),  # GPU kernels like 8
         callbacks=callbacks,
     )
-    if recipe.task.kind == "classification":
+    if settings.task_kind == "classification":
         # the classifiers return a mean loss and ignore the token count the Trainer offers;
         # told they take it, the Trainer would sum accumulated micro-batches instead of averaging
         trainer.model_accepts_loss_kwargs = False
@@ -178,13 +177,13 @@ class BestCheckpoint(TrainerCallback):
     and puts them back at the end. Classification is ranked by the primary metric (mean over
     languages; ties: lower loss), generation by validation loss."""
 
-    def __init__(self, model, validation: dict[str, list[dict]], recipe: Recipe, pad_id: int,
+    def __init__(self, model, validation: dict[str, list[dict]], settings: FitSettings, pad_id: int,
                  work: Path, leader: bool):  # fmt: skip
         self.model, self.validation, self.pad_id, self.leader = model, validation, pad_id, leader
-        self.kind = recipe.task.kind
-        self.metric = primary_metric(recipe) if self.kind == "classification" else None
-        self.batch_size = recipe.evaluation.batch_size
-        self.eval_steps = recipe.training.eval_steps
+        self.kind = settings.task_kind
+        self.metric = settings.metric if self.kind == "classification" else None
+        self.batch_size = settings.eval_batch_size
+        self.eval_steps = settings.training.eval_steps
         self.work = Path(work)
         self.curve: list[dict] = []
         self.best: dict | None = None
@@ -285,10 +284,10 @@ def _sum_over_processes(counts: Counts) -> None:
     counts.tokens, counts.padded_tokens, counts.examples = (int(x) for x in totals.tolist())
 
 
-def training_arguments(recipe: Recipe, work: Path, steps: int) -> TrainingArguments:
-    """The `Trainer` settings of a recipe for a run of `steps` optimiser steps: checkpoints every
+def training_arguments(settings: FitSettings, work: Path, steps: int) -> TrainingArguments:
+    """The `Trainer` settings for a run of `steps` optimiser steps: checkpoints every
     `checkpoint_steps` into `work`, mixed precision on a GPU only, no reporting integrations."""
-    t = recipe.training
+    t = settings.training
     cuda = torch.cuda.is_available()
     return TrainingArguments(
         output_dir=str(work),

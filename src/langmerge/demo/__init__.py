@@ -1,0 +1,1 @@
+"""The demo: its data, built from a PyPI package, and its script."""

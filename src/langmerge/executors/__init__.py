@@ -1,0 +1,1 @@
+"""Where jobs run: this process or Ray tasks, behind one small interface."""

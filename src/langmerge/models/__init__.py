@@ -1,0 +1,1 @@
+"""Base models: local or hub checkpoints, and the embedded default backbone."""

@@ -1,0 +1,431 @@
+"""`langmerge run`: the whole study from one recipe — experts, the joint baseline, the merges the
+recipe compares, every model evaluated per language — then quality and cost side by side.
+
+Every step is cached (unchanged experts are not retrained, an unchanged merge is not redone, a
+model already evaluated on the same data is not evaluated again), so running it again after a
+change does only the work the change needs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from langmerge.data.prepare import load_data
+from langmerge.evaluate import stats
+from langmerge.evaluate.health import is_degenerate
+from langmerge.evaluate.health import summary as health_summary
+from langmerge.evaluate.stats import METHOD
+from langmerge.files import atomic_write
+from langmerge.processes import serving_lock
+from langmerge.project.recipe import MergeVariant, Recipe, primary_metric
+from langmerge.project.registry import Registry
+from langmerge.workflows.evaluation import (
+    PER_EXAMPLE,
+    evaluate_all,
+    evaluation_health,
+    per_example,
+    require_split,
+    with_interval,
+)
+from langmerge.workflows.models import resolve
+from langmerge.workflows.recipe_merge import merge_once
+from langmerge.workflows.training import train
+
+REPORT, RESULTS = "report.md", "results.json"
+
+
+@dataclass
+class Study:
+    """What `run` found: metrics per model and language, and the cost comparison."""
+
+    languages: list[str]
+    metric: str
+    split: str
+    quality: dict[str, dict[str, dict]]  # model row → language → metrics
+    best_merge: str | None
+    cost: dict
+    models: dict[str, str] = field(default_factory=dict)  # row → registry name of the model
+    alpha: float = 0.05  # significance level of the paired comparisons
+    health: dict[str, dict] = field(default_factory=dict)  # row (expert:LANG) → verdict
+    identical: list[list[str]] = field(default_factory=list)  # merges with equal predictions
+    notes: list[str] = field(default_factory=list)  # what the study skipped or refused, and why
+
+    def degenerate(self) -> list[str]:
+        """The rows (models) whose health verdict is degenerate."""
+        return [row for row, h in self.health.items() if is_degenerate(h)]
+
+
+def run(
+    recipe: Recipe,
+    progress: bool = True,
+    say: Callable[[str], None] = lambda _: None,
+) -> Study:
+    """Train, merge, evaluate; write report.md and results.json into the run directory. A
+    degenerate expert is not merged (unless `merge.allow_degenerate`), a degenerate merge is
+    never served, and comparisons with a degenerate model are void."""
+    with serving_lock(recipe.run_dir):
+        return _run(recipe, progress, say)
+
+
+def _run(recipe: Recipe, progress: bool, say: Callable[[str], None]) -> Study:
+    data = load_data(recipe.data_spec()).require_valid()
+    codes = list(data.languages)
+    require_split(data, codes, recipe.evaluation.split)  # before hours of training, not after
+    experts = train(recipe, codes, progress=progress, say=say)
+    (joint,) = train(recipe, joint=True, progress=progress, say=say)
+    health = {f"expert:{t.language}": t.health for t in experts} | {"joint": joint.health}
+    notes = []
+    bad = [f"{row[7:]}" for row, h in health.items() if row != "joint" and is_degenerate(h)]
+    if bad and not recipe.merge.allow_degenerate:
+        notes.append(
+            f"no merge made: expert {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} "
+            "degenerate (see the health table); retrain, or pass --allow-degenerate"
+        )
+        merges = []  # fmt: skip
+    else:
+        merges = [_merge(recipe, v, progress, say) for v in recipe.merge.compare]
+    split = recipe.evaluation.split
+    rows = [("joint", "joint", None)]
+    rows += [(f"merged:{name}", f"merged:{name}", None) for name in merges]
+    rows += [("experts (own language)", f"expert:{code}", [code]) for code in codes]
+    rows.append(("base", "base", None))
+    found = evaluate_all(recipe, [(ref, langs) for _, ref, langs in rows], split, data, say=say)
+    quality: dict[str, dict] = {}
+    models = {"experts (own language)": "expert:LANG"}
+    for (row, ref, langs), scores in zip(rows, found):
+        quality.setdefault(row, {}).update(scores)
+        if langs is None:
+            models[row] = resolve(recipe, ref, data.labels).name
+        if row.startswith("merged:"):
+            health[row] = evaluation_health(scores, data, split)
+    metric = primary_metric(recipe)
+    identical = identical_groups({f"merged:{n}": quality[f"merged:{n}"] for n in merges})
+    healthy = [n for n in merges if not is_degenerate(health[f"merged:{n}"])]
+    if len(healthy) < len(merges):
+        notes.append("not ranked, never served: the degenerate merges "
+                     + ", ".join(n for n in merges if n not in healthy))  # fmt: skip
+    # the simplest of equal means wins (the compare list's order), as among identical merges
+    scored = [(mean(quality[f"merged:{n}"], metric, codes), -i, n) for i, n in enumerate(merges)
+              if n in healthy]  # fmt: skip
+    best = f"merged:{max(scored)[2]}" if scored else None
+    if best is not None:
+        _serve_first(recipe, models[best], say)
+    for group in identical:
+        notes.append(f"{', '.join(group)} make identical predictions on every language: one "
+                     "merge, not a ranking")  # fmt: skip
+    study = Study(codes, metric, split, quality, best, cost_table(recipe, codes), models,
+                  recipe.evaluation.alpha, health, identical, notes)  # fmt: skip
+    write_report(recipe, study)
+    return study
+
+
+def identical_groups(merges: dict[str, dict[str, dict]]) -> list[list[str]]:
+    """Groups of two or more merges whose per-example predictions are equal on every
+    language (the same model as far as the evaluation can tell)."""
+    groups: dict[str, list[str]] = {}
+    for row, scores in merges.items():
+        each = [(m.get(PER_EXAMPLE) or {}) for m in scores.values()]
+        each = [e.get("predicted") or e.get("generated") for e in each]
+        if all(e is not None for e in each):
+            groups.setdefault(json.dumps(each, ensure_ascii=False), []).append(row)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _merge(recipe: Recipe, variant: MergeVariant, progress: bool, say) -> str:
+    """The merge `variant` of the current experts (made unless the registry has it); its name."""
+    overrides = {"method": variant.method, "density": variant.density, "lam": variant.lam}
+    registry = Registry(recipe.run_dir)
+    try:
+        experts = {code: registry.latest("expert", code) for code in recipe.languages}
+    finally:
+        registry.close()
+    merge_once(recipe, experts, overrides, variant.name(), progress, say)
+    return variant.name()
+
+
+def _serve_first(recipe: Recipe, name: str, say) -> None:
+    """With no merge in service yet, the study's best merge goes into service; after that only
+    maintenance (update, add-language, rollback) changes it."""
+    registry = Registry(recipe.run_dir)
+    try:
+        if registry.current_merge() is None:
+            registry.serve(int(name.rsplit("#", 1)[1]), "the best merge of `langmerge run`")
+            say(f"{name} is now the current merge (the model in service)")
+    finally:
+        registry.close()
+
+
+def mean(scores: dict[str, dict], metric: str, codes: list[str]) -> float:
+    """The mean of `metric` over the languages `codes`."""
+    return sum(scores[c][metric] for c in codes) / len(codes)
+
+
+def cost_table(
+    recipe: Recipe,
+    codes: list[str],
+    experts: dict | None = None,
+    joint: dict | None = None,
+    before: float | None = None,
+) -> dict:
+    """From the ledger only: the experts (default: the current ones) one after another
+    and with K parallel workers (projected by a longest-first schedule of their measured times),
+    the joint model (default: the newest), and the merges (those that ended by `before`)."""
+    registry = Registry(recipe.run_dir)
+    try:
+        experts = experts or {c: registry.latest("expert", c) for c in codes}
+        joint = joint or registry.latest("joint")
+        names = {v.name() for v in recipe.merge.compare}
+        merge_rows = {  # the newest merge of each name the recipe compares
+            m["params"]["name"]: m
+            for m in registry.merges()
+            if m["params"].get("name") in names and (before is None or m["ended"] <= before)
+        }
+        seeds = [j for j in registry.ledger() if j["kind"] == "seed" and j["status"] == "done"]
+    finally:
+        registry.close()
+    # the experts branch from the seed: it runs before them, and is part of the initial cost
+    seed_job = seeds[-1] if seeds and recipe.experts.start == "seed" else None
+    seed = seed_job["wall_s"] if seed_job else 0.0
+    merge_walls = {name: m["wall_s"] for name, m in merge_rows.items()}
+    slowest = max(merge_rows.values(), key=lambda m: m["wall_s"], default=None)
+    walls = {c: e["wall_s"] for c, e in experts.items()}
+    serial = sum(walls.values())
+    spans = [(e["started"], e["ended"]) for e in experts.values()]
+    if concurrency(spans) > 1 and connected(spans):  # one parallel run: measured
+        workers = concurrency(spans)
+        makespan = max(end for _, end in spans) - min(start for start, _ in spans)
+        source = (f"measured: the experts ran in parallel, up to {workers} at once; the "
+                  "makespan is the time from the first start to the last end")  # fmt: skip
+    else:
+        workers = recipe.evaluation.workers or len(codes)
+        makespan = schedule(list(walls.values()), workers)
+        source = (
+            "projected from the ledger (the experts were trained one after another; the "
+            "makespan schedules their measured times on the workers, longest first)"
+        )
+    merge_wall = max(merge_walls.values(), default=0.0)
+    out = {
+        "experts": {c: {"wall_s": w, "tokens": experts[c]["tokens"]} for c, w in walls.items()},
+        "experts_serial_s": serial,
+        "workers": workers,
+        "experts_makespan_s": makespan,
+        "makespan_source": source,
+        "makespan_measured": source.startswith("measured"),
+        "joint_s": joint["wall_s"],
+        "joint_tokens": joint["tokens"],
+        "merge_s": merge_wall,
+        "merges_s": merge_walls,
+        "seed_s": seed,
+        # process CPU seconds and FLOPs: unlike wall time, not inflated by a busy machine
+        "cpu_s": {
+            "experts": sum(e["cpu_s"] or 0.0 for e in experts.values()),
+            "joint": joint["cpu_s"] or 0.0,
+            "merge": (slowest or {}).get("cpu_s") or 0.0,
+            "seed": (seed_job or {}).get("cpu_s") or 0.0,
+        },
+        "flops": {
+            "experts": sum(e["flops"] or 0.0 for e in experts.values()),
+            "joint": joint["flops"] or 0.0,
+            "merge": (slowest or {}).get("flops") or 0.0,
+            "seed": (seed_job or {}).get("flops") or 0.0,
+        },
+    }
+    out["serial_vs_joint"] = (seed + serial + merge_wall) / joint["wall_s"]
+    out["parallel_vs_joint"] = (seed + makespan + merge_wall) / joint["wall_s"]
+    return out
+
+
+def connected(spans: list[tuple[float, float]]) -> bool:
+    """Whether the intervals leave no gap between them (one run, not several)."""
+    ordered = sorted(spans)
+    end = ordered[0][1]
+    for start, stop in ordered[1:]:
+        if start > end:
+            return False
+        end = max(end, stop)
+    return True
+
+
+def concurrency(spans: list[tuple[float, float]]) -> int:
+    """The most of these (start, end) intervals that overlap at one moment."""
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans],
+                    key=lambda x: (x[0], x[1]))  # fmt: skip
+    most = now = 0
+    for _, step in events:
+        now += step
+        most = max(most, now)
+    return most
+
+
+def schedule(durations: list[float], workers: int) -> float:
+    """The makespan of jobs of these durations on `workers` machines, longest job first."""
+    loads = [0.0] * max(1, workers)
+    for d in sorted(durations, reverse=True):
+        loads[loads.index(min(loads))] += d
+    return max(loads)
+
+
+def quality_rows(study: Study, alpha: float = 0.05) -> list[dict]:
+    """The quality table: one row per model, the primary metric per language with its 95%
+    interval, mean and worst (and mean macro-F1 for labels, where a one-label model shows);
+    then the best merge minus joint per language, paired, with `!` where the difference is
+    significant at `alpha`, or "void" when either model is degenerate. A degenerate model's
+    row (an expert's cell) says so."""
+    f1 = study.metric != "macro_f1" and any(
+        "macro_f1" in (m or {}) for scores in study.quality.values() for m in scores.values()
+    )
+    rows = []
+    for row, scores in study.quality.items():
+        values = [scores[c][study.metric] for c in study.languages]
+        mark = " *" if row == study.best_merge else ""
+        if is_degenerate(study.health.get(row)):
+            mark += " (degenerate)"
+        cells = {}
+        for c in study.languages:
+            cells[c] = with_interval(scores[c], study.metric)
+            if row.startswith("experts") and is_degenerate(study.health.get(f"expert:{c}")):
+                cells[c] += " (degenerate)"
+        rows.append({
+            "model": row + mark,
+            **cells,
+            "mean": f"{sum(values) / len(values):.3f}",
+            "worst": f"{min(values):.3f}",
+            **({"F1 mean": f"{mean(scores, 'macro_f1', study.languages):.3f}"} if f1 else {}),
+        })  # fmt: skip
+    if study.best_merge and "joint" in study.quality:
+        best, joint = study.quality[study.best_merge], study.quality["joint"]
+        gaps = [best[c][study.metric] - joint[c][study.metric] for c in study.languages]
+        void = [who for who, row in (("the joint model", "joint"), ("the best merge",
+                study.best_merge)) if is_degenerate(study.health.get(row))]  # fmt: skip
+        if void:
+            text = f"void: {' and '.join(void)} {'is' if len(void) == 1 else 'are'} degenerate"
+            cells = {c: text for c in study.languages}
+        else:
+            cells = {c: paired_text(best[c], joint[c], study.metric, alpha)
+                     for c in study.languages}  # fmt: skip
+        rows.append({
+            "model": "best merge − joint",
+            **cells,
+            "mean": "void" if void else f"{sum(gaps) / len(gaps):+.3f}",
+            "worst": "void" if void else f"{min(gaps):+.3f}",
+            **({"F1 mean": ""} if f1 else {}),
+        })  # fmt: skip
+    return rows
+
+
+def health_rows(study: Study) -> list[dict]:
+    """The health table: every trained model's verdict and every merge's (from its
+    predictions on the evaluation split), with the evidence and what to try."""
+    rows = []
+    for row, h in study.health.items():
+        rows.append({"model": row, "health": health_summary(h),
+                     "advice": "; ".join((h or {}).get("advice", []))})  # fmt: skip
+    return rows
+
+
+def paired_text(a: dict, b: dict, metric: str, alpha: float) -> str:
+    """ "−0.103 (−0.23–+0.03)": a − b on the same examples with its 95% interval; `!` when
+    significant at `alpha` (McNemar exact for right/wrong scores, else paired bootstrap)."""
+
+    diff = a[metric] - b[metric]
+    x, y = per_example(a, metric), per_example(b, metric)
+    if not x or not y or len(x) != len(y):
+        return f"{diff:+.3f}"
+    c = stats.compare(x, y)
+    return f"{diff:+.3f} ({c.low:+.2f}–{c.high:+.2f}){' !' if c.significant(alpha) else ''}"
+
+
+def cost_rows(c: dict) -> list[dict]:
+    """The cost table of `cost_table`: experts serial and in parallel, joint, merge — wall and
+    CPU seconds, training FLOPs, and each against the joint model."""
+    seed = c.get("seed_s", 0.0)
+    cpu, flops = c.get("cpu_s", {}), c.get("flops", {})  # (absent in studies before 0.1.1)
+    joint_cpu, joint_flops = cpu.get("joint", 0.0), flops.get("joint", 0.0)
+
+    def row(job: str, wall: float, cpu_s: float | None, fl: float | None) -> dict:
+        return {
+            "job": job,
+            "wall s": f"{wall:.1f}",
+            "vs joint": f"{wall / c['joint_s']:.2f}×",
+            "CPU s": "—" if cpu_s is None else f"{cpu_s:.1f}",
+            "CPU vs joint": f"{cpu_s / joint_cpu:.2f}×" if cpu_s is not None and joint_cpu else "—",
+            "FLOPs": "—" if not fl else f"{fl:.2e}",
+            "FLOPs vs joint": f"{fl / joint_flops:.2f}×" if fl and joint_flops else "—",
+        }
+
+    first = "seed + " if seed else ""
+    s_cpu, s_fl = cpu.get("seed", 0.0), flops.get("seed", 0.0)
+    e_cpu, e_fl, m_cpu = cpu.get("experts"), flops.get("experts"), cpu.get("merge", 0.0)
+    total_cpu = None if e_cpu is None else s_cpu + e_cpu + m_cpu
+    total_fl = None if e_fl is None else s_fl + e_fl + flops.get("merge", 0.0)
+    parallel = (f"experts, {c['workers']} parallel workers "
+                f"({'measured' if c.get('makespan_measured') else 'projected'})")  # fmt: skip
+    rows = [row("seed (joint warm-up the experts branch from)", seed, s_cpu, s_fl)] if seed else []
+    return rows + [
+        row("experts, one after another", c["experts_serial_s"], e_cpu, e_fl),
+        row(parallel, c["experts_makespan_s"], e_cpu, e_fl),
+        row("joint model", c["joint_s"], joint_cpu if cpu else None, joint_flops),
+        row("one merge (slowest)", c["merge_s"], m_cpu if cpu else None, flops.get("merge")),
+        row(f"{first}experts + merge, serial", seed + c["experts_serial_s"] + c["merge_s"],
+            total_cpu, total_fl),
+        row(f"{first}experts + merge, parallel", seed + c["experts_makespan_s"] + c["merge_s"],
+            total_cpu, total_fl),
+    ]  # fmt: skip
+
+
+def write_report(recipe: Recipe, study: Study) -> Path:
+    """report.md and results.json in the run directory (written whole, then renamed)."""
+    run_dir = Path(recipe.run_dir)
+    results = {
+        "languages": study.languages,
+        "split": study.split,
+        "metric": study.metric,
+        "best_merge": study.best_merge,
+        "quality": study.quality,
+        "models": study.models,
+        "cost": study.cost,
+        "health": study.health,
+        "identical": study.identical,
+        "notes": study.notes,
+    }
+    atomic_write(run_dir / RESULTS, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    lines = [
+        "# langmerge study",
+        "",
+        f"{study.metric} on the {study.split} split, per language ({METHOD}); `*` "
+        "marks the best merge (highest mean), `!` a difference significant at "
+        f"{study.alpha} (McNemar exact / paired bootstrap). Experts are scored on their own "
+        "language.",
+        "",
+        *markdown_table(quality_rows(study, study.alpha)),
+        "",
+        *[f"- {n}" for n in study.notes],
+        *([""] if study.notes else []),
+        "## Training health",
+        "",
+        "Each trained model checked on its validation split after training, each merge on its "
+        f"predictions on the {study.split} split (a model whose predictions collapse, whose "
+        "loss diverged or whose answers are empty or identical is degenerate).",
+        "",
+        *markdown_table(health_rows(study)),
+        "",
+        "## Cost (from the ledger)",
+        "",
+        *markdown_table(cost_rows(study.cost)),
+        "",
+        f"Parallel figures are {study.cost['makespan_source']}.",
+        "",
+    ]
+    atomic_write(run_dir / REPORT, "\n".join(lines))
+    return run_dir / REPORT
+
+
+def markdown_table(rows: list[dict]) -> list[str]:
+    """The lines of a Markdown table of `rows` (keys of the first row as the header)."""
+    keys = list(rows[0])
+    out = ["| " + " | ".join(map(str, keys)) + " |", "|" + "---|" * len(keys)]
+    out += ["| " + " | ".join(str(r[k]).replace("|", "\\|") for k in keys) + " |" for r in rows]
+    return out
