@@ -332,11 +332,6 @@ class Recipe(Strict):
         return FitSettings(self.task.kind, self.lora, self.training, self.evaluation.batch_size,
                            metric)  # fmt: skip
 
-    def source(self, language: str) -> LanguageData:
-        """Where `language`'s data comes from (its own entry, or the shared `data:`)."""
-        own = self.languages[language]
-        return own if own.given() or self.data is None else self.data
-
 
 def primary_metric(recipe: Recipe) -> str:
     """The metric tables lead with: the recipe's `evaluation.metric`, else accuracy for labels
@@ -356,7 +351,8 @@ def load_recipe(path: Path) -> Recipe:
     for added in read_additions(recipe.run_dir):  # data that maintenance added
         recipe = with_data(recipe, added["language"], Path(added["path"]))
     recipe = with_sweep_choice(recipe, read_sweep_choice(recipe.run_dir))
-    sources = {code: recipe.source(code) for code in recipe.languages}
+    spec = recipe.data_spec()
+    sources = {code: spec.source(code) for code in recipe.languages}
     for code, lang in sources.items():
         for f in lang.files():
             if not f.exists():
