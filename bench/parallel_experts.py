@@ -70,7 +70,7 @@ def main() -> None:
     import ray
 
     from langmerge.demo.data import write_demo_project
-    from langmerge.project.recipe import load_recipe
+    from langmerge.project.state import load_recipe
 
     shutil.rmtree(WORK, ignore_errors=True)
     path = write_demo_project(WORK / "project", quick=True)

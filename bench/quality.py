@@ -126,7 +126,7 @@ def study(recipe_path: Path, seed: int) -> dict:
     best one as a user of the sweep would (the study's own `*` is chosen on test): the best of
     all merges, of the weight-only methods, and regmean, each against joint on test."""
     from langmerge.evaluate.health import is_degenerate
-    from langmerge.project.recipe import load_recipe
+    from langmerge.project.state import load_recipe
     from langmerge.workflows.evaluation import evaluate
     from langmerge.workflows.seeds import seed_recipes
     from langmerge.workflows.study import run

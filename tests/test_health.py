@@ -11,8 +11,8 @@ from tiny import project, write_jsonl
 
 from langmerge.data.prepare import load_data
 from langmerge.evaluate import health
-from langmerge.project.recipe import load_recipe
 from langmerge.project.registry import Registry
+from langmerge.project.state import load_recipe
 
 
 def test_one_label_for_every_text_while_the_true_labels_are_spread_is_a_collapse():

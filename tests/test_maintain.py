@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from tiny import project, sentences, write_jsonl
 
-from langmerge.project.recipe import load_recipe
+from langmerge.project.recipe import read_recipe
 from langmerge.project.registry import Registry
+from langmerge.project.state import load_recipe, origins
 from langmerge.reporting import status as history
 from langmerge.workflows import maintenance as maintain
 
@@ -75,6 +76,10 @@ def test_an_update_makes_a_new_expert_version_and_serves_the_new_merge(fresh, cl
     # the added data is part of the project now: a copy in the run directory
     (added,) = load_recipe(fresh).languages["de"].more
     assert added.parent == load_recipe(fresh).run_dir / "additions"
+    # and the project says where that data came from; the recipe file alone is unchanged
+    assert origins(load_recipe(fresh)) == {"languages.de.more[0]": f"`update` (a kept copy): "
+                                           f"{added.name}"}  # fmt: skip
+    assert read_recipe(fresh).languages["de"].more == []
 
 
 def test_the_guard_keeps_a_worse_merge_out_of_service_until_accepted(fresh, cli, monkeypatch):
@@ -327,7 +332,7 @@ def test_status_and_history_after_an_update(fresh, cli):
     finally:
         reg.close()
     status = history.status_rows(fresh)
-    (title, rows), (source_title, source) = status.items()
+    (title, rows), (source_title, source), (changed_title, changed) = status.items()
     assert title == (
         f"in service: merge ties#2 (merges/{Path(current['path']).name}); its experts, and the "
         "merge's newest score on each language"
@@ -339,6 +344,11 @@ def test_status_and_history_after_an_update(fresh, cli):
         assert r["merge's score"].startswith(f"accuracy {scores[r['language']]:.3f}")
     assert source == [{"method": "ties", "density": 1.0, "λ": 1.0, "weights": "equal",
                        "from": "the recipe's `merge:` section"}]  # fmt: skip
+    # what the run directory changed in the project: the update's data, traced to it
+    (kept,) = load_recipe(fresh).languages["de"].more
+    assert changed_title.startswith("settings the run directory changed")
+    assert changed == [{"setting": "languages.de.more[0]",
+                        "from": f"`update` (a kept copy): {kept.name}"}]  # fmt: skip
     found = history.history_rows(fresh)
     assert [(e["language"], e["version"]) for e in found["experts"]] == [
         ("en", 1), ("de", 1), ("fr", 1), ("de", 2)

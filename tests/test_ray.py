@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from tiny import project, sentences, write_jsonl
 
-from langmerge.project.recipe import load_recipe
 from langmerge.project.registry import Registry
+from langmerge.project.state import load_recipe
 from langmerge.workflows import training
 from langmerge.workflows.study import concurrency
 

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from langmerge.errors import ConfigError
-from langmerge.project.recipe import load_recipe
+from langmerge.project.state import load_recipe
 
 RECIPE = {
     "base": "models/base",

@@ -11,8 +11,8 @@ from tiny import project, sentences, write_jsonl
 
 from langmerge.data.prepare import load_data
 from langmerge.evaluate import stats
-from langmerge.project.recipe import load_recipe
 from langmerge.project.registry import Registry
+from langmerge.project.state import load_recipe
 from langmerge.reporting import analysis
 from langmerge.workflows.evaluation import evaluation_key
 
@@ -123,9 +123,9 @@ def test_the_markdown_numbers_are_the_registry_s(reported):
     shown = {row[0]: row[1:4] for row in table[1:]}
     assert shown == expected_quality(path)
     # the study's comparison as `run` wrote it, kept after the update changed the scores
-    from langmerge.workflows.study import RESULTS, Study, quality_rows
+    from langmerge.workflows.study import Study, quality_rows
 
-    found = json.loads((load_recipe(path).run_dir / RESULTS).read_text())
+    found = json.loads(load_recipe(path).rundir.results.read_text())
     study = Study(**{k: found[k] for k in ("languages", "metric", "split", "quality",
                                            "best_merge", "cost", "health")})  # fmt: skip
     kept = markdown_table(markdown, "accuracy, the study")
@@ -195,7 +195,7 @@ def test_the_expert_comparison_is_computed_once_per_set_of_experts(reported, mon
     path, _ = reported
     recipe = load_recipe(path)
     first = analysis.analyze(recipe, evaluate_missing=False)  # computed, or kept by an earlier
-    (kept,) = (recipe.run_dir / analysis.CACHE).glob("*.json")
+    (kept,) = recipe.rundir.vectors.glob("*.json")
 
     def not_again(*_):
         raise AssertionError("compared the experts again")

@@ -7,8 +7,8 @@ import pytest
 import yaml
 from tiny import project
 
-from langmerge.project.recipe import load_recipe
 from langmerge.project.registry import Registry
+from langmerge.project.state import load_recipe
 
 COMPARE = {"compare": ["ties", {"method": "ties", "density": 0.5}]}
 

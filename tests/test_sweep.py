@@ -9,8 +9,9 @@ import pytest
 import yaml
 from tiny import project, sentences, write_jsonl
 
-from langmerge.project.recipe import Sweep, load_recipe
+from langmerge.project.recipe import Sweep, read_recipe
 from langmerge.project.registry import Registry
+from langmerge.project.state import load_recipe, origins
 from langmerge.reporting.status import merge_source
 from langmerge.workflows import sweep as sweeping
 from langmerge.workflows.recipe_merge import merge_recipe
@@ -143,6 +144,15 @@ def test_an_edit_of_the_recipe_merge_settings_wins_over_the_sweep(swept, tmp_pat
         "weights": "equal", "from": f"`langmerge sweep` (its choice {winner})",
     }  # fmt: skip
     assert merge_source(load_recipe(edited))["method"] == "knots_ties"
+    # each setting the sweep replaced is traced to it; the edited recipe's are its own
+    changed = {f"merge.{k}" for k, v in (("method", point["method"]),
+               ("density", point["density"]), ("lam", point["lam"]))
+               if v != getattr(read_recipe(swept).merge, k)}  # fmt: skip
+    sweep_id = last_sweep(swept)["id"]
+    assert origins(load_recipe(swept)) == dict.fromkeys(
+        changed, f"sweep #{sweep_id} (its choice {winner})"
+    )
+    assert origins(load_recipe(edited)) == {}
     assert merge_source(load_recipe(edited))["from"] == (
         f"the recipe's `merge:` section, edited since the last sweep chose {winner}"
     )

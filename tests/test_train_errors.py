@@ -135,8 +135,8 @@ def test_a_full_disk_during_training_is_a_clear_error_and_a_failed_job(tmp_path,
     import sqlite3
 
     import langmerge.workflows.training as jobs
-    from langmerge.project.recipe import load_recipe
     from langmerge.project.registry import Registry
+    from langmerge.project.state import load_recipe
 
     def full(*args, **kwargs):  # what torch.save raises when the disk fills up
         raise RuntimeError("PytorchStreamWriter failed writing file data/3: file write failed")

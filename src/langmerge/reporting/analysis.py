@@ -19,7 +19,6 @@ from langmerge.errors import ConfigError, InputError
 from langmerge.files import atomic_write
 from langmerge.merge.io import Adapter, LoraModule, ModelFiles, load_adapter
 from langmerge.project.recipe import primary_metric
-from langmerge.project.registry import Registry, require_trained
 from langmerge.reporting import figures
 from langmerge.workflows.evaluation import evaluate, evaluation_key
 from langmerge.workflows.models import merge_ref
@@ -233,7 +232,6 @@ def compare_experts(adapters: dict[str, Adapter], base: ModelFiles | None = None
 
 # ---- a project's experts and the merge in service ------------------------------------------
 
-CACHE = ".vectors"  # in the run directory: one file per set of experts compared
 CACHE_VERSION = 1  # raise when what `compare_experts` computes changes
 
 
@@ -276,11 +274,11 @@ def analyze(recipe, evaluate_missing: bool = True, say=lambda _: None) -> dict:
     evaluation split. With `evaluate_missing`, scores the registry lacks are computed (cached);
     else they are left out. Returns JSON-ready tables (pairs as "en-de")."""
 
-    require_trained(recipe.run_dir)
+    run = recipe.rundir
+    run.require_trained()
     data = load_data(recipe.data_spec()).require_valid()
     split, metric = recipe.evaluation.split, primary_metric(recipe)
-    registry = Registry(recipe.run_dir)
-    try:
+    with run.registry() as registry:
         current = registry.current_merge()
         if current is not None:
             by_id = {e["id"]: e for e in registry.trained("expert")}
@@ -290,21 +288,16 @@ def analyze(recipe, evaluate_missing: bool = True, say=lambda _: None) -> dict:
         if not experts or any(e is None for e in experts.values()):
             raise ConfigError("train an expert for every language first: `langmerge run`")
         newest = {c: registry.latest("expert", c)["id"] for c in experts}
-    finally:
-        registry.close()
-    stats = expert_stats(experts, Path(recipe.run_dir) / CACHE)
+    stats = expert_stats(experts, run.vectors)
     codes = [c for c in experts if c in data.languages]
     keys = {c: evaluation_key(recipe, data.languages[c].split_digests[split]) for c in codes}
     merged, own = {}, {}
     if current is not None:
         ref = merge_ref(current)
-        registry = Registry(recipe.run_dir)
-        try:
+        with run.registry() as registry:
             merged = {c: registry.evaluation(ref, c, split, keys[c]) for c in codes}
             own = {c: registry.evaluation(f"expert:{c}:v{experts[c]['version']}", c, split,
                                           keys[c]) for c in codes}  # fmt: skip
-        finally:
-            registry.close()
         if evaluate_missing:
             if any(v is None for v in merged.values()):
                 merged = evaluate(recipe, ref, codes, split, data, say=say)

@@ -8,14 +8,13 @@ from pathlib import Path
 
 from langmerge.data.prepare import load_data
 from langmerge.errors import LangmergeError
-from langmerge.project.recipe import load_recipe
-from langmerge.project.registry import Registry, require_trained
+from langmerge.project.state import load_recipe
 
 
 def listing(path: Path) -> dict[str, list[dict]]:
     """Rows to print, by table title."""
     recipe = load_recipe(path)
-    require_trained(recipe.run_dir, "run `langmerge train` first")
+    recipe.rundir.require_trained("run `langmerge train` first")
     try:
         data = load_data(recipe.data_spec(), hub=False)
         hashes = {code: d.digest for code, d in data.languages.items()}
@@ -23,14 +22,11 @@ def listing(path: Path) -> dict[str, list[dict]]:
     except LangmergeError:
         hashes = {}  # the data cannot be read now: freshness unknown
     recipe_hash = (recipe.digest("expert"), recipe.digest("joint"))
-    registry = Registry(recipe.run_dir)
-    try:
+    with recipe.rundir.registry() as registry:
         experts = registry.trained("expert")
         joints = registry.trained("joint")
         merges = registry.merges()
         ledger = registry.ledger()
-    finally:
-        registry.close()
     latest: dict[str, int] = {}
     for e in experts:
         latest[e["language"]] = max(latest.get(e["language"], 0), e["version"])

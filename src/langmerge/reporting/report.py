@@ -17,8 +17,9 @@ from langmerge.errors import LangmergeError
 from langmerge.evaluate.health import summary as health_summary
 from langmerge.evaluate.stats import METHOD
 from langmerge.files import atomic_output_dir
-from langmerge.project.recipe import Recipe, load_recipe, primary_metric
-from langmerge.project.registry import DB_NAME, Registry, require_trained
+from langmerge.project.recipe import Recipe, primary_metric
+from langmerge.project.registry import Registry
+from langmerge.project.state import load_recipe
 from langmerge.reporting import figures
 from langmerge.reporting.analysis import analysis_figures, analysis_tables, analyze, score_text
 from langmerge.reporting.status import history_rows
@@ -29,9 +30,8 @@ from langmerge.workflows.evaluation import (
     with_interval,
 )
 from langmerge.workflows.models import merge_ref, resolve
-from langmerge.workflows.seeds import SEEDS_JSON, note, seed_rows
+from langmerge.workflows.seeds import note, seed_rows
 from langmerge.workflows.study import (
-    RESULTS,
     Study,
     cost_rows,
     cost_table,
@@ -39,8 +39,6 @@ from langmerge.workflows.study import (
     quality_rows,
 )
 from langmerge.workflows.sweep import point_rows, summary_lines
-
-REPORT_DIR = "report"
 
 
 @dataclass
@@ -66,32 +64,29 @@ def write_files(folder: Path, pictures: list[tuple[str, bytes, str]], data: dict
 def write_report(recipe_path: Path) -> Path:
     """Build the report of the recipe's run directory; returns the HTML file's path."""
     recipe = load_recipe(recipe_path)
-    run_dir = Path(recipe.run_dir)
-    require_trained(run_dir)
+    run = recipe.rundir
+    run.require_trained()
     sections = build(recipe, Path(recipe_path))
     title = f"langmerge report: {Path(recipe_path).name}"
-    with atomic_output_dir(run_dir / REPORT_DIR, force=True) as tmp:
+    with atomic_output_dir(run.report, force=True) as tmp:
         (tmp / "figures").mkdir()
         for s in sections:
             for stem, png, _ in s.figures:
                 (tmp / "figures" / f"{stem}.png").write_bytes(png)
         (tmp / "report.html").write_text(to_html(title, sections))
         (tmp / "report.md").write_text(to_markdown(title, sections))
-    return run_dir / REPORT_DIR / "report.html"
+    return run.report / "report.html"
 
 
 def build(recipe: Recipe, recipe_path: Path) -> list[Section]:
     """Every section the registry has data for."""
     data = load_data(recipe.data_spec()).require_valid()
-    registry = Registry(recipe.run_dir)
-    try:
+    with recipe.rundir.registry() as registry:
         found = quality(recipe, data, registry)
         sections = [_overview(recipe, data, registry), _study(recipe)]
         sections += [_quality(recipe, data, found)]
         sections += [_health(recipe, data, registry, found)]
         sections += [_cost(recipe, data, registry), _sweep(registry)]
-    finally:
-        registry.close()
     sections.append(_seeds(recipe))
     sections.append(_vectors(recipe))
     sections.append(_history(recipe_path))
@@ -107,7 +102,7 @@ def _overview(recipe: Recipe, data: ProjectData, registry: Registry) -> Section:
         f"Languages: {', '.join(data.languages)}. Model in service: {serving}.",
         f"Scores are {primary_metric(recipe)} on the {recipe.evaluation.split} split unless "
         "stated; every number comes from the run directory's registry "
-        f"({Path(recipe.run_dir) / DB_NAME}), written {time.strftime('%Y-%m-%d %H:%M')}.",
+        f"({recipe.rundir.registry_file}), written {time.strftime('%Y-%m-%d %H:%M')}.",
     ])  # fmt: skip
 
 
@@ -115,7 +110,7 @@ def _study(recipe: Recipe) -> Section:
     """The comparison of the last `langmerge run` as it found it — joint, merges, experts, best
     merge − joint — kept after maintenance steps changed the models and the data."""
 
-    path = Path(recipe.run_dir) / RESULTS
+    path = recipe.rundir.results
     section = Section("The study (`langmerge run`)")
     try:
         found = json.loads(path.read_text())
@@ -357,7 +352,7 @@ def _seeds(recipe: Recipe) -> Section:
     """The last `run --seeds N`: mean ± sd across seeds next to the per-seed intervals."""
 
     section = Section("Over several training seeds")
-    path = Path(recipe.run_dir) / SEEDS_JSON
+    path = recipe.rundir.seeds_json
     if path.is_file():
         summary = json.loads(path.read_text())
         section.text.append(note(summary))

@@ -7,19 +7,18 @@ import json
 import time
 from pathlib import Path
 
-from langmerge.errors import ConfigError
 from langmerge.evaluate.health import is_degenerate
 from langmerge.evaluate.health import summary as health_summary
-from langmerge.processes import serving_lock
-from langmerge.project.recipe import Recipe, load_recipe, primary_metric
-from langmerge.project.registry import Registry, read_sweep_choice, require_trained
+from langmerge.project.recipe import Recipe, primary_metric
+from langmerge.project.registry import Registry, read_sweep_choice
+from langmerge.project.state import applied_sweep, load_recipe, origins
 from langmerge.reporting.listing import short_path, unfinished
 from langmerge.workflows.evaluation import interval
 
 
 def _registry(recipe: Recipe) -> Registry:
-    require_trained(recipe.run_dir)
-    return Registry(recipe.run_dir)
+    recipe.rundir.require_trained()
+    return recipe.rundir.registry()
 
 
 def _name(merge: dict) -> str:
@@ -30,9 +29,8 @@ def status_rows(path: Path) -> dict[str, list[dict]]:
     """The merge in service with its experts, and its newest scores per language."""
 
     recipe = load_recipe(path)
-    run_dir = Path(recipe.run_dir)
-    registry = _registry(recipe)
-    try:
+    run_dir = recipe.rundir.root
+    with _registry(recipe) as registry:
         current = registry.current_merge()
         bad = degenerate_rows(registry)
         unhealthy = {"degenerate models (their health check failed; not merged or served)": bad}
@@ -54,8 +52,6 @@ def status_rows(path: Path) -> dict[str, list[dict]]:
             "SELECT language, metrics FROM evaluations WHERE model=? ORDER BY id",
             (f"merged:{_name(current)}",),
         ).fetchall()
-    finally:
-        registry.close()
     latest = {code: json.loads(m) for code, m in scores}
     metric = primary_metric(recipe)
     for row in rows:
@@ -69,7 +65,10 @@ def status_rows(path: Path) -> dict[str, list[dict]]:
         "experts, and the merge's newest score on each language"
     )
     source = "the next `langmerge merge` uses (`update` and `add-language` keep the served merge's)"
-    return {title: rows, source: [merge_source(recipe)], **unhealthy}
+    changed = [{"setting": k, "from": v} for k, v in origins(recipe).items()]
+    changes = {"settings the run directory changed (the others are the recipe file's)": changed}
+    return {title: rows, source: [merge_source(recipe)], **(changes if changed else {}),
+            **unhealthy}  # fmt: skip
 
 
 def degenerate_rows(registry: Registry) -> list[dict]:
@@ -93,8 +92,8 @@ def merge_source(recipe: Recipe) -> dict:
     m = recipe.merge
     weights = ", ".join(f"{k} {v:g}" for k, v in (m.weights or {}).items())
     row = {"method": m.method, "density": m.density, "λ": m.lam, "weights": weights or "equal"}
-    if recipe._sweep is not None:
-        row["from"] = f"`langmerge sweep` (its choice {recipe._sweep['winner']})"
+    if (applied := applied_sweep(recipe)) is not None:
+        row["from"] = f"`langmerge sweep` (its choice {applied['winner']})"
     elif (swept := read_sweep_choice(recipe.run_dir)) is not None:
         row["from"] = (
             f"the recipe's `merge:` section, edited since the last sweep chose {swept['winner']}"
@@ -106,16 +105,13 @@ def merge_source(recipe: Recipe) -> dict:
 
 def history_rows(path: Path) -> dict[str, list[dict]]:
     """Every expert version and merge with its cost, and the serving history."""
-    registry = _registry(load_recipe(path))
-    try:
+    with _registry(load_recipe(path)) as registry:
         experts = registry.trained("expert")
         merges = registry.merges()
         serving = registry.serving()
         sweeps = registry.sweeps()
         steps = registry.steps()
         jobs = {r["id"]: r for r in registry.ledger()}
-    finally:
-        registry.close()
     by_id = {e["id"]: f"{e['language']} v{e['version']}" for e in experts}
     return {
         "experts": [
@@ -149,32 +145,3 @@ def history_rows(path: Path) -> dict[str, list[dict]]:
             for s in sweeps
         ],
     }  # fmt: skip
-
-
-def rollback(path: Path, to: int | None = None) -> dict:
-    """Serve merge `to`, or else the merge served before the current one (repeated rollbacks go
-    further back: each rollback undoes one step of the serving history)."""
-    recipe = load_recipe(path)
-    with serving_lock(recipe.run_dir):
-        return _rollback(_registry(recipe), to)
-
-
-def _rollback(registry, to: int | None) -> dict:
-    try:
-        if to is None:
-            stack: list[int] = []
-            for event in registry.serving():
-                if event["reason"] == "rollback":
-                    if stack:
-                        stack.pop()
-                else:
-                    stack.append(event["merge_id"])
-            if len(stack) < 2:
-                raise ConfigError("no earlier merge was in service: nothing to roll back to")
-            to = stack[-2]
-            registry.serve(to, "rollback")
-        else:
-            registry.serve(to, f"served merge {to} by hand")
-        return next(m for m in registry.merges() if m["id"] == to)
-    finally:
-        registry.close()

@@ -21,7 +21,6 @@ from langmerge.data.encode import encode
 from langmerge.data.prepare import ProjectData
 from langmerge.errors import ConfigError
 from langmerge.files import write_json
-from langmerge.meter import Meter
 from langmerge.models.backbones import (
     PREPARED,
     check_target_modules,
@@ -51,13 +50,13 @@ def prepared_base(recipe: Recipe, labels: list[str] | None) -> Path:
         return source
     seed = recipe.training.seed
     key = hashlib.sha256(json.dumps([recipe.base_key(), labels, seed]).encode()).hexdigest()[:12]
-    return prepare_base(source, labels, seed, Path(recipe.run_dir) / "base" / key, recipe.base)
+    return prepare_base(source, labels, seed, recipe.rundir.base(key), recipe.base)
 
 
 def seed_dir(recipe: Recipe, labels: list[str] | None) -> Path:
     """Where the seed of this recipe (its training settings and label set) lives."""
     key = hashlib.sha256(f"{recipe.digest('expert')}\0{labels}".encode()).hexdigest()[:12]
-    return Path(recipe.run_dir) / "seed" / key
+    return recipe.rundir.seed(key)
 
 
 def expert_base(recipe: Recipe, labels: list[str] | None) -> Path:
@@ -111,13 +110,9 @@ def _train_seed(recipe, registry, data, out: Path, work: Path, progress, say) ->
     steps = recipe.experts.seed_budget(len(train_set), t.batch_size * t.gradient_accumulation)
     say(f"seed: a joint warm-up of {steps} optimiser steps on {len(train_set)} examples of "
         f"{', '.join(codes)}; every expert branches from it")  # fmt: skip
-    job = registry.start_job("seed", codes, recipe.digest("expert"), data.joint_digest())
-    meter, counts = Meter(), Counts()
-
-    def cost():
-        return meter.cost(tokens=counts.tokens, examples=counts.examples, flops=counts.flops)
-
-    try:
+    counts = Counts()
+    hashes = (recipe.digest("expert"), data.joint_digest())
+    with recipe.rundir.job(registry, "seed", codes, hashes, counts) as job:
         result = fit(base_dir, recipe.fit_settings(), train_set, tokenizer.pad_token_id,
                      work / "checkpoints", progress, counts, kind="seed", steps=steps)  # fmt: skip
         model = result.model.merge_and_unload()
@@ -130,11 +125,6 @@ def _train_seed(recipe, registry, data, out: Path, work: Path, progress, say) ->
             "languages": codes, "data_hash": data.joint_digest(), "train_loss": result.loss,
         }})  # fmt: skip
         tmp.rename(out)
-    except BaseException as e:
-        what = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
-        registry.fail_job(job, what, cost())
-        raise
-    registry.finish_job(job, cost())
     shutil.rmtree(work, ignore_errors=True)
-    say(f"seed: {out} ({registry.job(job)['wall_s']:.1f} s, {counts.tokens} tokens)")
+    say(f"seed: {out} ({job.wall_s():.1f} s, {counts.tokens} tokens)")
     return out

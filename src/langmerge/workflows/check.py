@@ -12,8 +12,8 @@ from langmerge.errors import LangmergeError
 from langmerge.models.backbones import find_base, load_config, load_tokenizer
 from langmerge.models.embedded import embedded_model
 from langmerge.models.hub import require_hub
-from langmerge.project.recipe import load_recipe
 from langmerge.project.registry import SCHEMA_VERSION, schema_version
+from langmerge.project.state import load_recipe
 from langmerge.workflows.bases import check_recipe_targets
 
 

@@ -14,7 +14,6 @@ from langmerge.errors import ConfigError, InputError
 from langmerge.evaluate import health, metrics, stats
 from langmerge.evaluate.predict import generate, predict_classes
 from langmerge.executors import ray
-from langmerge.meter import Meter
 from langmerge.project.recipe import Recipe
 from langmerge.project.registry import Registry
 from langmerge.workflows.models import ModelRef, load, resolve
@@ -76,8 +75,7 @@ def evaluate_all(
         plans.append((resolve(recipe, ref, data.labels), codes))
     keys = {c: evaluation_key(recipe, data.languages[c].split_digests[split])
             for _, cs in plans for c in cs}  # fmt: skip
-    registry = Registry(recipe.run_dir)
-    try:
+    with recipe.rundir.registry() as registry:
         results: list[dict[str, dict]] = []
         todo = []
         for i, (model_ref, codes) in enumerate(plans):
@@ -101,8 +99,6 @@ def evaluate_all(
                 results[i].update(_run(recipe, registry, data, model_ref, model, tokenizer,
                                        missing, split, keys, say))  # fmt: skip
         return [{c: results[i][c] for c in codes} for i, (_, codes) in enumerate(plans)]
-    finally:
-        registry.close()
 
 
 def require_split(data: ProjectData, codes: list[str], split: str) -> None:
@@ -147,25 +143,17 @@ def evaluation_key(recipe: Recipe, data_hash: str) -> str:
 
 
 def _run(recipe, registry, data, model_ref: ModelRef, model, tokenizer, codes, split, keys, say):
-    job = registry.start_job("evaluate", codes, recipe.digest(), keys[codes[0]])
-    meter = Meter()
-    tokens = examples = 0
-    try:
+    hashes = (recipe.digest(), keys[codes[0]])
+    with recipe.rundir.job(registry, "evaluate", codes, hashes) as job:
         results = {}
         for code in codes:
             say(f"evaluating {model_ref.name} on {code} {split}")
-            found, n_tokens = score(model, tokenizer, recipe, data.languages[code].split(split),
-                                    data.labels)  # fmt: skip
-            results[code] = found
-            tokens += n_tokens
-            examples += len(data.languages[code].split(split))
-    except BaseException as e:
-        registry.fail_job(job, str(e) or type(e).__name__, meter.cost(tokens, examples))
-        raise
-    registry.finish_evaluation(
-        job, meter.cost(tokens, examples), model_ref.name, split,
-        {c: (keys[c], results[c]) for c in codes},
-    )  # fmt: skip
+            part = data.languages[code].split(split)
+            results[code], n_tokens = score(model, tokenizer, recipe, part, data.labels)
+            job.tally.tokens += n_tokens
+            job.tally.examples += len(part)
+        registry.finish_evaluation(job.id, job.cost(), model_ref.name, split,
+                                   {c: (keys[c], results[c]) for c in codes})  # fmt: skip
     return results
 
 
@@ -247,17 +235,20 @@ def _evaluate_on_ray(
 
     def record(i: int, outcome: ray.Outcome) -> bool:
         ref, codes = refs[i]
-        job = registry.start_job("evaluate", codes, recipe.digest(), keys[codes[0]],
-                                 started=outcome.started)  # fmt: skip
+        _, error = recipe.rundir.record_remote(
+            registry, "evaluate", codes, (recipe.digest(), keys[codes[0]]), outcome,
+            lambda job: registry.finish_evaluation(
+                job, outcome.cost, ref.name, split,
+                {c: (keys[c], outcome.value[c]) for c in codes}, outcome.ended),
+        )  # fmt: skip
         if outcome.error is not None:
-            registry.fail_job(job, f"{outcome.worker}: {outcome.error}", outcome.cost,
-                              outcome.ended)  # fmt: skip
             say(f"evaluating {ref.name}: failed on {outcome.worker or 'a worker'}: "
                 f"{outcome.error.splitlines()[0]}")  # fmt: skip
             return False
-        registry.finish_evaluation(job, outcome.cost, ref.name, split,
-                                   {c: (keys[c], outcome.value[c]) for c in codes},
-                                   outcome.ended)  # fmt: skip
+        if error is not None:
+            outcome.error = error
+            say(f"evaluating {ref.name}: {error}")
+            return False
         say(f"evaluated {ref.name} on {', '.join(codes)} {split} "
             f"({outcome.ended - outcome.started:.1f} s on {outcome.worker})")  # fmt: skip
         found[i] = outcome.value

@@ -22,9 +22,9 @@ from langmerge.errors import ConfigError, InputError, LangmergeError, TrainingFa
 from langmerge.evaluate import stats
 from langmerge.evaluate.health import is_degenerate
 from langmerge.languages import problem as language_problem
-from langmerge.processes import serving_lock
-from langmerge.project.recipe import Recipe, load_recipe, primary_metric, with_data
-from langmerge.project.registry import Registry, require_trained
+from langmerge.project.recipe import Recipe, primary_metric
+from langmerge.project.rundir import RunDir
+from langmerge.project.state import load_recipe, with_data
 from langmerge.workflows.evaluation import evaluate_all, evaluation_health, per_example
 from langmerge.workflows.models import merge_ref
 from langmerge.workflows.recipe_merge import merge_once
@@ -70,9 +70,8 @@ def update(recipe: Recipe | Path, language: str, data: Path, add: bool = False,
     if mode == "continue" and add:
         raise ConfigError("a new language has no earlier expert to continue: use retrain")
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    rerun = _check_request(recipe, language, data, add,
-                           _kept_path(Path(data), Path(recipe.run_dir)))  # fmt: skip
-    with serving_lock(recipe.run_dir):
+    rerun = _check_request(recipe, language, data, add, _kept_path(Path(data), recipe.rundir))
+    with recipe.rundir.serving():
         return _update(recipe, language, data, add, rerun, accept, compare_joint, progress, say,
                        mode)  # fmt: skip
 
@@ -92,17 +91,14 @@ def _check_request(recipe: Recipe, language: str, data: Path, add: bool, kept: P
         raise ConfigError(why)
     if not Path(data).is_file():
         raise InputError(f"the data file {data} does not exist")
-    require_trained(recipe.run_dir)
+    recipe.rundir.require_trained()
     return rerun
 
 
 def _update(recipe, language, data, add, rerun, accept, compare_joint, progress, say,
             mode) -> Outcome:  # fmt: skip
-    registry = Registry(recipe.run_dir)
-    try:
+    with recipe.rundir.registry() as registry:
         current = registry.current_merge()
-    finally:
-        registry.close()
     if current is None:
         raise ConfigError("no merge is in service: run `langmerge run` or `langmerge merge` first")
     # the user's file is checked before anything is kept or trained
@@ -117,7 +113,7 @@ def _update(recipe, language, data, add, rerun, accept, compare_joint, progress,
         raise InputError(
             f"every example of {data} is already in {language}'s data: nothing new to train on"
         )
-    copy = _keep(Path(data), Path(recipe.run_dir))
+    copy = _keep(Path(data), recipe.rundir)
     updated = with_data(recipe, language, copy)
     project = load_data(updated.data_spec()).require_valid()
     say(f"{'adding' if add else 'updating'} {language}: {_count(project, language)} examples now")
@@ -130,7 +126,7 @@ def _update(recipe, language, data, add, rerun, accept, compare_joint, progress,
             f"is unchanged; try: {'; '.join(trained.health['advice'])} (or --allow-degenerate "
             "to merge it anyway, never served)"
         )
-    new_name = _remerge(updated, current, language, progress, say)
+    new_id, new_name = _remerge(updated, current, language, progress, say)
     old_name = merge_ref(current)
     metric = primary_metric(updated)
     codes = list(project.languages)
@@ -144,7 +140,6 @@ def _update(recipe, language, data, add, rerun, accept, compare_joint, progress,
                       [])  # fmt: skip
     failed = [s for s in shifts if not s["ok"]]
     serve = not degenerate and (not failed or accept)
-    new_id = int(new_name.rsplit("#", 1)[1])
     cost = saving(updated, project, trained, new_id, compare_joint, progress, say)
     result = {"cost": cost, "shifts": shifts, "metric": metric, "old_merge": old_name,
               "new_merge": new_name, "guard_overridden": serve and bool(failed),
@@ -164,13 +159,10 @@ def _continuation(recipe: Recipe, project, language: str, current: dict) -> Cont
     """The served expert of `language` and the training examples the update brings."""
     before = {e.text for e in load_data(recipe.data_spec(), [language]).languages[language].train}
     new = [e for e in project.languages[language].train if e.text not in before]
-    registry = Registry(recipe.run_dir)
-    try:
+    with recipe.rundir.registry() as registry:
         served = [
             e for e in registry.trained("expert", language) if e["id"] in current["expert_ids"]
         ]
-    finally:
-        registry.close()
     if not served:
         raise ConfigError(f"nothing to continue: the merge in service has no {language} expert")
     if not new:
@@ -178,10 +170,10 @@ def _continuation(recipe: Recipe, project, language: str, current: dict) -> Cont
     return Continuation(Path(served[0]["path"]), new)
 
 
-def _keep(data: Path, run_dir: Path) -> Path:
+def _keep(data: Path, run: RunDir) -> Path:
     """A copy of the added data inside the run directory, named by its content (unchanged when
     the user edits or deletes their file later; the same file twice is kept once)."""
-    out = _kept_path(data, run_dir)
+    out = _kept_path(data, run)
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.partial")
@@ -190,12 +182,12 @@ def _keep(data: Path, run_dir: Path) -> Path:
     return out
 
 
-def _kept_path(data: Path, run_dir: Path) -> Path:
+def _kept_path(data: Path, run: RunDir) -> Path:
     """Where `_keep` puts (or has put) a copy of `data`."""
     if not data.is_file():
-        return run_dir / "additions" / "missing"
+        return run.addition("missing")
     digest = hashlib.sha256(data.read_bytes()).hexdigest()
-    return run_dir / "additions" / f"{digest[:16]}{data.suffix}"
+    return run.addition(f"{digest[:16]}{data.suffix}")
 
 
 def _count(project, language: str) -> int:
@@ -203,9 +195,10 @@ def _count(project, language: str) -> int:
     return len(d.train) + len(d.validation) + len(d.test)
 
 
-def _remerge(recipe: Recipe, current: dict, language: str, progress: bool, say) -> str:
+def _remerge(recipe: Recipe, current: dict, language: str, progress: bool, say) -> tuple[int, str]:
     """The served merge's experts, with `language`'s newest expert, merged with the settings of
-    the merge in service (recorded, not served); the same merge made before is reused."""
+    the merge in service (recorded, not served; the same merge made before is reused): its id
+    and its reference (merged:NAME#ID)."""
     params = current["params"]
     overrides = {k: params[k] for k in MERGE_SETTINGS if k in params}
     overrides["method"] = current["method"]
@@ -215,8 +208,7 @@ def _remerge(recipe: Recipe, current: dict, language: str, progress: bool, say) 
         update={"merge": recipe.merge.model_copy(update={"weights": {
             code: weights.get(code, 1.0) for code in recipe.languages}})}
     )  # fmt: skip
-    registry = Registry(recipe.run_dir)
-    try:
+    with recipe.rundir.registry() as registry:
         # the served merge's experts, and the newest of the language being updated or added
         served = {
             e["id"]: e for e in registry.trained("expert") if e["id"] in current["expert_ids"]
@@ -231,10 +223,8 @@ def _remerge(recipe: Recipe, current: dict, language: str, progress: bool, say) 
         missing = [code for code, e in experts.items() if e is None]
         if missing:
             raise ConfigError(f"no expert for {', '.join(missing)}: run `langmerge train` first")
-    finally:
-        registry.close()
     merge_id = merge_once(recipe, experts, overrides, name, progress, say)
-    return f"merged:{name}#{merge_id}"
+    return merge_id, f"merged:{name}#{merge_id}"
 
 
 def guard(
@@ -291,14 +281,12 @@ def saving(recipe, project, trained, merge_id: int, compare_joint: bool, progres
     """The update's cost (its expert's training and the re-merge) against retraining the joint
     model on all data including the new data: measured with `compare_joint`, else projected
     from the last joint job in the ledger, scaled by the optimiser steps it would take."""
-    registry = Registry(recipe.run_dir)
-    try:
-        expert = registry.latest("expert", trained.language)
+    with recipe.rundir.registry() as registry:
+        expert = next(e for e in registry.trained("expert", trained.language)
+                      if e["version"] == trained.version)  # fmt: skip
         merge = next(m for m in registry.merges() if m["id"] == merge_id)
         merge_job = registry.job(merge["job_id"])
         joint = registry.latest("joint")
-    finally:
-        registry.close()
     # the joint job's step budget on all data now (min_steps and steps included)
     steps_now = recipe.training.budget(
         "joint", sum(len(d.train) for d in project.languages.values())
@@ -315,11 +303,8 @@ def saving(recipe, project, trained, merge_id: int, compare_joint: bool, progres
         say("training the joint model on all data, to measure the saving")
         old_joint = joint
         train(recipe, joint=True, progress=progress, say=say)
-        registry = Registry(recipe.run_dir)
-        try:
+        with recipe.rundir.registry() as registry:
             joint = registry.latest("joint")
-        finally:
-            registry.close()
         retrain = {"wall_s": joint["wall_s"], "cpu_s": joint["cpu_s"], "flops": joint["flops"],
                    "source": "measured"}  # fmt: skip
         if old_joint is not None and old_joint["version"] != joint["version"]:
@@ -364,14 +349,11 @@ def _finish(recipe, language, add, copy, merge_id, serve, overridden, outcome: d
     `--accept` reuses them)."""
     kind = "add" if add else "update"
     reason = f"{kind} {language}" + (" (guard overridden)" if overridden else "")
-    registry = Registry(recipe.run_dir)
-    try:
-        addition = None
-        if serve:
-            addition = (str(copy), hashlib.sha256(copy.read_bytes()).hexdigest(), reason)
+    addition = None
+    if serve:
+        addition = (str(copy), hashlib.sha256(copy.read_bytes()).hexdigest(), reason)
+    with recipe.rundir.registry() as registry:
         registry.record_step(language, kind, merge_id, outcome, addition)
-    finally:
-        registry.close()
 
 
 def _guard_message(outcome: Outcome, failed: list[dict]) -> str:
@@ -381,3 +363,26 @@ def _guard_message(outcome: Outcome, failed: list[dict]) -> str:
         f"{outcome.metric}. Pass --accept to serve it anyway; the current model stays "
         f"{outcome.old_merge}"
     )
+
+
+def rollback(path: Path, to: int | None = None) -> dict:
+    """Serve merge `to`, or else the merge served before the current one (repeated rollbacks go
+    further back: each rollback undoes one step of the serving history); its registry row."""
+    run = load_recipe(path).rundir
+    run.require_trained()
+    with run.serving(), run.registry() as registry:
+        if to is None:
+            stack: list[int] = []
+            for event in registry.serving():
+                if event["reason"] == "rollback":
+                    if stack:
+                        stack.pop()
+                else:
+                    stack.append(event["merge_id"])
+            if len(stack) < 2:
+                raise ConfigError("no earlier merge was in service: nothing to roll back to")
+            to = stack[-2]
+            registry.serve(to, "rollback")
+        else:
+            registry.serve(to, f"served merge {to} by hand")
+        return next(m for m in registry.merges() if m["id"] == to)

@@ -20,12 +20,13 @@ from langmerge.models.backbones import (
     quiet_transformers,
 )
 from langmerge.project.recipe import Recipe
-from langmerge.project.registry import Registry, require_trained
+from langmerge.project.registry import Registry
 from langmerge.workflows.bases import prepared_base
 
 REFERENCES = (
-    "base, joint (or joint:vN), expert:LANG, merged (the newest merge), merged:NAME (a merge "
-    "of `langmerge run` or a method), or a model directory"
+    "base, joint (or joint:vN), expert:LANG (or expert:LANG:vN), merged (the newest merge), "
+    "merged:NAME (a merge of `langmerge run` or a method; merged:NAME#ID one merge), or a "
+    "model directory"
 )
 
 
@@ -46,12 +47,9 @@ def resolve(recipe: Recipe, ref: str, labels: list[str] | None) -> ModelRef:
         return ModelRef(f"base@{_fingerprint(base)}", base, base)
     kind, _, arg = ref.partition(":")
     if kind in ("joint", "expert", "merged"):
-        require_trained(recipe.run_dir, f"there is no {ref}")
-        registry = Registry(recipe.run_dir)
-        try:
+        recipe.rundir.require_trained(f"there is no {ref}")
+        with recipe.rundir.registry() as registry:
             return _from_registry(registry, kind, arg, ref, base)
-        finally:
-            registry.close()
     path = Path(ref)
     if path.is_dir():  # named by its files' sizes and times: changed weights, a new name
         return ModelRef(f"{path.absolute()}@{_fingerprint(path)}", path, base)
@@ -70,13 +68,19 @@ def _from_registry(registry: Registry, kind: str, arg: str, ref: str, base: Path
             raise ConfigError("no joint model yet: run `langmerge train RECIPE --joint`")
         return ModelRef(f"joint:v{row['version']}", Path(row["path"]), Path(row["base"]))
     if kind == "expert":
-        if not arg:
+        code, _, version = arg.partition(":")  # expert:LANG, or expert:LANG:vN for one version
+        if not code:
             raise ConfigError("say which expert: expert:LANG, e.g. expert:de")
-        row = registry.latest("expert", arg)
-        if row is None:
-            raise ConfigError(f"no expert for {arg!r}: run `langmerge train RECIPE --lang {arg}`")
-        name = f"expert:{arg}:v{row['version']}"
-        return ModelRef(name, Path(row["path"]), Path(row["base"]), arg)
+        rows = registry.trained("expert", code)
+        if version:
+            rows = [r for r in rows if f"v{r['version']}" == version]
+            if not rows:
+                raise ConfigError(f"no expert {code} {version}: `langmerge ls` lists the versions")
+        if not rows:
+            raise ConfigError(f"no expert for {code!r}: run `langmerge train RECIPE --lang {code}`")
+        row = max(rows, key=lambda r: r["version"])
+        name = f"expert:{code}:v{row['version']}"
+        return ModelRef(name, Path(row["path"]), Path(row["base"]), code)
     merges = registry.merges()
     if not merges:
         raise ConfigError("no merges yet: run `langmerge run RECIPE` or `langmerge merge RECIPE`")

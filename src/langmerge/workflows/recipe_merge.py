@@ -12,10 +12,7 @@ from langmerge.evaluate.health import is_degenerate
 from langmerge.merge.apply import run_merge
 from langmerge.merge.config import MergeConfig, build_config
 from langmerge.merge.methods import get_method
-from langmerge.meter import Meter
-from langmerge.processes import serving_lock
 from langmerge.project.recipe import Recipe
-from langmerge.project.registry import DB_NAME, Registry
 from langmerge.train.statistics import FOLDER
 from langmerge.workflows.training import ensure_statistics
 
@@ -89,17 +86,17 @@ def merge_recipe(
     `name` labels the merge in the registry (`merged:NAME`; default: the method); with `serve`
     (the reason) the merge goes into service; `experts` (language → registry row) chooses the
     expert versions instead of the newest."""
-    with serving_lock(recipe.run_dir):
+    with recipe.rundir.serving():
         return _merge_recipe(recipe, output, overrides, force, progress, name, serve, experts, say)
 
 
 def _merge_recipe(recipe, output, overrides, force, progress, name, serve, experts, say):
-    if not (Path(recipe.run_dir) / DB_NAME).is_file():
+    run = recipe.rundir
+    if not run.has_registry():
         raise ConfigError(
-            f"no experts trained yet in {recipe.run_dir}: run `langmerge train RECIPE --all` first"
+            f"no experts trained yet in {run.root}: run `langmerge train RECIPE --all` first"
         )
-    registry = Registry(recipe.run_dir)
-    try:
+    with run.registry() as registry:
         if experts is None:  # default: the newest expert of every language
             experts = {code: registry.latest("expert", code) for code in recipe.languages}
         missing = [code for code, e in experts.items() if e is None]
@@ -128,27 +125,20 @@ def _merge_recipe(recipe, output, overrides, force, progress, name, serve, exper
         inputs = hashlib.sha256(
             "".join(f"{e['id']}:{e['data_hash']};" for e in experts.values()).encode()
         ).hexdigest()[:16]
-        job = registry.start_job("merge", list(experts), recipe.digest(), inputs)
-        out = (
-            Path(output) if output else Path(recipe.run_dir) / "merges" / f"{job:04d}-{cfg.method}"
-        )
-        meter = Meter()
-        try:
+        with run.job(registry, "merge", list(experts), (recipe.digest(), inputs)) as job:
+            out = Path(output) if output else run.merge(job.id, cfg.method)
             collected = []
             if get_method(cfg.method).data_aware:  # experts trained without them
                 collected = ensure_statistics(recipe, experts, say)
             summary = run_merge(cfg, out, force=force, progress=progress)
             summary["statistics_collected"] = collected
-        except BaseException as e:
-            registry.fail_job(job, "interrupted" if isinstance(e, KeyboardInterrupt) else str(e))
-            raise
-        params = cfg.model_dump(mode="json", exclude={"base", "experts", "method"})
-        params["weights"] = dict(zip(experts, cfg.weights))
-        params["name"] = name or cfg.method
-        params["key"] = merge_key(cfg)
-        summary["merge_id"] = registry.finish_merge(
-            job, meter.cost(), cfg.method, params, ids, str(out), serve
-        )
+            params = cfg.model_dump(mode="json", exclude={"base", "experts", "method"})
+            params["weights"] = dict(zip(experts, cfg.weights))
+            params["name"] = name or cfg.method
+            params["key"] = merge_key(cfg)
+            summary["merge_id"] = registry.finish_merge(
+                job.id, job.cost(), cfg.method, params, ids, str(out), serve
+            )
         summary["served"] = serve is not None
         summary["degenerate_experts"] = bad
         summary["stale_experts"] = [
@@ -157,8 +147,6 @@ def _merge_recipe(recipe, output, overrides, force, progress, name, serve, exper
             if e["recipe_hash"] != recipe.digest()
         ]
         return summary, out
-    finally:
-        registry.close()
 
 
 def merge_once(
@@ -173,17 +161,15 @@ def merge_once(
     the one the registry already has (its files still there), else a new one, recorded and not
     served."""
     key = merge_key(recipe_merge_config(recipe, experts, overrides))
-    registry = Registry(recipe.run_dir)
-    try:
-        done = [
-            m
-            for m in registry.merges()
-            if m["params"].get("name") == name
-            and m["params"].get("key") == key
-            and Path(m["path"]).is_dir()
-        ]
-    finally:
-        registry.close()
+    with recipe.rundir.registry() as registry:
+        merges = registry.merges()
+    done = [
+        m
+        for m in merges
+        if m["params"].get("name") == name
+        and m["params"].get("key") == key
+        and Path(m["path"]).is_dir()
+    ]
     if done:
         say(f"merge {name}: up to date ({done[-1]['path']})")
         return done[-1]["id"]

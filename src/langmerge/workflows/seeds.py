@@ -10,14 +10,12 @@ from __future__ import annotations
 import json
 import statistics
 from collections.abc import Callable
-from pathlib import Path
 
 from langmerge.files import atomic_write
 from langmerge.project.recipe import Recipe
+from langmerge.project.rundir import RunDir
 from langmerge.workflows.evaluation import interval
 from langmerge.workflows.study import Study, markdown_table, run
-
-SEEDS_JSON, SEEDS_MD = "seeds.json", "seeds.md"
 
 
 def seed_recipes(recipe: Recipe, seeds: int) -> list[Recipe]:
@@ -30,7 +28,7 @@ def seed_recipes(recipe: Recipe, seeds: int) -> list[Recipe]:
             out.append(recipe)
             continue
         training = recipe.training.model_copy(update={"seed": seed})
-        run_dir = Path(recipe.run_dir) / "seeds" / f"seed-{seed}"
+        run_dir = recipe.rundir.seed_run(seed).root
         out.append(recipe.model_copy(update={"training": training, "run_dir": run_dir}))
     return out
 
@@ -44,7 +42,7 @@ def run_seeds(
         say(f"seed {r.training.seed}: {r.run_dir}")
         studies.append(run(r, progress=progress, say=say))
     summary = aggregate(studies, [r.training.seed for r in seed_recipes(recipe, seeds)])
-    _write(Path(recipe.run_dir), summary)
+    _write(recipe.rundir, summary)
     return summary
 
 
@@ -118,8 +116,8 @@ def note(summary: dict) -> str:
     )  # fmt: skip
 
 
-def _write(run_dir: Path, summary: dict) -> None:
+def _write(run: RunDir, summary: dict) -> None:
     lines = ["# langmerge study over seeds", "", note(summary), "",
              *markdown_table(seed_rows(summary))]  # fmt: skip
-    atomic_write(run_dir / SEEDS_JSON, json.dumps(summary, indent=2) + "\n")
-    atomic_write(run_dir / SEEDS_MD, "\n".join(lines) + "\n")
+    atomic_write(run.seeds_json, json.dumps(summary, indent=2) + "\n")
+    atomic_write(run.seeds_md, "\n".join(lines) + "\n")

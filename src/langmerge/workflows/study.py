@@ -19,9 +19,7 @@ from langmerge.evaluate.health import is_degenerate
 from langmerge.evaluate.health import summary as health_summary
 from langmerge.evaluate.stats import METHOD
 from langmerge.files import atomic_write
-from langmerge.processes import serving_lock
 from langmerge.project.recipe import MergeVariant, Recipe, primary_metric
-from langmerge.project.registry import Registry
 from langmerge.workflows.evaluation import (
     PER_EXAMPLE,
     evaluate_all,
@@ -33,8 +31,6 @@ from langmerge.workflows.evaluation import (
 from langmerge.workflows.models import resolve
 from langmerge.workflows.recipe_merge import merge_once
 from langmerge.workflows.training import train
-
-REPORT, RESULTS = "report.md", "results.json"
 
 
 @dataclass
@@ -66,7 +62,7 @@ def run(
     """Train, merge, evaluate; write report.md and results.json into the run directory. A
     degenerate expert is not merged (unless `merge.allow_degenerate`), a degenerate merge is
     never served, and comparisons with a degenerate model are void."""
-    with serving_lock(recipe.run_dir):
+    with recipe.rundir.serving():
         return _run(recipe, progress, say)
 
 
@@ -76,6 +72,11 @@ def _run(recipe: Recipe, progress: bool, say: Callable[[str], None]) -> Study:
     require_split(data, codes, recipe.evaluation.split)  # before hours of training, not after
     experts = train(recipe, codes, progress=progress, say=say)
     (joint,) = train(recipe, joint=True, progress=progress, say=say)
+    # the versions this recipe made (or found cached): not whatever was trained last
+    with recipe.rundir.registry() as registry:
+        rows_of = {t.language: _version(registry.trained("expert", t.language), t.version)
+                   for t in experts}  # fmt: skip
+        joint_row = _version(registry.trained("joint"), joint.version)
     health = {f"expert:{t.language}": t.health for t in experts} | {"joint": joint.health}
     notes = []
     bad = [f"{row[7:]}" for row, h in health.items() if row != "joint" and is_degenerate(h)]
@@ -84,13 +85,15 @@ def _run(recipe: Recipe, progress: bool, say: Callable[[str], None]) -> Study:
             f"no merge made: expert {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} "
             "degenerate (see the health table); retrain, or pass --allow-degenerate"
         )
-        merges = []  # fmt: skip
+        merges = {}
     else:
-        merges = [_merge(recipe, v, progress, say) for v in recipe.merge.compare]
+        merges = {v.name(): merge_once(recipe, rows_of, _overrides(v), v.name(), progress, say)
+                  for v in recipe.merge.compare}  # fmt: skip
     split = recipe.evaluation.split
-    rows = [("joint", "joint", None)]
-    rows += [(f"merged:{name}", f"merged:{name}", None) for name in merges]
-    rows += [("experts (own language)", f"expert:{code}", [code]) for code in codes]
+    rows = [("joint", f"joint:v{joint.version}", None)]
+    rows += [(f"merged:{name}", f"merged:{name}#{i}", None) for name, i in merges.items()]
+    rows += [("experts (own language)", f"expert:{t.language}:v{t.version}", [t.language])
+             for t in experts]  # fmt: skip
     rows.append(("base", "base", None))
     found = evaluate_all(recipe, [(ref, langs) for _, ref, langs in rows], split, data, say=say)
     quality: dict[str, dict] = {}
@@ -112,11 +115,12 @@ def _run(recipe: Recipe, progress: bool, say: Callable[[str], None]) -> Study:
               if n in healthy]  # fmt: skip
     best = f"merged:{max(scored)[2]}" if scored else None
     if best is not None:
-        _serve_first(recipe, models[best], say)
+        _serve_first(recipe, merges[best[len("merged:") :]], models[best], say)
     for group in identical:
         notes.append(f"{', '.join(group)} make identical predictions on every language: one "
                      "merge, not a ranking")  # fmt: skip
-    study = Study(codes, metric, split, quality, best, cost_table(recipe, codes), models,
+    cost = cost_table(recipe, codes, rows_of, joint_row)
+    study = Study(codes, metric, split, quality, best, cost, models,
                   recipe.evaluation.alpha, health, identical, notes)  # fmt: skip
     write_report(recipe, study)
     return study
@@ -134,28 +138,23 @@ def identical_groups(merges: dict[str, dict[str, dict]]) -> list[list[str]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
-def _merge(recipe: Recipe, variant: MergeVariant, progress: bool, say) -> str:
-    """The merge `variant` of the current experts (made unless the registry has it); its name."""
-    overrides = {"method": variant.method, "density": variant.density, "lam": variant.lam}
-    registry = Registry(recipe.run_dir)
-    try:
-        experts = {code: registry.latest("expert", code) for code in recipe.languages}
-    finally:
-        registry.close()
-    merge_once(recipe, experts, overrides, variant.name(), progress, say)
-    return variant.name()
+def _version(rows: list[dict], version: int) -> dict:
+    """The registry row of one version among a model's rows."""
+    return next(r for r in rows if r["version"] == version)
 
 
-def _serve_first(recipe: Recipe, name: str, say) -> None:
+def _overrides(variant: MergeVariant) -> dict:
+    """The merge settings a compared variant sets over the recipe's."""
+    return {"method": variant.method, "density": variant.density, "lam": variant.lam}
+
+
+def _serve_first(recipe: Recipe, merge_id: int, name: str, say) -> None:
     """With no merge in service yet, the study's best merge goes into service; after that only
     maintenance (update, add-language, rollback) changes it."""
-    registry = Registry(recipe.run_dir)
-    try:
+    with recipe.rundir.registry() as registry:
         if registry.current_merge() is None:
-            registry.serve(int(name.rsplit("#", 1)[1]), "the best merge of `langmerge run`")
+            registry.serve(merge_id, "the best merge of `langmerge run`")
             say(f"{name} is now the current merge (the model in service)")
-    finally:
-        registry.close()
 
 
 def mean(scores: dict[str, dict], metric: str, codes: list[str]) -> float:
@@ -173,8 +172,7 @@ def cost_table(
     """From the ledger only: the experts (default: the current ones) one after another
     and with K parallel workers (projected by a longest-first schedule of their measured times),
     the joint model (default: the newest), and the merges (those that ended by `before`)."""
-    registry = Registry(recipe.run_dir)
-    try:
+    with recipe.rundir.registry() as registry:
         experts = experts or {c: registry.latest("expert", c) for c in codes}
         joint = joint or registry.latest("joint")
         names = {v.name() for v in recipe.merge.compare}
@@ -184,8 +182,6 @@ def cost_table(
             if m["params"].get("name") in names and (before is None or m["ended"] <= before)
         }
         seeds = [j for j in registry.ledger() if j["kind"] == "seed" and j["status"] == "done"]
-    finally:
-        registry.close()
     # the experts branch from the seed: it runs before them, and is part of the initial cost
     seed_job = seeds[-1] if seeds and recipe.experts.start == "seed" else None
     seed = seed_job["wall_s"] if seed_job else 0.0
@@ -378,7 +374,7 @@ def cost_rows(c: dict) -> list[dict]:
 
 def write_report(recipe: Recipe, study: Study) -> Path:
     """report.md and results.json in the run directory (written whole, then renamed)."""
-    run_dir = Path(recipe.run_dir)
+    run = recipe.rundir
     results = {
         "languages": study.languages,
         "split": study.split,
@@ -391,7 +387,7 @@ def write_report(recipe: Recipe, study: Study) -> Path:
         "identical": study.identical,
         "notes": study.notes,
     }
-    atomic_write(run_dir / RESULTS, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    atomic_write(run.results, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     lines = [
         "# langmerge study",
         "",
@@ -419,8 +415,8 @@ def write_report(recipe: Recipe, study: Study) -> Path:
         f"Parallel figures are {study.cost['makespan_source']}.",
         "",
     ]
-    atomic_write(run_dir / REPORT, "\n".join(lines))
-    return run_dir / REPORT
+    atomic_write(run.study_report, "\n".join(lines))
+    return run.study_report
 
 
 def markdown_table(rows: list[dict]) -> list[str]:

@@ -25,11 +25,10 @@ from langmerge.merge.io import ModelFiles, check_finite, load_adapter
 from langmerge.merge.methods import check_inputs, get_method
 from langmerge.merge.regmean import ALPHA
 from langmerge.merge.stream import adapter_merge, check_adapters, regmean_merge
-from langmerge.meter import Meter
-from langmerge.processes import serving_lock
 from langmerge.progress import progress_bar
-from langmerge.project.recipe import CHOSEN, Recipe, Sweep, merge_settings, primary_metric
-from langmerge.project.registry import Registry, require_trained
+from langmerge.project.recipe import Recipe, Sweep, primary_metric
+from langmerge.project.registry import Registry
+from langmerge.project.state import CHOSEN, merge_settings
 from langmerge.workflows.evaluation import (
     evaluate,
     evaluation_health,
@@ -168,7 +167,7 @@ def sweep(
     say: Callable[[str], None] = lambda _: None,
 ) -> dict:
     """Run the recipe's sweep (see the module docstring); returns the recorded result."""
-    require_trained(recipe.run_dir)
+    recipe.rundir.require_trained()
     data = load_data(recipe.data_spec()).require_valid()
     codes = list(data.languages)
     require_split(data, codes, "validation")
@@ -176,13 +175,13 @@ def sweep(
     for _, p in points:
         weights = [dict(p.weights).get(c, 1.0) for c in codes] if p.weights else None
         check_inputs(get_method(p.method), len(codes), weights)
-    with serving_lock(recipe.run_dir):
+    with recipe.rundir.serving():
         return _sweep(recipe, data, codes, points, progress, say)
 
 
 def _sweep(recipe, data: ProjectData, codes, points, progress, say) -> dict:
-    registry = Registry(recipe.run_dir)
-    try:
+    run = recipe.rundir
+    with run.registry() as registry:
         experts = usable_experts(registry, codes)
         missing = [c for c, e in experts.items() if e is None]
         if missing:
@@ -203,10 +202,8 @@ def _sweep(recipe, data: ProjectData, codes, points, progress, say) -> dict:
         same = ", ".join(f"{a} = {b}" for a, b in duplicates(recipe.sweep).items())
         say(f"sweep: {len(points)} points, {len(points) - len(todo)} already scored"
             + (f" (left out, the same merge as another: {same})" if same else ""))  # fmt: skip
-        job = registry.start_job("sweep", codes, recipe.digest(), _digest(keys))
-        meter = Meter()
-        tokens = examples = 0
-        try:
+        with run.job(registry, "sweep", codes, (recipe.digest(), _digest(keys))) as job:
+            used = job.tally
             if any(get_method(p.method).data_aware for _, p in todo):
                 ensure_statistics(recipe, experts, say)  # for experts trained without them
             merger = InMemoryMerge(recipe, data, experts) if todo else None
@@ -217,9 +214,9 @@ def _sweep(recipe, data: ProjectData, codes, points, progress, say) -> dict:
                     merger.apply(configs[name])
                     metrics, n_tokens, n_examples = merger.score(codes, "validation")
                     seconds = time.perf_counter() - start
-                    tokens, examples = tokens + n_tokens, examples + n_examples
+                    used.tokens, used.examples = used.tokens + n_tokens, used.examples + n_examples
                     ids = [e["id"] for e in experts.values()]
-                    registry.record_sweep_point(job, point_keys[name], name, p.settings(), ids,
+                    registry.record_sweep_point(job.id, point_keys[name], name, p.settings(), ids,
                                                 metrics, seconds)  # fmt: skip
                     found[name] = registry.sweep_point(point_keys[name])
                     value = selection_score(metrics, metric, select)
@@ -267,15 +264,10 @@ def _sweep(recipe, data: ProjectData, codes, points, progress, say) -> dict:
                     merger = InMemoryMerge(recipe, data, experts)
                 merger.apply(configs[winner])
                 result["test"], n_tokens, n_examples = merger.score(codes, "test")
-                tokens, examples = tokens + n_tokens, examples + n_examples
-        except BaseException as e:
-            registry.fail_job(job, str(e) or type(e).__name__, meter.cost(tokens, examples))
-            raise
-        result["scored_here"] = len(todo)
-        result["id"] = registry.finish_sweep(job, meter.cost(tokens, examples), result)
-        result["job_s"] = registry.job(job)["wall_s"]
-    finally:
-        registry.close()
+                used.tokens, used.examples = used.tokens + n_tokens, used.examples + n_examples
+            result["scored_here"] = len(todo)
+            result["id"] = registry.finish_sweep(job.id, job.cost(), result)
+        result["job_s"] = job.wall_s()
     # the decision's evaluation and merge are ledger jobs of their own, after the sweep's
     if bad:
         say("degenerate experts: the sweep's choice is recorded, nothing is served")
@@ -284,11 +276,8 @@ def _sweep(recipe, data: ProjectData, codes, points, progress, say) -> dict:
         serve = _against_current(recipe, data, codes, dict(points)[winner], winner, experts,
                                  result, progress, say)  # fmt: skip
     result["sweep_s"] = sum(p["seconds"] for p in result["points"])
-    registry = Registry(recipe.run_dir)
-    try:
+    with run.registry() as registry:
         registry.conclude_sweep(result["id"], result, serve)
-    finally:
-        registry.close()
     if serve is not None and "test" in result:  # the registry's own test scores of it
         evaluate(recipe, result["served"], codes, "test", data, say=say)
     return result
@@ -314,11 +303,8 @@ def _against_current(recipe, data, codes, point: Point, winner: str, experts, re
                      say) -> tuple[int, str] | None:  # fmt: skip
     """(merge id, reason) when the winner should go into service: it scores higher on
     validation than the merge in service (or none is). The winner is then written as a merge."""
-    registry = Registry(recipe.run_dir)
-    try:
+    with recipe.rundir.registry() as registry:
         current = registry.current_merge()
-    finally:
-        registry.close()
     metric, select = result["metric"], result["select"]
     if current is not None:
         ref = merge_ref(current)

@@ -9,7 +9,6 @@ in one registry transaction.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import shutil
@@ -28,7 +27,6 @@ from langmerge.evaluate.health import DEGENERATE
 from langmerge.evaluate.predict import generate, validation_pass, validation_scores
 from langmerge.executors import ray
 from langmerge.files import parse_size, write_json
-from langmerge.meter import Meter
 from langmerge.models.backbones import (
     load_config,
     load_tokenizer,
@@ -36,7 +34,7 @@ from langmerge.models.backbones import (
 )
 from langmerge.processes import exclusive, rank, world_size
 from langmerge.project.recipe import Recipe, primary_metric
-from langmerge.project.registry import DB_NAME, Registry, TrainedModel
+from langmerge.project.registry import Registry, TrainedModel
 from langmerge.train import statistics
 from langmerge.train.trainer import Counts, build_peft_model, fit
 from langmerge.workflows.bases import check_recipe_targets, ensure_seed, expert_base, prepared_base
@@ -95,8 +93,7 @@ def train(
         raise ConfigError("a job spread over several processes runs with the local executor")
     if rank() > 0:  # one of several processes of one job (torchrun, accelerate launch)
         return _follow(recipe, data, targets, force, continue_from)
-    registry = Registry(recipe.run_dir)
-    try:
+    with recipe.rundir.registry() as registry:
         if seeded:
             torch.set_num_threads(_threads(recipe.training.threads))
             ensure_seed(recipe, registry, data, progress, say)
@@ -107,25 +104,21 @@ def train(
         torch.set_num_threads(_threads(recipe.training.threads))
         return [_train_one(recipe, registry, data, t, force, progress, say, continue_from)
                 for t in targets]  # fmt: skip
-    finally:
-        registry.close()
 
 
 def _follow(recipe, data, targets, force, continue_from) -> list[Trained]:
     """Ranks above 0 of a multi-process job: read the same cache entry as rank 0 (read-only)
     and train alongside it; rank 0 alone locks, scores, saves and records."""
 
-    if not (Path(recipe.run_dir) / DB_NAME).is_file():  # rank 0 has not created it yet
-        Registry(recipe.run_dir).close()  # (creating it is safe from several processes)
-    registry = Registry(recipe.run_dir, read_only=True)
-    try:
+    run = recipe.rundir
+    if not run.has_registry():  # rank 0 has not created it yet
+        run.registry().close()  # (creating it is safe from several processes)
+    with run.registry(read_only=True) as registry:
         for target in targets:
             hashes, work = plan(recipe, data, target, continue_from)
             if cached(registry, data, target, hashes, force, lambda _: None) is None:
                 fit_and_stage(recipe, data, target, work, False, lambda _: None, Counts(),
                               continue_from, leader=False)  # fmt: skip
-    finally:
-        registry.close()
     return []
 
 
@@ -168,7 +161,7 @@ def plan(
     data_hash = data.joint_digest() if language is None else data.languages[language].digest
     if continue_from is not None:  # not the model a retrain on this data would make
         data_hash = hashlib.sha256(f"{data_hash}+{continue_from.adapter}".encode()).hexdigest()[:16]
-    folder = Path(recipe.run_dir) / ("joint" if language is None else f"experts/{language}")
+    folder = recipe.rundir.trained(language)
     return (recipe_hash, data_hash), folder / f".train-{recipe_hash}-{data_hash}"
 
 
@@ -448,20 +441,14 @@ def _run_job(
     """Train here, then place and record the model. A failed job keeps the cost it ran up."""
 
     kind, languages, name = _identity(data, language)
-    job = registry.start_job(kind, languages, *hashes)
-    meter, counts = Meter(), Counts()
-
-    def cost():
-        return meter.cost(tokens=counts.tokens, examples=counts.examples, flops=counts.flops)
-
+    counts = Counts()
     try:
-        staged = fit_and_stage(recipe, data, language, work, progress, say, counts, continue_from)
-        record = record_trained(registry, recipe, data, language, hashes, staged, job, cost(),
-                                continue_from)  # fmt: skip
+        with recipe.rundir.job(registry, kind, languages, hashes, counts) as job:
+            staged = fit_and_stage(recipe, data, language, work, progress, say, counts,
+                                   continue_from)  # fmt: skip
+            record = record_trained(registry, recipe, data, language, hashes, staged, job.id,
+                                    job.cost(), continue_from)  # fmt: skip
     except BaseException as e:
-        what = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
-        with contextlib.suppress(Exception):  # a full disk refuses it too: the next command
-            registry.fail_job(job, what, cost())  # marks the job failed
         if isinstance(e, KeyboardInterrupt):
             say(f"{name}: interrupted; the same command resumes from the last checkpoint")
         if is_disk_full(e):
@@ -471,7 +458,7 @@ def _run_job(
             ) from None
         raise
     shutil.rmtree(work, ignore_errors=True)
-    wall = registry.job(job)["wall_s"]
+    wall = job.wall_s()
     say(f"{name}: v{record.version} in {record.path} ({wall:.1f} s, {counts.tokens} tokens)")
     say_health(name, staged.health, staged.training, say)
     return Trained(kind, language, record.version, Path(record.path), False, staged.scores,
@@ -538,19 +525,18 @@ def _record(registry, recipe, data, target, planned, outcome: ray.Outcome, say) 
     """One ledger row for a Ray attempt; the model placed and recorded when it worked."""
     kind, languages, name = _identity(data, target)
     hashes, work = planned
-    job = registry.start_job(kind, languages, *hashes, started=outcome.started)
+    staged = outcome.value
+    record, error = recipe.rundir.record_remote(
+        registry, kind, languages, hashes, outcome,
+        lambda job: record_trained(registry, recipe, data, target, hashes, staged, job,
+                                   outcome.cost, ended=outcome.ended),
+    )  # fmt: skip
     if outcome.error is not None:
-        registry.fail_job(job, f"{outcome.worker}: {outcome.error}", outcome.cost, outcome.ended)
         say(f"{name}: failed on {outcome.worker or 'a worker'}: {outcome.error.splitlines()[0]}")
         return None
-    staged = outcome.value
-    try:
-        record = record_trained(registry, recipe, data, target, hashes, staged, job,
-                                outcome.cost, ended=outcome.ended)  # fmt: skip
-    except Exception as e:  # e.g. the worker's adapter is not where the driver looks
-        outcome.error = f"the driver could not record it: {type(e).__name__}: {e}"
-        registry.fail_job(job, outcome.error, outcome.cost, outcome.ended)
-        say(f"{name}: {outcome.error}")
+    if error is not None:
+        outcome.error = error
+        say(f"{name}: {error}")
         return None
     shutil.rmtree(work, ignore_errors=True)
     wall = outcome.ended - outcome.started
