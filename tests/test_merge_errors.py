@@ -138,7 +138,7 @@ def test_garbage_shard_is_reported(models, tmp_path, cli):
 def test_density_outside_unit_interval(models, tmp_path, cli, density):
     out = tmp_path / "out"
     code, text = cli(*full_args(models, out, "--density", density))
-    assert code == 1 and "density" in text and ("(0, 1]" in text or "greater than 0" in text)
+    assert code == 1 and "density must be in (0, 1]" in text
     assert_nothing_left(out)
 
 

@@ -227,7 +227,7 @@ def test_sweep_mistakes(tmp_path, cli):
     data["sweep"] = {"grid": [{"method": "ties", "density": [0.0]}]}
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     code, text = cli("sweep", path)
-    assert code == 1 and "densities must be in (0, 1]" in text
+    assert code == 1 and "density must be in (0, 1], got 0.0" in text
     data["sweep"] = {"weights": [{"xx": 2.0}]}
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     code, text = cli("check", path)

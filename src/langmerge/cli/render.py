@@ -200,11 +200,15 @@ def _cost_rows(c: dict) -> list[dict]:
 
 
 def methods() -> None:
-    """`langmerge methods`: every merge method, what it does and what it needs."""
+    """`langmerge methods`: every merge method, what it does, the parameters it takes and what
+    it needs."""
     from langmerge.merge.methods import METHODS
+    from langmerge.merge.params import listed
 
-    t = Table("method", "what it does", "random", "LoRA only", "needs")
+    t = Table("method", "what it does", "parameters", "random", "LoRA only", "needs")
     for m in METHODS.values():
-        needs = "each expert's input statistics (alpha, fallback)" if m.data_aware else ""
-        t.add_row(m.name, m.summary, "yes" if m.random else "", "yes" if m.knots else "", needs)
+        takes = listed(m.params) + (" and its fallback's" if m.data_aware else "")
+        needs = "each expert's input statistics" if m.data_aware else ""
+        t.add_row(m.name, m.summary, takes, "yes" if m.random else "", "yes" if m.knots else "",
+                  needs)  # fmt: skip
     out.print(t)

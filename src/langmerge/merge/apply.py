@@ -118,7 +118,7 @@ def _run(cfg, method, params, base, experts, stats, out, force, progress, start)
         if cfg.space != "delta":
             raise ConfigError(f"{method.name} merges in space 'delta' only")
         merged = regmean_merge(
-            adapters or experts, stats, cfg.weights, cfg.alpha, fallback, tally, cfg.lam
+            adapters or experts, stats, cfg.weights, params.alpha, fallback, tally, params.lam
         )
 
     summary: dict = {
@@ -252,7 +252,7 @@ def write_adapter(
                     scalings=[m.scaling for m, _ in present],
                     weights=[w for _, w in present],
                     density=params.density_of(0),
-                    seed=cfg.seed,
+                    seed=params.seed,
                     name=name,
                 )
                 if layout != "linear":  # back to the weight's orientation, as in delta space
@@ -264,8 +264,8 @@ def write_adapter(
                 ]
                 b, a = regmean_lora(factors, [m.scaling if m else 1.0 for m, _ in mods],
                                     [s.gram(name) for s in stats], weights=weights,
-                                    alpha=cfg.alpha)  # fmt: skip
-                b = b * cfg.lam
+                                    alpha=params.alpha)  # fmt: skip
+                b = b * params.lam
                 up = exact(b, a, rank) if rank >= b.shape[1] else factor_product(b, a, rank)
             else:
                 factors = [
@@ -310,7 +310,7 @@ def write_adapter(
         ]
         if theta0.dim() == 2 and by_regmean(name, []):
             delta = regmean(deltas, [s.gram(name) for s in stats], weights=weights,
-                            alpha=cfg.alpha).mul_(cfg.lam)  # fmt: skip
+                            alpha=params.alpha).mul_(params.lam)  # fmt: skip
         else:
             delta = merge_tensor(method, deltas, weights, params, name, theta0)
         state[f"base_model.model.{name}"] = (theta0 + delta).to(base.tensors[name].dtype)

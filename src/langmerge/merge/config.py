@@ -12,7 +12,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from langmerge.errors import ConfigError
 from langmerge.files import parse_size
-from langmerge.merge.methods import METHODS, MergeParams, get_method
+from langmerge.merge.methods import METHODS, check_params, get_method
+from langmerge.merge.params import PARAMETERS, Density, MergeParams
 from langmerge.merge.regmean import ALPHA
 from langmerge.yamlfile import read_mapping, validate
 
@@ -35,7 +36,7 @@ class ExpertSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: Path
     weight: float = 1.0
-    density: float | None = None
+    density: Density | None = None
     name: str | None = None
     statistics: Path | None = None  # folder of input Gram matrices (data-aware methods)
 
@@ -51,7 +52,7 @@ class MergeConfig(BaseModel):
     method: MethodName
     base: Path
     experts: list[ExpertSpec] = Field(min_length=1)
-    density: float = 1.0
+    density: Density = 1.0
     lam: float = Field(1.0, alias="lambda")
     normalize: bool | None = None
     gamma: float = Field(0.01, ge=0.0, lt=1.0)
@@ -69,13 +70,6 @@ class MergeConfig(BaseModel):
     shard_size: int | str = "2GB"
     allow_pickle: bool = False
     source: str = "langmerge"  # or "mergekit": where the config came from, for the model card
-
-    @field_validator("density")
-    @classmethod
-    def _density(cls, v: float) -> float:
-        if not 0.0 < v <= 1.0:
-            raise ValueError(f"density must be in (0, 1], got {v}")
-        return v
 
     @field_validator("shard_size")
     @classmethod
@@ -100,9 +94,6 @@ class MergeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> MergeConfig:
-        for e in self.experts:
-            if e.density is not None and not 0.0 < e.density <= 1.0:
-                raise ValueError(f"density of expert {e.label} must be in (0, 1], got {e.density}")
         fallback = get_method(self.fallback)
         if fallback.data_aware or fallback.knots or fallback.combine == "slerp":
             raise ValueError(
@@ -111,20 +102,39 @@ class MergeConfig(BaseModel):
         labels = [e.label for e in self.experts]
         if len(set(labels)) != len(labels):
             raise ValueError(f"expert names must be unique, got {labels}; set `name:` on each")
+        try:
+            check_params(get_method(self.method), self.set_params(), fallback)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
         return self
 
+    def set_params(self) -> set[str]:
+        """The parameters (names of `merge.params.PARAMETERS`) this config sets to a value other
+        than their default; a per-expert density counts as `density`. A default written out
+        (as in the `config` of a merge's langmerge_merge.json) sets nothing."""
+        fields = type(self).model_fields
+        out = {
+            name
+            for name in self.model_fields_set & PARAMETERS.keys()
+            if getattr(self, name) != fields[name].default
+        }
+        if any(e.density is not None for e in self.experts):
+            out.add("density")
+        return out
+
     def params(self) -> MergeParams:
-        dens = [e.density if e.density is not None else self.density for e in self.experts]
-        density = dens[0] if len(set(dens)) == 1 else tuple(dens)
-        return MergeParams(
-            density,
-            self.lam,
-            self.normalize,
-            self.gamma,
-            self.epsilon,
-            self.t,
-            self.rescale,
-            self.seed,
+        """What the maths gets: the parameters, with one density per expert where they differ."""
+        return MergeParams.from_settings(
+            len(self.experts),
+            density=[e.density if e.density is not None else self.density for e in self.experts],
+            lam=self.lam,
+            normalize=self.normalize,
+            gamma=self.gamma,
+            epsilon=self.epsilon,
+            t=self.t,
+            rescale=self.rescale,
+            seed=self.seed,
+            alpha=self.alpha,
         )
 
     @property
@@ -150,12 +160,14 @@ class MergeConfig(BaseModel):
 
 
 def build_config(data: dict, where: str = "config") -> MergeConfig:
-    """Validate a dict as a MergeConfig; errors name the field and say what is allowed."""
+    """Validate a dict as a MergeConfig; errors name the field and say what is allowed (a
+    parameter the method does not take, set to other than its default, is one)."""
     return validate(MergeConfig, data, where)
 
 
 def load_config(path: Path, **overrides: Any) -> MergeConfig:
-    """Read a merge config file (langmerge's own format or mergekit's) and validate it."""
+    """Read a merge config file (langmerge's own format or mergekit's) and validate it; a
+    parameter the method does not take is an error (`overrides` included)."""
     data = read_mapping(path, "config file", "method:, base:, experts: …")
     if "merge_method" in data:
         data = from_mergekit(data)
@@ -287,10 +299,13 @@ def from_mergekit(data: dict) -> dict:
         "method": method,
         "base": str(base),
         "experts": experts,
-        "normalize": bool(params.get("normalize", normalize_default)),
-        "rescale": rescale,
         "source": "mergekit",
     }
+    takes = get_method(method).params
+    if "normalize" in takes or "normalize" in params:  # mergekit's default made explicit
+        out["normalize"] = bool(params.get("normalize", normalize_default))
+    if "rescale" in takes or "rescale" in params:
+        out["rescale"] = rescale
     for ours, theirs in [
         ("density", "density"),
         ("lam", "lambda"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -26,6 +27,7 @@ from langmerge.merge.methods import (
     merge_tensor,
     topk_mask,
 )
+from langmerge.merge.params import check_density
 
 Factors = tuple[Tensor, Tensor]  # (B, A)
 POWER_ITERS = 1  # of the randomized truncated SVD: within a few % of the best error, see bench/
@@ -65,14 +67,11 @@ def _check_factors(factors: Sequence[Factors], scalings: Sequence[float] | None)
 
 
 def _params(
-    method: Method, n: int, weights, density, lam, seed, normalize, gamma, epsilon, t, rescale
+    method: Method, n: int, weights: Sequence[float] | None, **settings: Any
 ) -> tuple[list[float], MergeParams]:
     check_inputs(method, n, weights)
-    dens = tuple(density) if isinstance(density, Sequence) else density
-    if isinstance(dens, tuple) and len(dens) != n:
-        raise ConfigError(f"got {len(dens)} densities for {n} experts")
     w = list(weights) if weights is not None else [1.0] * n
-    return w, MergeParams(dens, lam, normalize, gamma, epsilon, t, rescale, seed)
+    return w, MergeParams.from_settings(n, **settings)
 
 
 def knots_basis(
@@ -137,7 +136,17 @@ def merge_lora(
         raise ConfigError(f"{method} needs Gram matrices: call merge.regmean.regmean_lora")
     s = _check_factors(factors, scalings)
     w, params = _params(
-        m, len(factors), weights, density, lam, seed, normalize, gamma, epsilon, t, rescale
+        m,
+        len(factors),
+        weights,
+        density=density,
+        lam=lam,
+        seed=seed,
+        normalize=normalize,
+        gamma=gamma,
+        epsilon=epsilon,
+        t=t,
+        rescale=rescale,
     )
     if m.knots:
         us, v = _knots(m, factors, s, w, params, name)
@@ -259,7 +268,16 @@ def merge_lora_factored(
         raise ConfigError(f"{method} needs Gram matrices: call merge.regmean.regmean_lora")
     s = _check_factors(factors, scalings)
     w, params = _params(
-        m, len(factors), weights, density, lam, seed, normalize, gamma, epsilon, 0.5, rescale
+        m,
+        len(factors),
+        weights,
+        density=density,
+        lam=lam,
+        seed=seed,
+        normalize=normalize,
+        gamma=gamma,
+        epsilon=epsilon,
+        rescale=rescale,
     )
     if m.combine == "slerp":
         raise ConfigError("slerp interpolates full weights; it cannot output a LoRA adapter")
@@ -349,6 +367,7 @@ def merge_lora_peft(
     s = _check_factors(factors, scalings)
     w = list(weights) if weights is not None else [1.0] * len(factors)
     check_inputs(get_method(method), len(factors), w)
+    check_density(density)
     ranks = {A.shape[0] for _, A in factors}
     if len(ranks) > 1:
         raise InputError(

@@ -3,14 +3,15 @@
 Every method maps deltas τ₁…τₙ of one tensor (expert − base) to one merged delta τ; the merged
 weight is θ₀ + τ. A method is a sparsifier applied to each delta (none, trim, dare, breadcrumbs,
 della) followed by a combiner (weighted sum or TIES sign vote), or one of the special methods
-(model_stock, slerp). Maths runs in float32; the functions here never do I/O.
+(model_stock, slerp). Maths runs in float32; the functions here never do I/O. Their parameters
+come in one `merge.params.MergeParams`; each registry entry declares those it takes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -18,41 +19,7 @@ import torch
 from torch import Tensor
 
 from langmerge.errors import ConfigError
-
-Rescale = Literal["density", "l1", "none"]
-
-
-@dataclass(frozen=True)
-class MergeParams:
-    """Hyper-parameters of one merge. `density` may be one value or one per expert."""
-
-    density: float | tuple[float, ...] = 1.0
-    lam: float = 1.0
-    normalize: bool | None = None  # None: the method's default
-    gamma: float = 0.01
-    epsilon: float = 0.15
-    t: float = 0.5
-    rescale: Rescale = "density"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        densities = self.density if isinstance(self.density, tuple) else (self.density,)
-        for d in densities:
-            if not (0.0 < d <= 1.0) or math.isnan(d):
-                raise ConfigError(f"density must be in (0, 1], got {d}")
-        if not 0.0 <= self.gamma < 1.0:
-            raise ConfigError(f"gamma must be in [0, 1), got {self.gamma}")
-        if not 0.0 <= self.epsilon < 1.0:
-            raise ConfigError(f"epsilon must be in [0, 1), got {self.epsilon}")
-        if not 0.0 <= self.t <= 1.0:
-            raise ConfigError(f"slerp t must be in [0, 1], got {self.t}")
-        if self.rescale not in ("density", "l1", "none"):
-            raise ConfigError(f"rescale must be one of density, l1, none; got {self.rescale!r}")
-        if not math.isfinite(self.lam):
-            raise ConfigError(f"lambda must be a finite number, got {self.lam}")
-
-    def density_of(self, i: int) -> float:
-        return self.density[i] if isinstance(self.density, tuple) else self.density
+from langmerge.merge.params import PARAMETERS, MergeParams, Rescale, listed
 
 
 def generator(seed: int, name: str, index: int) -> torch.Generator:
@@ -361,9 +328,21 @@ def slerp(a: Tensor, b: Tensor, t: float, threshold: float = 0.9995) -> Tensor:
 Sparsify = Literal["none", "trim", "dare", "breadcrumbs", "della"]
 
 
+# What the sum and TIES combiners read: λ scales the merged delta, `normalize` divides by the
+# weights.
+SUM = ("lam", "normalize")
+
+
+def takes(*names: str) -> frozenset[str]:
+    """The parameters a method takes, by their names in `merge.params.PARAMETERS`."""
+    return frozenset(names)
+
+
 @dataclass(frozen=True)
 class Method:
-    """One entry of the registry: how a method sparsifies and combines."""
+    """One entry of the registry: how a method sparsifies and combines, and which parameters it
+    takes (`params`, names of `merge.params.PARAMETERS`; a merge config that sets another one
+    is refused, see `check_params`)."""
 
     name: str
     summary: str
@@ -376,6 +355,12 @@ class Method:
     uses_weights: bool = True
     aliases: tuple[str, ...] = field(default=())
     data_aware: bool = False  # needs each expert's input statistics (see merge/regmean.py)
+    params: frozenset[str] = field(kw_only=True)
+
+    def __post_init__(self) -> None:
+        unknown = self.params - PARAMETERS.keys()
+        if unknown:
+            raise ValueError(f"method {self.name}: unknown parameters {sorted(unknown)}")
 
     @property
     def random(self) -> bool:
@@ -385,31 +370,88 @@ class Method:
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
-        Method("linear", "Σ wᵢτᵢ / Σ wᵢ", normalize=True),
-        Method("task_arithmetic", "λ · Σ wᵢτᵢ"),
-        Method("magnitude_prune", "λ · Σ wᵢ·trim(τᵢ, d)", sparsify="trim"),
-        Method("ties", "trim, sign vote, disjoint mean", "trim", "ties", normalize=True),
+        Method("linear", "Σ wᵢτᵢ / Σ wᵢ", normalize=True, params=takes(*SUM)),
+        Method("task_arithmetic", "λ · Σ wᵢτᵢ", params=takes(*SUM)),
         Method(
-            "dare_ties", "DARE drop-and-rescale, sign vote, disjoint mean", "dare", "ties", True
-        ),
-        Method("dare_linear", "λ · Σ wᵢ·dare(τᵢ, d)", sparsify="dare"),
-        Method("breadcrumbs", "drop outliers and small entries, sum", sparsify="breadcrumbs"),
-        Method(
-            "breadcrumbs_ties", "breadcrumbs, sign vote, disjoint mean", "breadcrumbs", "ties", True
-        ),
-        Method("della", "magnitude-ranked random drop, sum", sparsify="della"),
-        Method("della_ties", "magnitude-ranked random drop, sign vote", "della", "ties", True),
-        Method(
-            "knots_ties", "TIES in the KnOTS SVD basis (LoRA)", "trim", "ties", True, knots=True
+            "magnitude_prune",
+            "λ · Σ wᵢ·trim(τᵢ, d)",
+            sparsify="trim",
+            params=takes("density", *SUM),
         ),
         Method(
-            "knots_dare_ties", "DARE-TIES in the KnOTS basis (LoRA)", "dare", "ties", True, True
+            "ties",
+            "trim, sign vote, disjoint mean",
+            "trim",
+            "ties",
+            normalize=True,
+            params=takes("density", *SUM),
+        ),
+        Method(
+            "dare_ties",
+            "DARE drop-and-rescale, sign vote, disjoint mean",
+            "dare",
+            "ties",
+            True,
+            params=takes("density", "seed", "rescale", *SUM),
+        ),
+        Method(
+            "dare_linear",
+            "λ · Σ wᵢ·dare(τᵢ, d)",
+            sparsify="dare",
+            params=takes("density", "seed", "rescale", *SUM),
+        ),
+        Method(
+            "breadcrumbs",
+            "drop outliers and small entries, sum",
+            sparsify="breadcrumbs",
+            params=takes("density", "gamma", *SUM),
+        ),
+        Method(
+            "breadcrumbs_ties",
+            "breadcrumbs, sign vote, disjoint mean",
+            "breadcrumbs",
+            "ties",
+            True,
+            params=takes("density", "gamma", *SUM),
+        ),
+        Method(
+            "della",
+            "magnitude-ranked random drop, sum",
+            sparsify="della",
+            params=takes("density", "epsilon", "seed", "rescale", *SUM),
+        ),
+        Method(
+            "della_ties",
+            "magnitude-ranked random drop, sign vote",
+            "della",
+            "ties",
+            True,
+            params=takes("density", "epsilon", "seed", "rescale", *SUM),
+        ),
+        Method(
+            "knots_ties",
+            "TIES in the KnOTS SVD basis (LoRA)",
+            "trim",
+            "ties",
+            True,
+            knots=True,
+            params=takes("density", *SUM),
+        ),
+        Method(
+            "knots_dare_ties",
+            "DARE-TIES in the KnOTS basis (LoRA)",
+            "dare",
+            "ties",
+            True,
+            True,
+            params=takes("density", "seed", "rescale", *SUM),
         ),
         Method(
             "regmean",
             "least squares on each expert's input Gram matrices (data-aware; linear maps)",
             combine="regmean",
             data_aware=True,
+            params=takes("alpha", "fallback", "lam"),  # and what its fallback takes
         ),
         Method(
             "model_stock",
@@ -417,6 +459,7 @@ METHODS: dict[str, Method] = {
             combine="model_stock",
             min_models=2,
             uses_weights=False,
+            params=takes("lam"),
         ),
         Method(
             "slerp",
@@ -425,6 +468,7 @@ METHODS: dict[str, Method] = {
             min_models=2,
             max_models=2,
             uses_weights=False,
+            params=takes("t"),
         ),
     ]
 }
@@ -438,6 +482,25 @@ def get_method(name: str) -> Method:
         raise ConfigError(
             f"unknown merge method {name!r}; valid methods: {', '.join(sorted(METHODS))}"
         ) from None
+
+
+def parameters_of(method: Method, fallback: Method | None = None) -> frozenset[str]:
+    """The parameters a merge with `method` takes: its own, and for a data-aware method those of
+    its `fallback` (the method for the other tensors)."""
+    return method.params | (fallback.params if method.data_aware and fallback else frozenset())
+
+
+def check_params(method: Method, given: Iterable[str], fallback: Method | None = None) -> None:
+    """An error naming the parameters in `given` that `method` does not take, and those it does."""
+    takes = parameters_of(method, fallback)
+    unused = set(given) - takes
+    if unused:
+        via = f" with fallback {fallback.name}" if method.data_aware and fallback else ""
+        them = "it" if len(unused) == 1 else "them"
+        raise ConfigError(
+            f"{method.name}{via} does not use {listed(unused)} (it takes {listed(takes)}): "
+            f"remove {them}, or choose a method that uses {them}"
+        )
 
 
 def check_inputs(method: Method, n_models: int, weights: Sequence[float] | None) -> None:
@@ -538,10 +601,17 @@ def merge_deltas(
     shapes = {tuple(tau.shape) for tau in deltas}
     if len(shapes) > 1:
         raise ConfigError(f"deltas have different shapes: {sorted(shapes)}")
-    dens = tuple(density) if isinstance(density, Sequence) else density
-    if isinstance(dens, tuple) and len(dens) != len(deltas):
-        raise ConfigError(f"got {len(dens)} densities for {len(deltas)} deltas")
-    params = MergeParams(dens, lam, normalize, gamma, epsilon, t, rescale, seed)
+    params = MergeParams.from_settings(
+        len(deltas),
+        density=density,
+        lam=lam,
+        normalize=normalize,
+        gamma=gamma,
+        epsilon=epsilon,
+        t=t,
+        rescale=rescale,
+        seed=seed,
+    )
     owned = [tau.detach().to(torch.float32, copy=True) for tau in deltas]
     base32 = base.detach().to(torch.float32) if base is not None else None
     w = list(weights) if weights is not None else [1.0] * len(deltas)

@@ -21,6 +21,7 @@ from langmerge.errors import ConfigError
 from langmerge.executors.settings import Executor, memory_size
 from langmerge.languages import problem as language_problem
 from langmerge.merge.config import MethodName
+from langmerge.merge.params import Density
 from langmerge.merge.regmean import ALPHA
 from langmerge.models.embedded import embedded_model
 from langmerge.project.rundir import RunDir
@@ -32,7 +33,7 @@ class MergeVariant(Strict):
     """One merge `langmerge run` makes and evaluates; unset values come from `merge:`."""
 
     method: MethodName
-    density: float | None = Field(None, gt=0.0, le=1.0)
+    density: Density | None = None
     lam: float | None = Field(None, alias="lambda")
     alpha: float | None = Field(None, gt=0.0, le=1.0)  # regmean
 
@@ -63,7 +64,7 @@ class MergeSettings(Strict):
     """How the experts are merged (see `langmerge methods`)."""
 
     method: MethodName = "ties"
-    density: float = Field(1.0, gt=0.0, le=1.0)
+    density: Density = 1.0
     lam: float = Field(1.0, alias="lambda")
     weights: dict[str, float] | None = None  # per language; default 1
     seed: int = 0
@@ -92,20 +93,12 @@ class SweepMethod(Strict):
     """One method of the sweep's grid and the densities it is tried at."""
 
     method: MethodName
-    density: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
+    density: list[Density] = Field(default_factory=lambda: [1.0], min_length=1)
 
     @field_validator("density", mode="before")
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
         return [v] if isinstance(v, int | float) else v
-
-    @field_validator("density")
-    @classmethod
-    def _in_range(cls, v: list[float]) -> list[float]:
-        bad = [d for d in v if not 0.0 < d <= 1.0]
-        if bad:
-            raise ValueError(f"densities must be in (0, 1], got {bad}")
-        return v
 
 
 DENSITIES = [0.2, 0.5, 0.8, 1.0]

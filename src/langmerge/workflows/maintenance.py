@@ -22,6 +22,8 @@ from langmerge.errors import ConfigError, InputError, LangmergeError, TrainingFa
 from langmerge.evaluate import stats
 from langmerge.evaluate.health import is_degenerate
 from langmerge.languages import problem as language_problem
+from langmerge.merge.methods import get_method, parameters_of
+from langmerge.merge.params import PARAMETERS
 from langmerge.project.recipe import Recipe, primary_metric
 from langmerge.project.rundir import RunDir
 from langmerge.project.state import load_recipe, with_data
@@ -31,7 +33,7 @@ from langmerge.workflows.recipe_merge import merge_once
 from langmerge.workflows.training import Continuation, train
 
 MERGE_SETTINGS = ("density", "lam", "seed", "normalize", "gamma", "epsilon", "t", "rescale",
-                  "space")  # fmt: skip
+                  "alpha", "fallback", "space")  # fmt: skip
 
 
 class GuardError(LangmergeError):
@@ -200,7 +202,11 @@ def _remerge(recipe: Recipe, current: dict, language: str, progress: bool, say) 
     the merge in service (recorded, not served; the same merge made before is reused): its id
     and its reference (merged:NAME#ID)."""
     params = current["params"]
-    overrides = {k: params[k] for k in MERGE_SETTINGS if k in params}
+    method = get_method(current["method"])
+    takes = parameters_of(method, get_method(params.get("fallback") or recipe.merge.fallback))
+    # the served merge's settings that its method takes (older merges recorded them all)
+    overrides = {k: params[k] for k in MERGE_SETTINGS
+                 if k in params and (k in takes or k not in PARAMETERS)}  # fmt: skip
     overrides["method"] = current["method"]
     name = params.get("name") or current["method"]
     weights = params.get("weights") or {}

@@ -11,15 +11,16 @@ from langmerge.errors import ConfigError, InputError
 from langmerge.evaluate.health import is_degenerate
 from langmerge.merge.apply import run_merge
 from langmerge.merge.config import MergeConfig, build_config
-from langmerge.merge.methods import get_method
+from langmerge.merge.methods import get_method, parameters_of
 from langmerge.project.recipe import Recipe
 from langmerge.train.statistics import FOLDER
 from langmerge.workflows.training import ensure_statistics
 
 
 def recipe_merge_config(recipe: Recipe, experts: dict[str, dict], overrides: dict) -> MergeConfig:
-    """The merge of `experts` (language → registry row) that the recipe's `merge:` describes;
-    `overrides` (non-None values) take precedence, as command-line flags do."""
+    """The merge of `experts` (language → registry row) that the recipe's `merge:` describes,
+    with the settings its method takes; `overrides` (non-None values: command-line flags, a
+    sweep's point) take precedence, and one the method does not take is refused."""
     bases = {e["base"] for e in experts.values()}
     if len(bases) > 1:
         raise InputError(
@@ -28,19 +29,19 @@ def recipe_merge_config(recipe: Recipe, experts: dict[str, dict], overrides: dic
         )
     m = recipe.merge
     weights = m.weights or {}
-    method = overrides.get("method") or m.method
+    method = get_method(overrides.get("method") or m.method)
+    fallback = get_method(overrides.get("fallback") or m.fallback)
+    shared = {"density": m.density, "lam": m.lam, "seed": m.seed, "alpha": m.alpha,
+              "fallback": m.fallback}  # fmt: skip
+    takes = parameters_of(method, fallback)
     data = {
         "method": m.method,
-        "density": m.density,
-        "lam": m.lam,
-        "seed": m.seed,
-        "alpha": m.alpha,
-        "fallback": m.fallback,
+        **{k: v for k, v in shared.items() if k in takes},  # those this merge's method takes
         "allow_pickle": recipe.allow_pickle,
         "base": bases.pop(),
         "experts": [
             {"path": e["path"], "name": code, "weight": weights.get(code, 1.0)}
-            | ({"statistics": str(statistics_dir(e))} if get_method(method).data_aware else {})
+            | ({"statistics": str(statistics_dir(e))} if method.data_aware else {})
             for code, e in experts.items()
         ],
     }

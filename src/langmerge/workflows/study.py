@@ -145,7 +145,8 @@ def _version(rows: list[dict], version: int) -> dict:
 
 def _overrides(variant: MergeVariant) -> dict:
     """The merge settings a compared variant sets over the recipe's."""
-    return {"method": variant.method, "density": variant.density, "lam": variant.lam}
+    return {"method": variant.method, "density": variant.density, "lam": variant.lam,
+            "alpha": variant.alpha}  # fmt: skip
 
 
 def _serve_first(recipe: Recipe, merge_id: int, name: str, say) -> None:
