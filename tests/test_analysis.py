@@ -9,7 +9,8 @@ from safetensors.torch import save_file
 
 from langmerge.errors import InputError
 from langmerge.merge.io import Adapter, LoraModule, ModelFiles
-from langmerge.reporting.analysis import VectorStats, cache_key, compare_experts, lora_inner
+from langmerge.merge.vectors import VectorStats, compare_experts, lora_inner
+from langmerge.reporting.analysis import cache_key
 
 Q0, V0 = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.v_proj.weight"
 Q1, V1 = "model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"
@@ -190,9 +191,7 @@ def test_experts_adapting_one_module_with_different_shapes_are_refused():
 def test_sign_counts_do_not_depend_on_the_chunking(experts, monkeypatch):
     adapters, base = experts
     whole = compare_experts(adapters, base)
-    monkeypatch.setattr(
-        "langmerge.reporting.analysis.SIGN_CHUNK", 5
-    )  # chunks split rows and modules
+    monkeypatch.setattr("langmerge.merge.vectors.SIGN_CHUNK", 5)  # chunks split rows and modules
     chunked = compare_experts(adapters, base)
     assert chunked.sign_conflict == whole.sign_conflict
     assert chunked.sign_conflict_all == whole.sign_conflict_all

@@ -218,7 +218,8 @@ def test_a_run_with_an_exploding_learning_rate_is_flagged_and_serves_nothing(tmp
 
 
 def test_a_comparison_with_a_degenerate_joint_model_is_void():
-    from langmerge.workflows.study import Study, quality_rows
+    from langmerge.reporting.tables import quality_rows
+    from langmerge.workflows.study import Study
 
     def scores(values):
         return {c: {"accuracy": v, "macro_f1": v} for c, v in zip(("en", "de"), values)}

@@ -123,7 +123,8 @@ def test_the_markdown_numbers_are_the_registry_s(reported):
     shown = {row[0]: row[1:4] for row in table[1:]}
     assert shown == expected_quality(path)
     # the study's comparison as `run` wrote it, kept after the update changed the scores
-    from langmerge.workflows.study import Study, quality_rows
+    from langmerge.reporting.tables import quality_rows
+    from langmerge.workflows.study import Study
 
     found = json.loads(load_recipe(path).rundir.results.read_text())
     study = Study(**{k: found[k] for k in ("languages", "metric", "split", "quality",

@@ -218,7 +218,7 @@ def test_a_study_over_two_seeds_keeps_each_seed_apart_and_aggregates(tmp_path, c
     assert summary["degenerate"] == {"0": [], "1": []}
     assert "No model was degenerate in any seed." in " ".join(text.split())
     # the report shows the seeds' table as seeds.json has it
-    from langmerge.workflows.seeds import seed_rows
+    from langmerge.reporting.tables import seed_rows
 
     assert cli("report", path)[0] == 0
     markdown = (recipe.run_dir / "report" / "report.md").read_text()
@@ -228,7 +228,7 @@ def test_a_study_over_two_seeds_keeps_each_seed_apart_and_aggregates(tmp_path, c
 
 
 def test_each_example_s_prediction_and_score_are_kept(study):
-    from langmerge.workflows.study import paired_text
+    from langmerge.reporting.tables import paired_text
 
     results = json.loads((load_recipe(study).run_dir / "results.json").read_text())
     joint, merged = results["quality"]["joint"]["en"], results["quality"]["merged:ties"]["en"]

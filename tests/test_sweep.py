@@ -13,6 +13,7 @@ from langmerge.project.recipe import Sweep, read_recipe
 from langmerge.project.registry import Registry
 from langmerge.project.state import load_recipe, origins
 from langmerge.reporting.status import merge_source
+from langmerge.reporting.tables import point_rows
 from langmerge.workflows import sweep as sweeping
 from langmerge.workflows.recipe_merge import merge_recipe
 
@@ -104,7 +105,7 @@ def test_the_sweep_writes_no_merge_and_records_its_choice(swept):
     point = next(p for p in result["points"] if p["name"] == result["winner"])
     assert chosen == {k: point[k] for k in ("method", "density", "lam")}
     # the table: each point minus the best, paired on the same validation examples
-    rows = {r["merge"].removesuffix(" *"): r for r in sweeping.point_rows(result)}
+    rows = {r["merge"].removesuffix(" *"): r for r in point_rows(result)}
     best = result.get("best", result["winner"])
     assert rows[best]["− best (95%)"] == "best"
     found = {p["name"]: p for p in result["points"]}

@@ -114,9 +114,9 @@ def evaluation(found: dict[str, dict], metric: str, model: str) -> None:
 
 
 def study(found, run) -> None:
-    """`langmerge run`: quality per model and language, health, cost; where it was written."""
+    """`langmerge run`: quality per model and language, health, cost; report.md written."""
     from langmerge.evaluate.stats import METHOD
-    from langmerge.workflows.study import cost_rows, health_rows, quality_rows
+    from langmerge.reporting.tables import cost_rows, health_rows, quality_rows, write_study_report
 
     out.print(table(quality_rows(found, found.alpha), f"{found.metric} on the {found.split} split"))
     out.print(f"{METHOD}; `!`: a paired difference significant at {found.alpha}")
@@ -124,22 +124,22 @@ def study(found, run) -> None:
         note(line)
     out.print(table(health_rows(found), "training health"))
     out.print(table(cost_rows(found.cost), "cost, from the ledger"))
-    out.print(f"written: {run.study_report}, {run.results}")
+    out.print(f"written: {write_study_report(run, found)}, {run.results}")
 
 
 def seeds(summary: dict, count: int, run) -> None:
-    """`langmerge run --seeds N`: the metric over the seeds, and where it was written."""
-    from langmerge.workflows.seeds import note as seeds_note
-    from langmerge.workflows.seeds import seed_rows
+    """`langmerge run --seeds N`: the metric over the seeds; seeds.md written."""
+    from langmerge.reporting.tables import note as seeds_note
+    from langmerge.reporting.tables import seed_rows, write_seeds_report
 
     out.print(table(seed_rows(summary), f"{summary['metric']} over {count} seeds"))
     out.print(seeds_note(summary))
-    out.print(f"written: {run.seeds_md}, {run.seeds_json}")
+    out.print(f"written: {write_seeds_report(run, summary)}, {run.seeds_json}")
 
 
 def sweep(result: dict, top: int | None = None) -> None:
     """`langmerge sweep`: the points (the best `top`), the winner and the decision."""
-    from langmerge.workflows.sweep import point_rows, summary_lines
+    from langmerge.reporting.tables import point_rows, summary_lines
 
     title = f"{result['metric']} on the validation split"
     if top and top < len(result["points"]):

@@ -23,6 +23,15 @@ from langmerge.project.state import load_recipe
 from langmerge.reporting import figures
 from langmerge.reporting.analysis import analysis_figures, analysis_tables, analyze, score_text
 from langmerge.reporting.status import history_rows
+from langmerge.reporting.tables import (
+    cost_rows,
+    markdown_table,
+    note,
+    point_rows,
+    quality_rows,
+    seed_rows,
+    summary_lines,
+)
 from langmerge.workflows.evaluation import (
     evaluation_health,
     evaluation_key,
@@ -30,15 +39,7 @@ from langmerge.workflows.evaluation import (
     with_interval,
 )
 from langmerge.workflows.models import merge_ref, resolve
-from langmerge.workflows.seeds import note, seed_rows
-from langmerge.workflows.study import (
-    Study,
-    cost_rows,
-    cost_table,
-    markdown_table,
-    quality_rows,
-)
-from langmerge.workflows.sweep import point_rows, summary_lines
+from langmerge.workflows.study import Study, cost_table
 
 
 @dataclass

@@ -15,7 +15,7 @@ from langmerge.files import atomic_write
 from langmerge.project.recipe import Recipe
 from langmerge.project.rundir import RunDir
 from langmerge.workflows.evaluation import interval
-from langmerge.workflows.study import Study, markdown_table, run
+from langmerge.workflows.study import Study, run
 
 
 def seed_recipes(recipe: Recipe, seeds: int) -> list[Recipe]:
@@ -36,7 +36,7 @@ def seed_recipes(recipe: Recipe, seeds: int) -> list[Recipe]:
 def run_seeds(
     recipe: Recipe, seeds: int, progress: bool = True, say: Callable[[str], None] = lambda _: None
 ) -> dict:
-    """Run the study once per seed and aggregate; writes RUN_DIR/seeds.json and seeds.md."""
+    """Run the study once per seed and aggregate; writes RUN_DIR/seeds.json."""
     studies = []
     for r in seed_recipes(recipe, seeds):
         say(f"seed {r.training.seed}: {r.run_dir}")
@@ -74,50 +74,6 @@ def aggregate(studies: list[Study], seeds: list[int]) -> dict:
             "degenerate": degenerate}  # fmt: skip
 
 
-def degenerate_seeds(summary: dict, row: str) -> int:
-    """In how many seeds the table row's model was degenerate (for the experts' row: any of
-    the language experts)."""
-
-    def hit(bad: list[str]) -> bool:
-        if row == "experts (own language)":
-            return any(b.startswith("expert:") for b in bad)
-        return row in bad
-
-    return sum(hit(bad) for bad in summary.get("degenerate", {}).values())
-
-
-def seed_rows(summary: dict) -> list[dict]:
-    """ "mean ± sd across seeds (mean half-width of the per-seed intervals)" per language, and
-    in how many seeds the model was degenerate (its scores then are no result)."""
-    out, runs = [], len(summary["seeds"])
-    for row, langs in summary["quality"].items():
-        cells = {}
-        for code, v in langs.items():
-            widths = [(b[1] - b[0]) / 2 for b in v["intervals"] if b]
-            half = f" (±{statistics.fmean(widths):.2f})" if widths else ""
-            cells[code] = f"{v['mean']:.3f} ± {v['sd']:.3f}{half}"
-        means = [v["mean"] for v in langs.values()]
-        bad = degenerate_seeds(summary, row)
-        out.append({"model": row, **cells, "mean": f"{statistics.fmean(means):.3f}",
-                    "degenerate": f"{bad}/{runs}" if bad else ""})  # fmt: skip
-    return out
-
-
-def note(summary: dict) -> str:
-    bad = sum(len(b) for b in summary.get("degenerate", {}).values())
-    return (
-        f"{summary['metric']} on the {summary['split']} split over seeds "
-        f"{', '.join(map(str, summary['seeds']))}: mean ± standard deviation across seeds, and in "
-        "brackets the mean half-width of the per-seed 95% intervals (test-sample noise). Cost of "
-        f"every seed's jobs: experts {summary['cost']['experts_serial_s']:.1f} s, joint "
-        f"{summary['cost']['joint_s']:.1f} s, merges {summary['cost']['merge_s']:.1f} s. "
-        + (f"{bad} degenerate model(s) across the seeds: their scores are no result."
-           if bad else "No model was degenerate in any seed.")
-    )  # fmt: skip
-
-
 def _write(run: RunDir, summary: dict) -> None:
-    lines = ["# langmerge study over seeds", "", note(summary), "",
-             *markdown_table(seed_rows(summary))]  # fmt: skip
+    """seeds.json (`reporting.tables.write_seeds_report` words it as seeds.md)."""
     atomic_write(run.seeds_json, json.dumps(summary, indent=2) + "\n")
-    atomic_write(run.seeds_md, "\n".join(lines) + "\n")

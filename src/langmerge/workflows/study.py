@@ -1,5 +1,6 @@
 """`langmerge run`: the whole study from one recipe — experts, the joint baseline, the merges the
-recipe compares, every model evaluated per language — then quality and cost side by side.
+recipe compares, every model evaluated per language — then quality and cost side by side
+(results.json; `reporting.tables` words them as tables and report.md).
 
 Every step is cached (unchanged experts are not retrained, an unchanged merge is not redone, a
 model already evaluated on the same data is not evaluated again), so running it again after a
@@ -14,19 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from langmerge.data.prepare import load_data
-from langmerge.evaluate import stats
 from langmerge.evaluate.health import is_degenerate
-from langmerge.evaluate.health import summary as health_summary
-from langmerge.evaluate.stats import METHOD
 from langmerge.files import atomic_write
 from langmerge.project.recipe import MergeVariant, Recipe, primary_metric
 from langmerge.workflows.evaluation import (
     PER_EXAMPLE,
     evaluate_all,
     evaluation_health,
-    per_example,
     require_split,
-    with_interval,
 )
 from langmerge.workflows.models import resolve
 from langmerge.workflows.recipe_merge import merge_once
@@ -59,7 +55,7 @@ def run(
     progress: bool = True,
     say: Callable[[str], None] = lambda _: None,
 ) -> Study:
-    """Train, merge, evaluate; write report.md and results.json into the run directory. A
+    """Train, merge, evaluate; write results.json into the run directory. A
     degenerate expert is not merged (unless `merge.allow_degenerate`), a degenerate merge is
     never served, and comparisons with a degenerate model are void."""
     with recipe.rundir.serving():
@@ -122,7 +118,7 @@ def _run(recipe: Recipe, progress: bool, say: Callable[[str], None]) -> Study:
     cost = cost_table(recipe, codes, rows_of, joint_row)
     study = Study(codes, metric, split, quality, best, cost, models,
                   recipe.evaluation.alpha, health, identical, notes)  # fmt: skip
-    write_report(recipe, study)
+    write_results(recipe, study)
     return study
 
 
@@ -265,116 +261,9 @@ def schedule(durations: list[float], workers: int) -> float:
     return max(loads)
 
 
-def quality_rows(study: Study, alpha: float = 0.05) -> list[dict]:
-    """The quality table: one row per model, the primary metric per language with its 95%
-    interval, mean and worst (and mean macro-F1 for labels, where a one-label model shows);
-    then the best merge minus joint per language, paired, with `!` where the difference is
-    significant at `alpha`, or "void" when either model is degenerate. A degenerate model's
-    row (an expert's cell) says so."""
-    f1 = study.metric != "macro_f1" and any(
-        "macro_f1" in (m or {}) for scores in study.quality.values() for m in scores.values()
-    )
-    rows = []
-    for row, scores in study.quality.items():
-        values = [scores[c][study.metric] for c in study.languages]
-        mark = " *" if row == study.best_merge else ""
-        if is_degenerate(study.health.get(row)):
-            mark += " (degenerate)"
-        cells = {}
-        for c in study.languages:
-            cells[c] = with_interval(scores[c], study.metric)
-            if row.startswith("experts") and is_degenerate(study.health.get(f"expert:{c}")):
-                cells[c] += " (degenerate)"
-        rows.append({
-            "model": row + mark,
-            **cells,
-            "mean": f"{sum(values) / len(values):.3f}",
-            "worst": f"{min(values):.3f}",
-            **({"F1 mean": f"{mean(scores, 'macro_f1', study.languages):.3f}"} if f1 else {}),
-        })  # fmt: skip
-    if study.best_merge and "joint" in study.quality:
-        best, joint = study.quality[study.best_merge], study.quality["joint"]
-        gaps = [best[c][study.metric] - joint[c][study.metric] for c in study.languages]
-        void = [who for who, row in (("the joint model", "joint"), ("the best merge",
-                study.best_merge)) if is_degenerate(study.health.get(row))]  # fmt: skip
-        if void:
-            text = f"void: {' and '.join(void)} {'is' if len(void) == 1 else 'are'} degenerate"
-            cells = {c: text for c in study.languages}
-        else:
-            cells = {c: paired_text(best[c], joint[c], study.metric, alpha)
-                     for c in study.languages}  # fmt: skip
-        rows.append({
-            "model": "best merge − joint",
-            **cells,
-            "mean": "void" if void else f"{sum(gaps) / len(gaps):+.3f}",
-            "worst": "void" if void else f"{min(gaps):+.3f}",
-            **({"F1 mean": ""} if f1 else {}),
-        })  # fmt: skip
-    return rows
-
-
-def health_rows(study: Study) -> list[dict]:
-    """The health table: every trained model's verdict and every merge's (from its
-    predictions on the evaluation split), with the evidence and what to try."""
-    rows = []
-    for row, h in study.health.items():
-        rows.append({"model": row, "health": health_summary(h),
-                     "advice": "; ".join((h or {}).get("advice", []))})  # fmt: skip
-    return rows
-
-
-def paired_text(a: dict, b: dict, metric: str, alpha: float) -> str:
-    """ "−0.103 (−0.23–+0.03)": a − b on the same examples with its 95% interval; `!` when
-    significant at `alpha` (McNemar exact for right/wrong scores, else paired bootstrap)."""
-
-    diff = a[metric] - b[metric]
-    x, y = per_example(a, metric), per_example(b, metric)
-    if not x or not y or len(x) != len(y):
-        return f"{diff:+.3f}"
-    c = stats.compare(x, y)
-    return f"{diff:+.3f} ({c.low:+.2f}–{c.high:+.2f}){' !' if c.significant(alpha) else ''}"
-
-
-def cost_rows(c: dict) -> list[dict]:
-    """The cost table of `cost_table`: experts serial and in parallel, joint, merge — wall and
-    CPU seconds, training FLOPs, and each against the joint model."""
-    seed = c.get("seed_s", 0.0)
-    cpu, flops = c.get("cpu_s", {}), c.get("flops", {})  # (absent in studies before 0.1.1)
-    joint_cpu, joint_flops = cpu.get("joint", 0.0), flops.get("joint", 0.0)
-
-    def row(job: str, wall: float, cpu_s: float | None, fl: float | None) -> dict:
-        return {
-            "job": job,
-            "wall s": f"{wall:.1f}",
-            "vs joint": f"{wall / c['joint_s']:.2f}×",
-            "CPU s": "—" if cpu_s is None else f"{cpu_s:.1f}",
-            "CPU vs joint": f"{cpu_s / joint_cpu:.2f}×" if cpu_s is not None and joint_cpu else "—",
-            "FLOPs": "—" if not fl else f"{fl:.2e}",
-            "FLOPs vs joint": f"{fl / joint_flops:.2f}×" if fl and joint_flops else "—",
-        }
-
-    first = "seed + " if seed else ""
-    s_cpu, s_fl = cpu.get("seed", 0.0), flops.get("seed", 0.0)
-    e_cpu, e_fl, m_cpu = cpu.get("experts"), flops.get("experts"), cpu.get("merge", 0.0)
-    total_cpu = None if e_cpu is None else s_cpu + e_cpu + m_cpu
-    total_fl = None if e_fl is None else s_fl + e_fl + flops.get("merge", 0.0)
-    parallel = (f"experts, {c['workers']} parallel workers "
-                f"({'measured' if c.get('makespan_measured') else 'projected'})")  # fmt: skip
-    rows = [row("seed (joint warm-up the experts branch from)", seed, s_cpu, s_fl)] if seed else []
-    return rows + [
-        row("experts, one after another", c["experts_serial_s"], e_cpu, e_fl),
-        row(parallel, c["experts_makespan_s"], e_cpu, e_fl),
-        row("joint model", c["joint_s"], joint_cpu if cpu else None, joint_flops),
-        row("one merge (slowest)", c["merge_s"], m_cpu if cpu else None, flops.get("merge")),
-        row(f"{first}experts + merge, serial", seed + c["experts_serial_s"] + c["merge_s"],
-            total_cpu, total_fl),
-        row(f"{first}experts + merge, parallel", seed + c["experts_makespan_s"] + c["merge_s"],
-            total_cpu, total_fl),
-    ]  # fmt: skip
-
-
-def write_report(recipe: Recipe, study: Study) -> Path:
-    """report.md and results.json in the run directory (written whole, then renamed)."""
+def write_results(recipe: Recipe, study: Study) -> Path:
+    """results.json in the run directory (written whole, then renamed): the study's figures,
+    which `reporting.tables.write_study_report` turns into report.md."""
     run = recipe.rundir
     results = {
         "languages": study.languages,
@@ -389,40 +278,4 @@ def write_report(recipe: Recipe, study: Study) -> Path:
         "notes": study.notes,
     }
     atomic_write(run.results, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    lines = [
-        "# langmerge study",
-        "",
-        f"{study.metric} on the {study.split} split, per language ({METHOD}); `*` "
-        "marks the best merge (highest mean), `!` a difference significant at "
-        f"{study.alpha} (McNemar exact / paired bootstrap). Experts are scored on their own "
-        "language.",
-        "",
-        *markdown_table(quality_rows(study, study.alpha)),
-        "",
-        *[f"- {n}" for n in study.notes],
-        *([""] if study.notes else []),
-        "## Training health",
-        "",
-        "Each trained model checked on its validation split after training, each merge on its "
-        f"predictions on the {study.split} split (a model whose predictions collapse, whose "
-        "loss diverged or whose answers are empty or identical is degenerate).",
-        "",
-        *markdown_table(health_rows(study)),
-        "",
-        "## Cost (from the ledger)",
-        "",
-        *markdown_table(cost_rows(study.cost)),
-        "",
-        f"Parallel figures are {study.cost['makespan_source']}.",
-        "",
-    ]
-    atomic_write(run.study_report, "\n".join(lines))
-    return run.study_report
-
-
-def markdown_table(rows: list[dict]) -> list[str]:
-    """The lines of a Markdown table of `rows` (keys of the first row as the header)."""
-    keys = list(rows[0])
-    out = ["| " + " | ".join(map(str, keys)) + " |", "|" + "---|" * len(keys)]
-    out += ["| " + " | ".join(str(r[k]).replace("|", "\\|") for k in keys) + " |" for r in rows]
-    return out
+    return run.results
