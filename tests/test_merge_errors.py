@@ -142,6 +142,14 @@ def test_density_outside_unit_interval(models, tmp_path, cli, density):
     assert_nothing_left(out)
 
 
+def test_a_flag_the_method_does_not_take_is_refused(models, tmp_path, cli):
+    out = tmp_path / "out"
+    experts = [models[f"full_{x}"] for x in EXPERTS]
+    code, text = cli(*merge_args("linear", models["base"], experts, out, "--gamma", "0.1"))
+    assert code == 1 and "linear does not use gamma (it takes lambda, normalize)" in text
+    assert_nothing_left(out)
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
